@@ -1,0 +1,74 @@
+"""The pipeline flow: it reads like the diagram in the README."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from prefect.states import State
+
+from rlhf_core.config import PipelineConfig, SourceConfig, stable_hash
+from rlhf_core.storage import source_fingerprint
+from tasks import data as data_tasks
+from tasks.stage import make_stage_key
+from tasks.tracking import TrackingContext, finish_pipeline_run, log_cached_stage, start_pipeline_run
+
+
+class StageFailed(Exception):
+    def __init__(self, state: State):
+        super().__init__(state.message)
+        self.state = state
+
+
+def run_stage(task, stage: str, tracking: TrackingContext, **params) -> dict:
+    """Run a stage task (served from cache when its key matches), and keep MLflow complete either way."""
+    state = task(tracking=tracking, **params, return_state=True)
+    if state.is_completed() and state.name == "Cached":
+        result = state.result()
+        if not Path(result["out_dir"]).exists():  # the cache outlived its files: do the work again
+            get_run_logger().warning(f"{stage}: cached output {result['out_dir']} is gone; recomputing")
+            state = task.with_options(refresh_cache=True)(tracking=tracking, **params, return_state=True)
+        else:
+            log_cached_stage(tracking, stage, result)
+            return result
+    if not state.is_completed():
+        raise StageFailed(state)
+    return state.result()
+
+
+def data_sources(cfg: PipelineConfig, tracking: TrackingContext) -> list[SourceConfig]:
+    if cfg.data.sources:
+        return cfg.data.sources
+    demo = run_stage(data_tasks.generate_demo_data, "demo-data", tracking, demo=cfg.data.demo,
+                     stage_key=make_stage_key("demo", "", cfg.data.demo.model_dump(), data_tasks.DEMO_CODE_VERSION))
+    return [SourceConfig(path=demo["files"]["preferences"], format="pairwise")]
+
+
+@flow(name="rlhf-pipeline", log_prints=True)
+def rlhf_pipeline(config: dict) -> dict | State:
+    cfg = PipelineConfig.model_validate(config)
+    tracking = start_pipeline_run(cfg, run_name=f"{cfg.run.name}-{flow_run.get_name() or 'local'}",
+                                  tags={"prefect.flow_run_id": str(flow_run.get_id() or "")})
+    status = "FAILED"
+    try:
+        data = cfg.data
+        sources = data_sources(cfg, tracking)
+        source_digest = stable_hash([(s.model_dump(), source_fingerprint(s.path, cfg.s3)) for s in sources])
+        ingested = run_stage(data_tasks.ingest, "ingest", tracking, sources=sources, chunk_rows=data.chunk_rows, s3=cfg.s3,
+                             stage_key=make_stage_key("ingest", source_digest, [s.model_dump() for s in sources], data_tasks.DATA_CODE_VERSION))
+        validated = run_stage(data_tasks.validate, "validate", tracking, ingest_dir=ingested["out_dir"], data=data,
+                              stage_key=make_stage_key("validate", ingested["stage_key"],
+                                                       data.model_dump(exclude={"sources", "splits", "demo", "chunk_rows"}),
+                                                       data_tasks.DATA_CODE_VERSION))
+        splits = run_stage(data_tasks.split, "split", tracking, validate_dir=validated["out_dir"], ratios=data.splits, seed=cfg.run.seed,
+                           stage_key=make_stage_key("split", validated["stage_key"], [data.splits.model_dump(), cfg.run.seed],
+                                                    data_tasks.DATA_CODE_VERSION))
+        data_tasks.log_splits_to_run(tracking.parent_run_id, splits)
+        status = "FINISHED"
+        return {"mlflow_run_id": tracking.parent_run_id, "dataset_version": splits["dataset_version"], "splits": splits["files"],
+                "counts": {**validated["metrics"], **splits["metrics"]}}
+    except StageFailed as failed:
+        return failed.state
+    finally:
+        finish_pipeline_run(tracking, status)

@@ -1,0 +1,209 @@
+"""Pipeline configuration: YAML -> pydantic models that reject unknown keys and wrong types.
+
+Every location (work dir, tracking, results, data) is a key, so the same code talks to an
+embedded setup by default and to real servers or S3 by configuration.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rlhf_core.errors import UserError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_PATH = PROJECT_ROOT / "configs" / "default.yaml"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = "rlhf"
+    seed: int = 0
+    work_dir: str = ".rlhf"  # relative paths are resolved against the current directory
+
+
+class TrackingConfig(Section):
+    # None -> embedded defaults under work_dir: sqlite:///<work_dir>/mlflow.db, <work_dir>/artifacts
+    mlflow_tracking_uri: str | None = None
+    mlflow_artifact_location: str | None = None
+    experiment_name: str = "rlhf"
+    # None -> Prefect's ephemeral mode with PREFECT_HOME=<work_dir>/prefect
+    prefect_api_url: str | None = None
+    prefect_home: str | None = None
+    # None -> <work_dir>/results (local); may be an s3:// URI once S3 result storage is configured
+    result_storage: str | None = None
+
+
+class S3Config(Section):
+    endpoint_url: str | None = None  # e.g. http://127.0.0.1:8333 for SeaweedFS; None -> AWS
+    region: str | None = None
+    # Credentials come from the environment (AWS_ACCESS_KEY_ID, ...) and are never logged.
+
+
+class ColumnMap(Section):
+    """Column names for the 'comparison' format (two candidates and a label)."""
+
+    prompt: str = "text"
+    response_1: str = "summary_1"
+    response_2: str = "summary_2"
+    label: str = "preference"
+    label_values: tuple[Any, Any] = (1, 2)  # label value meaning "response_1 preferred", "response_2 preferred"
+
+
+FormatName = Literal["auto", "pairwise", "hh", "ranked", "comparison"]
+
+
+class SourceConfig(Section):
+    path: str  # file, folder saved with datasets.save_to_disk, s3://bucket/key, or hf://<hub id>
+    format: FormatName = "auto"
+    label_source: Literal["human", "ai"] = "human"
+    split: str | None = None  # for datasets folders / hub ids with several splits
+    columns: ColumnMap = Field(default_factory=ColumnMap)
+
+
+class SplitRatios(Section):
+    train: float = Field(0.8, ge=0, le=1)
+    val: float = Field(0.1, ge=0, le=1)
+    test: float = Field(0.1, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitRatios:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be 1.0, got {total:g}")
+        return self
+
+
+class DemoDataConfig(Section):
+    n_prompts: int = Field(3000, ge=10)
+    n_heldout: int = Field(200, ge=1)
+    seed: int = 0
+
+
+class DataConfig(Section):
+    # No sources -> the project's own generated demo set (see `demo`).
+    sources: list[SourceConfig] = Field(default_factory=list)
+    demo: DemoDataConfig = Field(default_factory=DemoDataConfig)
+    max_invalid_fraction: float = Field(0.05, ge=0, le=1)
+    max_prompt_chars: int = Field(8000, ge=1)
+    max_response_chars: int = Field(8000, ge=1)
+    drop_duplicates: bool = True  # quarantine exact duplicate (prompt, chosen, rejected) pairs
+    splits: SplitRatios = Field(default_factory=SplitRatios)
+    chunk_rows: int = Field(200_000, ge=1000)  # rows read per chunk: bounds memory on large files
+
+
+class PipelineConfig(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    s3: S3Config = Field(default_factory=S3Config)
+    data: DataConfig = Field(default_factory=DataConfig)
+
+    # -- derived locations -------------------------------------------------------------
+    @property
+    def work_dir(self) -> Path:
+        return Path(self.run.work_dir).expanduser().resolve()
+
+    @property
+    def mlflow_tracking_uri(self) -> str:
+        return self.tracking.mlflow_tracking_uri or f"sqlite:///{self.work_dir / 'mlflow.db'}"
+
+    @property
+    def mlflow_artifact_location(self) -> str:
+        return self.tracking.mlflow_artifact_location or (self.work_dir / "artifacts").as_uri()
+
+    @property
+    def prefect_home(self) -> Path:
+        return Path(self.tracking.prefect_home).expanduser().resolve() if self.tracking.prefect_home else self.work_dir / "prefect"
+
+    @property
+    def result_storage(self) -> str:
+        return self.tracking.result_storage or str(self.work_dir / "results")
+
+    def section_hash(self, name: str) -> str:
+        return stable_hash(getattr(self, name).model_dump(mode="json"))
+
+    def config_hash(self) -> str:
+        return stable_hash(self.model_dump(mode="json"))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """Hash of a JSON-able object that does not depend on key order."""
+    payload = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:length]
+
+
+def _format_validation_error(err: ValidationError, where: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    else:
+        msg = first["msg"]
+        if "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], (dict, list)):
+            msg += f" (got {first['input']!r})"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{where}: {key}: {msg}{more}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'section.key=value' -> (['section', 'key'], value parsed as YAML)."""
+    if "=" not in text:
+        raise UserError(f"--set {text!r}: expected section.key=value")
+    key, _, raw = text.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise UserError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"--set {text!r}: {p} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a YAML config (default: configs/default.yaml) and apply `--set` overrides."""
+    path = Path(path) if path else DEFAULT_CONFIG_PATH
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: top level must be a mapping of sections")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        where = f"{path}" + (" (with --set overrides)" if overrides else "")
+        raise UserError(_format_validation_error(err, where)) from None

@@ -1,0 +1,108 @@
+"""Validation of the normalised preference table with pandera.
+
+Rules: required non-empty strings, chosen != rejected, p_chosen in [0, 1], label_source in
+{human, ai}, max characters per field, and exact-duplicate pairs (across the whole stream,
+not only within a chunk). Validation is lazy: every failing row gets all its reasons.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import pandas as pd
+import pandera.pandas as pa
+from pandera.typing.pandas import Series
+
+from rlhf_core.data.formats import NORMALISED_COLUMNS
+
+
+class PreferenceTable(pa.DataFrameModel):
+    """The normalised table every later stage reads."""
+
+    prompt: Series[str]
+    chosen: Series[str]
+    rejected: Series[str]
+    label_source: Series[str] = pa.Field(isin=["human", "ai"])
+    p_chosen: Series[float] = pa.Field(ge=0.0, le=1.0)
+    margin: Series[float] = pa.Field(nullable=True)
+    source: Series[str]
+    source_row: Series[int] = pa.Field(ge=0)
+
+    @pa.check("prompt", "chosen", "rejected", name="non_empty")
+    def _non_empty(cls, s: Series[str]) -> Series[bool]:
+        return s.str.strip().str.len() > 0
+
+    @pa.dataframe_check(name="chosen_differs_from_rejected")
+    def _differs(cls, df: pd.DataFrame) -> Series[bool]:
+        return df["chosen"].str.strip() != df["rejected"].str.strip()
+
+    class Config:
+        strict = True
+        ordered = False
+
+
+def pair_hashes(frame: pd.DataFrame) -> np.ndarray:
+    """64-bit hash of (prompt, chosen, rejected) per row: duplicates across chunks at 8 bytes a row."""
+    return pd.util.hash_pandas_object(frame[["prompt", "chosen", "rejected"]], index=False).to_numpy()
+
+
+class PreferenceValidator:
+    """Validates chunk after chunk; remembers pair hashes so duplicates are caught across chunks."""
+
+    def __init__(self, max_prompt_chars: int, max_response_chars: int, drop_duplicates: bool = True):
+        self.max_prompt_chars = max_prompt_chars
+        self.max_response_chars = max_response_chars
+        self.drop_duplicates = drop_duplicates
+        self._seen: set[int] = set()
+        schema = PreferenceTable.to_schema()
+        limits = {"prompt": max_prompt_chars, "chosen": max_response_chars, "rejected": max_response_chars}
+        for col, limit in limits.items():
+            schema = schema.update_column(col, checks=[*schema.columns[col].checks, pa.Check.str_length(max_value=limit)])
+        self.schema = schema
+
+    def _reason(self, column, check: str) -> str:
+        check = str(check)
+        if check.startswith("str_length"):
+            limit = self.max_prompt_chars if column == "prompt" else self.max_response_chars
+            return f"{column} longer than {limit} characters"
+        if check == "non_empty":
+            return f"empty {column}"
+        if check == "chosen_differs_from_rejected":
+            return "chosen is the same as rejected"
+        if check.startswith("greater_than_or_equal_to") or check.startswith("less_than_or_equal_to"):
+            return f"{column} outside [0, 1]" if column == "p_chosen" else f"{column} out of range"
+        if check.startswith("isin"):
+            return f"{column} must be 'human' or 'ai'"
+        if check == "not_nullable":
+            return f"{column} is null"
+        return f"{column}: failed {check}"
+
+    def validate(self, frame: pd.DataFrame) -> tuple[np.ndarray, dict[int, list[str]], np.ndarray]:
+        """-> (mask of valid rows, reasons by position in `frame`, pair hash per row)."""
+        frame = frame[NORMALISED_COLUMNS].reset_index(drop=True)
+        reasons: dict[int, list[str]] = defaultdict(list)
+        try:
+            self.schema.validate(frame, lazy=True)
+        except pa.errors.SchemaErrors as err:
+            cases = err.failure_cases
+            row_cases = cases[cases["index"].notna()]
+            if len(row_cases) < len(cases):  # a problem of the table itself is a bug upstream, not a bad row
+                table_level = cases[cases["index"].isna()].iloc[0]
+                raise RuntimeError(f"normalised table breaks its schema: {table_level['check']} on {table_level['column']}") from None
+            for idx, column, check, context in zip(row_cases["index"], row_cases["column"], row_cases["check"], row_cases["schema_context"]):
+                reason = self._reason(None if context == "DataFrameSchema" else column, check)
+                if reason not in reasons[int(idx)]:
+                    reasons[int(idx)].append(reason)
+        hashes = pair_hashes(frame)
+        if self.drop_duplicates:
+            dup = pd.Series(hashes).duplicated().to_numpy().copy()
+            if self._seen:
+                dup |= np.fromiter((h in self._seen for h in hashes.tolist()), bool, len(hashes))
+            for i in np.flatnonzero(dup):
+                reasons[int(i)].append("duplicate of an earlier pair")
+            self._seen.update(hashes[~dup].tolist())
+        bad = np.zeros(len(frame), bool)
+        if reasons:
+            bad[list(reasons)] = True
+        return ~bad, dict(reasons), hashes

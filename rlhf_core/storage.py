@@ -1,0 +1,134 @@
+"""Files and object stores: atomic writes, content fingerprints, and S3 through boto3.
+
+S3 credentials come only from the environment / boto3's usual chain and are never logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from rlhf_core.config import S3Config
+from rlhf_core.errors import UnusableInputError, UserError
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Write a folder's files in a hidden staging folder and move them in only on success,
+    so a failure never leaves half-written artifacts behind."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+        if not final.exists():
+            os.replace(staging, final)
+        else:
+            for item in staging.iterdir():
+                target = final / item.name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                os.replace(item, target)
+            staging.rmdir()
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def file_digest(path: Path, block: int = 1 << 23) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    rest = uri.removeprefix("s3://")
+    bucket, _, key = rest.partition("/")
+    if not bucket or not key:
+        raise UserError(f"{uri}: expected s3://bucket/key")
+    return bucket, key
+
+
+def s3_client(cfg: S3Config):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60),
+    )
+
+
+def _s3_error(uri: str, exc: Exception) -> UserError:
+    code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+    if code in ("404", "NoSuchKey", "NotFound"):
+        return UnusableInputError(f"{uri}: no such object")
+    if code in ("NoSuchBucket",):
+        return UnusableInputError(f"{uri}: no such bucket")
+    return UnusableInputError(f"{uri}: S3 error ({code or type(exc).__name__}: {exc})")
+
+
+def s3_fingerprint(uri: str, cfg: S3Config) -> str:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split_s3_uri(uri)
+    try:
+        head = s3_client(cfg).head_object(Bucket=bucket, Key=key)
+    except (ClientError, BotoCoreError) as exc:
+        raise _s3_error(uri, exc) from None
+    return hashlib.sha256(f"{uri}|{head.get('ETag')}|{head.get('ContentLength')}".encode()).hexdigest()
+
+
+def s3_download(uri: str, cache_dir: Path, cfg: S3Config) -> Path:
+    """Stream an object to a local cache file named by its ETag (downloaded once, atomically)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split_s3_uri(uri)
+    fingerprint = s3_fingerprint(uri, cfg)[:16]
+    target = Path(cache_dir) / fingerprint / Path(key).name
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
+    try:
+        s3_client(cfg).download_file(bucket, key, str(tmp))
+        os.replace(tmp, target)
+    except (ClientError, BotoCoreError) as exc:
+        raise _s3_error(uri, exc) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def source_fingerprint(path: str, cfg: S3Config) -> str:
+    """Content identity of a source, for cache keys: file bytes, folder files, or the S3 ETag."""
+    if path.startswith("s3://"):
+        return s3_fingerprint(path, cfg)
+    if path.startswith("hf://"):
+        return hashlib.sha256(path.encode()).hexdigest()
+    p = Path(path)
+    if p.is_file():
+        return file_digest(p)
+    if p.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(x for x in p.rglob("*") if x.is_file()):
+            h.update(str(f.relative_to(p)).encode())
+            h.update(file_digest(f).encode())
+        return h.hexdigest()
+    raise UnusableInputError(f"{path}: no such file")

@@ -1,0 +1,50 @@
+"""What every stage task shares: its cache key, its output folder, and clean failure."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from prefect.states import Failed
+
+from rlhf_core.config import stable_hash
+from rlhf_core.errors import UserError
+
+
+def code_version(*modules: ModuleType | Callable) -> str:
+    """Hash of the source of the code a stage runs: editing it invalidates the stage's cache."""
+    h = hashlib.sha256()
+    for m in modules:
+        h.update(inspect.getsource(m).encode())
+    return h.hexdigest()[:12]
+
+
+def make_stage_key(stage: str, input_digest: str, section: Any, code: str) -> str:
+    """(input digest, config-section hash, task code version) -> the stage's cache key."""
+    return f"{stage}-{stable_hash([input_digest, stable_hash(section), code], 20)}"
+
+
+def cache_key_from_param(_context, parameters: dict) -> str:
+    return parameters["stage_key"]
+
+
+def stage_dir(work_dir: str | Path, stage: str, stage_key: str) -> Path:
+    return Path(work_dir) / "stages" / stage / stage_key
+
+
+def user_errors_fail_cleanly(fn: Callable) -> Callable:
+    """A user's mistake ends the task Failed with a one-line message instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            return Failed(message=str(exc))
+
+    return wrapper
