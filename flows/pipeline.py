@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.filesystems import LocalFileSystem
 from prefect.runtime import flow_run
-from prefect.states import State
+from prefect.states import Failed, State
 
 from rlhf_core.config import PipelineConfig, SourceConfig, stable_hash
 from rlhf_core.storage import source_fingerprint
 from tasks import data as data_tasks
-from tasks.stage import make_stage_key
+from tasks.stage import make_stage_key, quiet_clean_failures
 from tasks.tracking import TrackingContext, finish_pipeline_run, log_cached_stage, start_pipeline_run
 
 
@@ -21,8 +23,19 @@ class StageFailed(Exception):
         self.state = state
 
 
+@functools.cache
+def result_storage_block(basepath: str) -> str:
+    """Prefect wants result storage as a saved block: one per configured location."""
+    name = f"rlhf-results-{stable_hash(basepath, 10)}"
+    LocalFileSystem(basepath=basepath).save(name, overwrite=True)
+    return f"local-file-system/{name}"
+
+
 def run_stage(task, stage: str, tracking: TrackingContext, **params) -> dict:
     """Run a stage task (served from cache when its key matches), and keep MLflow complete either way."""
+    # Outputs live in the work dir, so the cache key names it too.
+    params["stage_key"] = f"{params['stage_key']}-{stable_hash(tracking.work_dir, 6)}"
+    task = task.with_options(result_storage=result_storage_block(tracking.result_storage))
     state = task(tracking=tracking, **params, return_state=True)
     if state.is_completed() and state.name == "Cached":
         result = state.result()
@@ -47,6 +60,8 @@ def data_sources(cfg: PipelineConfig, tracking: TrackingContext) -> list[SourceC
 
 @flow(name="rlhf-pipeline", log_prints=True)
 def rlhf_pipeline(config: dict) -> dict | State:
+    """Preference data -> validated, versioned splits (later: labels, reward model, PPO, evaluation, registry)."""
+    quiet_clean_failures()
     cfg = PipelineConfig.model_validate(config)
     tracking = start_pipeline_run(cfg, run_name=f"{cfg.run.name}-{flow_run.get_name() or 'local'}",
                                   tags={"prefect.flow_run_id": str(flow_run.get_id() or "")})
@@ -69,6 +84,6 @@ def rlhf_pipeline(config: dict) -> dict | State:
         return {"mlflow_run_id": tracking.parent_run_id, "dataset_version": splits["dataset_version"], "splits": splits["files"],
                 "counts": {**validated["metrics"], **splits["metrics"]}}
     except StageFailed as failed:
-        return failed.state
+        return Failed(message=failed.state.message)
     finally:
         finish_pipeline_run(tracking, status)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -25,9 +26,13 @@ from tasks.stage import cache_key_from_param, code_version, stage_dir, user_erro
 from tasks.tracking import TrackingContext, stage_run
 
 DATA_CODE_VERSION = code_version(rlhf_core.data.readers, rlhf_core.data.formats, rlhf_core.data.validate,
-                                 rlhf_core.data.pipeline, rlhf_core.storage)
+                                 rlhf_core.data.pipeline, rlhf_core.storage, sys.modules[__name__])
 DEMO_CODE_VERSION = code_version(rlhf_core.data.demo)
 MLFLOW_DATASET_MAX_ROWS = 200_000  # above this, log the dataset's identity and schema without loading it
+
+# MLflow's hints about int columns in inferred schemas and about local paths as dataset sources are noise here.
+warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer", category=UserWarning)
+warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted", category=UserWarning)
 
 stage_task = task(cache_key_fn=cache_key_from_param, persist_result=True)
 
@@ -110,12 +115,6 @@ def log_splits_to_run(run_id: str, split_result: dict) -> None:
 
 
 def _mlflow_dataset(path: Path, version: str, name: str):
-    with warnings.catch_warnings():  # MLflow's schema hints about int columns and source ambiguity are noise here
-        warnings.simplefilter("ignore", UserWarning)
-        return _build_mlflow_dataset(path, version, name)
-
-
-def _build_mlflow_dataset(path: Path, version: str, name: str):
     source = str(path)
     n_rows = _parquet_rows(path)
     if n_rows <= MLFLOW_DATASET_MAX_ROWS:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -48,3 +49,20 @@ def user_errors_fail_cleanly(fn: Callable) -> Callable:
             return Failed(message=str(exc))
 
     return wrapper
+
+
+class _NoEmptyTraceback(logging.Filter):
+    """Prefect logs a Failed state returned by a task with exc_info set but no exception,
+    which prints 'NoneType: None'; a clean failure should be just its message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[0] is None:
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def quiet_clean_failures() -> None:
+    logger = logging.getLogger("prefect.task_runs")
+    if not any(isinstance(f, _NoEmptyTraceback) for f in logger.filters):
+        logger.addFilter(_NoEmptyTraceback())

@@ -30,6 +30,7 @@ class TrackingContext(BaseModel):
     parent_run_id: str
     config_hash: str
     work_dir: str
+    result_storage: str
 
 
 def package_versions() -> dict[str, str]:
@@ -86,7 +87,7 @@ def start_pipeline_run(cfg: PipelineConfig, run_name: str, tags: dict[str, str] 
     client.log_dict(rid, {"config_hash": config_hash, "git_commit": git_commit(), "packages": package_versions()},
                     "config/environment.json")
     return TrackingContext(tracking_uri=cfg.mlflow_tracking_uri, experiment_id=experiment_id, parent_run_id=rid,
-                           config_hash=config_hash, work_dir=str(cfg.work_dir))
+                           config_hash=config_hash, work_dir=str(cfg.work_dir), result_storage=cfg.result_storage)
 
 
 def finish_pipeline_run(ctx: TrackingContext, status: str) -> None:

@@ -1,0 +1,73 @@
+"""Shared test fixtures: isolated Prefect/MLflow state, the real data beside the project, a real S3 server."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Prefect reads its settings when first imported: isolate it before anything imports it.
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="rlhf-tests-"))
+os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY"] = "false"
+os.environ["PREFECT_TELEMETRY_ENABLE_RESOURCE_METRICS"] = "false"
+os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(_SESSION_HOME / "results")
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_HOME / 'mlflow-default.db'}"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.pop("PREFECT_API_URL", None)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("RLHF_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
+HH_SAMPLE = SHARED_DATA / "hh-rlhf-harmless-base.sample.jsonl.gz"
+SELF_INSTRUCT = SHARED_DATA / "self-instruct-seed-tasks.jsonl"
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real data not found at {path} (set RLHF_SHARED_DATA to the folder with the shared data sets)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def hh_sample() -> Path:
+    return _need(HH_SAMPLE)
+
+
+@pytest.fixture(scope="session")
+def self_instruct() -> Path:
+    return _need(SELF_INSTRUCT)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One ephemeral Prefect API (temporary database) for the whole session keeps flow tests fast."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (SeaweedFS) on loopback, with a bucket 'prefs'."""
+    from rlhf_core.services import SeaweedS3
+
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweed"), access_key="rlhf-test", secret_key="rlhf-test-secret",
+                       buckets=["prefs"]).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Credentials as users pass them: through the environment."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    return s3_server

@@ -1,0 +1,146 @@
+"""The pipeline flow for real: Prefect (ephemeral test API), MLflow on SQLite, files on disk; then read MLflow back."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from rlhf_core.config import PipelineConfig
+
+pytestmark = pytest.mark.slow
+
+
+def make_cfg(tmp_path: Path, **data) -> PipelineConfig:
+    return PipelineConfig.model_validate({
+        "run": {"name": "test", "work_dir": str(tmp_path / "work")},
+        "tracking": {"experiment_name": "flow-tests"},
+        "data": {"demo": {"n_prompts": 400, "n_heldout": 20}, **data},
+    })
+
+
+def run_flow(cfg: PipelineConfig):
+    from flows.pipeline import rlhf_pipeline
+
+    return rlhf_pipeline(config=cfg.model_dump(mode="json"), return_state=True)
+
+
+def stage_runs(client: MlflowClient, parent_id: str) -> dict:
+    parent = client.get_run(parent_id)
+    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    return {c.data.tags["rlhf.stage"]: c for c in children}
+
+
+def test_demo_pipeline_tracked_in_mlflow_and_cached_on_rerun(prefect_harness, tmp_path):
+    cfg = make_cfg(tmp_path)
+    state = run_flow(cfg)
+    assert state.is_completed(), state.message
+    result = state.result()
+    client = MlflowClient(cfg.mlflow_tracking_uri)
+
+    parent = client.get_run(result["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["rlhf.config_hash"] == cfg.config_hash()
+    assert parent.data.tags["rlhf.git_commit"]
+    assert parent.data.params["data.max_invalid_fraction"] == "0.05"
+    art = {a.path for a in client.list_artifacts(parent.info.run_id, "config")}
+    assert art == {"config/resolved_config.yaml", "config/environment.json"}
+    env = json.loads(Path(client.download_artifacts(parent.info.run_id, "config/environment.json", str(tmp_path))).read_text())
+    assert env["packages"]["prefect"].startswith("3.") and env["packages"]["pandera"]
+
+    stages = stage_runs(client, parent.info.run_id)
+    assert set(stages) == {"demo-data", "ingest", "validate", "split"}
+    assert all(r.info.status == "FINISHED" for r in stages.values())
+    v = stages["validate"].data
+    assert v.metrics["records"] == 400 and v.metrics["valid"] == 400 and v.metrics["quarantined"] == 0
+    assert {a.path for a in client.list_artifacts(stages["validate"].info.run_id, "validation")} == {
+        "validation/quarantine.jsonl", "validation/report.json"}
+    split = stages["split"].data.metrics
+    assert split["rows_train"] + split["rows_val"] + split["rows_test"] == 400
+
+    # The dataset and its version are logged with mlflow.data on the parent run (and the split stage).
+    inputs = parent.inputs.dataset_inputs
+    assert {i.dataset.name for i in inputs} == {"preferences-train", "preferences-val", "preferences-test"}
+    assert {i.dataset.digest for i in inputs} == {result["dataset_version"]}
+    assert {t.value for i in inputs for t in i.tags if t.key == "mlflow.data.context"} == {"train", "val", "test"}
+    schema = json.loads(inputs[0].dataset.schema)
+    assert {c["name"] for c in schema["mlflow_colspec"]} >= {"prompt", "chosen", "rejected", "p_chosen", "label_source"}
+
+    # Unchanged inputs: every stage is served from the cache, and MLflow still shows each stage.
+    state2 = run_flow(cfg)
+    assert state2.is_completed()
+    result2 = state2.result()
+    assert result2["dataset_version"] == result["dataset_version"]
+    stages2 = stage_runs(client, result2["mlflow_run_id"])
+    assert set(stages2) == set(stages)
+    for name, run in stages2.items():
+        assert run.info.run_name == f"{name} (cached)"
+        assert run.data.tags["rlhf.cached_from_run"] == stages[name].info.run_id
+    assert stages2["validate"].data.metrics["valid"] == 400
+
+    # A cached stage whose files were deleted is recomputed, not trusted.
+    shutil.rmtree(Path(cfg.run.work_dir) / "stages" / "datasets")
+    state3 = run_flow(cfg)
+    assert state3.is_completed()
+    stages3 = stage_runs(client, state3.result()["mlflow_run_id"])
+    assert stages3["split"].info.run_name == "split" and stages3["validate"].info.run_name == "validate (cached)"
+    assert Path(state3.result()["splits"]["train"]).exists()
+
+
+def test_config_change_invalidates_only_later_stages(prefect_harness, tmp_path):
+    cfg = make_cfg(tmp_path)
+    assert run_flow(cfg).is_completed()
+    changed = make_cfg(tmp_path, splits={"train": 0.6, "val": 0.2, "test": 0.2})
+    state = run_flow(changed)
+    stages = stage_runs(MlflowClient(cfg.mlflow_tracking_uri), state.result()["mlflow_run_id"])
+    assert stages["ingest"].info.run_name == "ingest (cached)" and stages["validate"].info.run_name == "validate (cached)"
+    assert stages["split"].info.run_name == "split"
+
+
+def test_real_hh_rlhf_sample(prefect_harness, tmp_path, hh_sample):
+    cfg = make_cfg(tmp_path, sources=[{"path": str(hh_sample), "format": "hh"}])
+    state = run_flow(cfg)
+    assert state.is_completed(), state.message
+    stages = stage_runs(MlflowClient(cfg.mlflow_tracking_uri), state.result()["mlflow_run_id"])
+    m = stages["validate"].data.metrics
+    assert m["records"] == 1800 and m["valid"] + m["quarantined"] == 1800
+    assert m["valid"] > 1750  # a handful of real rows have an empty reply
+    assert "demo-data" not in stages
+    import pandas as pd
+
+    splits = {s: pd.read_parquet(p) for s, p in state.result()["splits"].items()}
+    assert sum(len(df) for df in splits.values()) == m["valid"]
+    prompts = [set(df["prompt"]) for df in splits.values()]
+    assert not (prompts[0] & prompts[1]) and not (prompts[0] & prompts[2]) and not (prompts[1] & prompts[2])
+    assert all(p.endswith("\n\nAssistant:") for p in splits["train"]["prompt"])
+
+
+def test_too_many_invalid_rows_fails_clearly_and_keeps_quarantine(prefect_harness, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    rows = [{"prompt": f"q{i}", "chosen": "a", "rejected": "b" if i % 2 else "a"} for i in range(100)]
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = make_cfg(tmp_path, sources=[{"path": str(bad)}], max_invalid_fraction=0.1)
+    state = run_flow(cfg)
+    assert state.is_failed()
+    assert state.message.startswith("50.0% of rows are invalid (limit data.max_invalid_fraction=0.1)")
+    client = MlflowClient(cfg.mlflow_tracking_uri)
+    parent = client.search_runs([client.get_experiment_by_name("flow-tests").experiment_id],
+                                filter_string="tags.`rlhf.kind` = 'pipeline'", order_by=["attributes.start_time DESC"])[0]
+    assert parent.info.status == "FAILED"
+    stages = stage_runs(client, parent.info.run_id)
+    assert stages["validate"].info.status == "FAILED" and "split" not in stages
+    quarantine = client.download_artifacts(stages["validate"].info.run_id, "validation/quarantine.jsonl", str(tmp_path))
+    assert sum(1 for _ in open(quarantine)) == 50
+
+
+def test_s3_source_through_the_flow(prefect_harness, tmp_path, s3_env):
+    body = "".join(json.dumps({"prompt": f"q{i}", "chosen": f"yes {i}", "rejected": f"no {i}"}) + "\n" for i in range(30))
+    s3_env.client().put_object(Bucket="prefs", Key="incoming/batch-1.jsonl", Body=body.encode())
+    cfg = make_cfg(tmp_path, sources=[{"path": "s3://prefs/incoming/batch-1.jsonl"}])
+    cfg = cfg.model_copy(update={"s3": cfg.s3.model_copy(update={"endpoint_url": s3_env.endpoint_url})})
+    state = run_flow(cfg)
+    assert state.is_completed(), state.message
+    stages = stage_runs(MlflowClient(cfg.mlflow_tracking_uri), state.result()["mlflow_run_id"])
+    assert stages["validate"].data.metrics["valid"] == 30
+    assert s3_env.secret_key not in json.dumps(MlflowClient(cfg.mlflow_tracking_uri).get_run(state.result()["mlflow_run_id"]).data.params)
