@@ -87,6 +87,20 @@ def _record_of(frame: pd.DataFrame, i: int) -> dict:
     return json.loads(json.dumps(rec, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
+def _is_number(v) -> bool:
+    """A real number; arrow-backed columns give numpy scalars, and a bool is not a number here."""
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def _label_key(v) -> str | None:
+    """Canonical text of a label so 1, 1.0, "1" and np.int64(1) compare equal; None when missing."""
+    if v is None or (isinstance(v, (float, np.floating)) and np.isnan(v)):
+        return None
+    if _is_number(v) and float(v).is_integer():
+        return str(int(v))
+    return str(v).strip()
+
+
 def _type_name(v) -> str:
     return "null" if v is None or (isinstance(v, float) and np.isnan(v)) else type(v).__name__
 
@@ -117,6 +131,11 @@ def _float_column(frame: pd.DataFrame, name: str, default: float | None, problem
     if pd.api.types.is_bool_dtype(col.dtype):
         problems.flag(np.ones(len(frame), bool), f"field '{name}' must be a number, got bool")
         return pd.Series(np.nan, index=frame.index, dtype="float64")
+    is_bool = np.zeros(len(frame), bool)
+    if col.dtype == object:  # mixed JSON values: a bool must not pass as 0/1
+        is_bool = np.fromiter((isinstance(v, (bool, np.bool_)) for v in col.to_numpy()), bool, len(col))
+        col = col.where(~is_bool, None)
+    problems.flag(is_bool, f"field '{name}' must be a number, got bool")
     numeric = pd.to_numeric(col, errors="coerce").astype("float64")
     bad = numeric.isna() & col.notna() & (col.astype("str").str.strip() != "")
     problems.flag(bad.to_numpy(), lambda i: f"field '{name}' must be a number, got {col.iloc[i]!r}")
@@ -201,10 +220,11 @@ def normalise_comparison(frame: pd.DataFrame, source: str, label_source: str, co
     prompt = _string_column(frame, cols.prompt, problems)
     a = _string_column(frame, cols.response_1, problems)
     b = _string_column(frame, cols.response_2, problems)
-    label = frame[cols.label].astype("str").str.strip() if cols.label in frame.columns else pd.Series("", index=frame.index)
-    first, second = (str(v) for v in cols.label_values)
-    first_wins = (label == first).to_numpy()
-    second_wins = (label == second).to_numpy()
+    raw = frame[cols.label].to_numpy(dtype=object) if cols.label in frame.columns else np.full(len(frame), None)
+    label = np.array([_label_key(v) for v in raw], dtype=object)
+    first, second = (_label_key(v) for v in cols.label_values)
+    first_wins = label == first
+    second_wins = label == second
     raw_label = frame[cols.label] if cols.label in frame.columns else None
     problems.flag(~first_wins & ~second_wins,
                   lambda i: f"field '{cols.label}' must be {first} or {second}, got {raw_label.iloc[i] if raw_label is not None else None!r}")
@@ -237,7 +257,7 @@ def normalise_ranked(frame: pd.DataFrame, source: str, label_source: str, cols: 
                 reason = "fewer than 2 responses to rank"
             elif not all(isinstance(r, str) for r in responses):
                 reason = "field 'responses' must be a list of strings"
-            elif not all(isinstance(r, (int, float)) and not isinstance(r, bool) and np.isfinite(r) for r in ranks):
+            elif not all(_is_number(r) and np.isfinite(r) for r in ranks):
                 reason = "field 'ranks' must be a list of numbers"
         if reason:
             problems.flag(np.arange(len(frame)) == i, reason)

@@ -99,6 +99,8 @@ def _ingest_one(source: SourceConfig, chunk_rows, s3, cache_dir, writer, failure
             stats["pairs"] += len(norm.frame)
         elif len(chunk.frame):
             raise UnusableInputError(f"{where}: no recognisable preference format")
+        if failures and "first_failure" not in stats:
+            stats["first_failure"] = failures[0]["reasons"][0]
         for f in failures:
             failures_out.write(orjson.dumps({"source": source.path, "stage": "ingest", **f}, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
         n_records = len(chunk.frame) + len(chunk.failures)
@@ -110,16 +112,9 @@ def _ingest_one(source: SourceConfig, chunk_rows, s3, cache_dir, writer, failure
     if stats["records"] == 0:
         raise UnusableInputError(f"{where}: no records")
     if stats["format"] is None:
-        raise UnusableInputError(f"{where}: no record could be parsed (first problem: {_first_failure_reason(failures_out)})")
+        raise UnusableInputError(f"{where}: no record could be parsed (first problem: {stats.get('first_failure', 'unknown')})")
+    stats.pop("first_failure", None)
     return stats
-
-
-def _first_failure_reason(failures_out) -> str:
-    try:
-        with open(failures_out.name, "rb") as fh:
-            return orjson.loads(fh.readline())["reasons"][0]
-    except (OSError, ValueError, KeyError, IndexError):
-        return "unknown"
 
 
 def reason_kind(reason: str) -> str:
@@ -127,6 +122,7 @@ def reason_kind(reason: str) -> str:
     if reason.startswith("broken JSON"):
         return "broken JSON"
     reason = re.sub(r" at byte \d+$", "", reason)
+    reason = re.sub(r" \(got \w+\)$", "", reason)
     reason = re.sub(r" \(.*\)$", "", reason) if reason.startswith("malformed CSV") else reason
     return re.sub(r", got .*$", "", reason)
 
@@ -142,9 +138,12 @@ _RECORD_FIELDS = ("prompt", "chosen", "rejected", "label_source", "p_chosen", "m
 
 
 def _content_bytes(valid: pd.DataFrame, hashes: np.ndarray) -> bytes:
-    """What the dataset version digests: the pair hashes plus the label fields, row by row."""
-    return (hashes.tobytes() + valid["p_chosen"].to_numpy("float64").tobytes()
-            + valid["margin"].to_numpy("float64").tobytes() + (valid["label_source"] == "ai").to_numpy().tobytes())
+    """What the dataset version digests: the pair hash and label fields, row-major, so the digest
+    does not depend on how the rows were chunked."""
+    return np.column_stack([
+        hashes.astype(np.uint64), valid["p_chosen"].to_numpy("float64").view(np.uint64),
+        valid["margin"].to_numpy("float64").view(np.uint64), (valid["label_source"] == "ai").to_numpy().astype(np.uint64),
+    ]).tobytes()
 
 
 def validate_normalised(ingest_dir: Path, out_dir: Path, data: DataConfig, *, progress: Progress | None = None,

@@ -130,12 +130,15 @@ def read_jsonl(path: Path, chunk_rows: int) -> Iterator[RawChunk]:
             # mixed types, bad UTF-8) sends the chunk to the exact path so nothing is lost.
             try:
                 blob = b"".join(raw if raw.endswith(b"\n") else raw + b"\n" for _, raw in numbered)
+                blob.decode("utf-8")  # arrow does not check UTF-8 inside strings
                 table = pa_json.read_json(io.BytesIO(blob), read_options=pa_json.ReadOptions(block_size=max(1 << 20, len(blob) + 1)))
-                if table.num_rows == len(numbered):
+                # arrow turns date-like strings into timestamps: such a chunk goes the exact way
+                inferred_dates = any(pa.types.is_temporal(f.type) for f in table.schema)
+                if table.num_rows == len(numbered) and not inferred_dates:
                     frame = table.to_pandas()
                     frame[ROW] = pd.Series([n for n, _ in numbered], dtype="int64")
                     chunk = RawChunk(frame)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, UnicodeDecodeError):
                 chunk = None
             if chunk is None:
                 chunk = _parse_lines_exactly(numbered)
@@ -198,20 +201,21 @@ def read_csv(path: Path, chunk_rows: int) -> Iterator[RawChunk]:
             raise UnusableInputError(f"{path}: duplicate column names in the header: {header}")
         while True:
             columns: list[list] = [[] for _ in header]
-            rows, failures, n = [], [], 0
+            rows, failures, n, blank = [], [], 0, 0
             while n < chunk_rows:
+                line = reader.line_num + 1  # where this record starts (a quoted field may span lines)
                 try:
                     values = next(reader)
                 except StopIteration:
                     break
                 except csv.Error as exc:
-                    failures.append(failure(reader.line_num, f"malformed CSV ({exc})", None))
+                    failures.append(failure(line, f"malformed CSV ({exc})", None))
                     n += 1
                     continue
                 n += 1
-                line = reader.line_num
                 if not values or (len(values) == 1 and not values[0].strip()):
-                    continue  # blank line
+                    blank += 1
+                    continue
                 if len(values) != len(header):
                     failures.append(failure(line, f"malformed CSV row: {len(values)} fields, header has {len(header)}", ",".join(values)[:2000]))
                     continue
@@ -225,7 +229,7 @@ def read_csv(path: Path, chunk_rows: int) -> Iterator[RawChunk]:
                 return
             frame = pd.DataFrame({h: pd.Series(c, dtype="str") for h, c in zip(header, columns)})
             frame[ROW] = pd.Series(rows, dtype="int64")
-            yield RawChunk(frame, failures)
+            yield RawChunk(frame, failures, blank_lines=blank)
 
 
 # -- Arrow-backed sources: parquet, datasets folders, hub ids -------------------------------

@@ -96,12 +96,19 @@ class PreferenceValidator:
                     reasons[int(idx)].append(reason)
         hashes = pair_hashes(frame)
         if self.drop_duplicates:
-            dup = pd.Series(hashes).duplicated().to_numpy().copy()
+            # Only rows that pass every other rule compete for "first occurrence": a valid copy of a
+            # pair whose first copy was quarantined for another reason is kept.
+            otherwise_valid = np.ones(len(frame), bool)
+            if reasons:
+                otherwise_valid[list(reasons)] = False
+            candidates = np.flatnonzero(otherwise_valid)
+            cand_hashes = hashes[candidates]
+            dup = pd.Series(cand_hashes).duplicated().to_numpy().copy()
             if self._seen:
-                dup |= np.fromiter((h in self._seen for h in hashes.tolist()), bool, len(hashes))
-            for i in np.flatnonzero(dup):
+                dup |= np.fromiter((h in self._seen for h in cand_hashes.tolist()), bool, len(cand_hashes))
+            for i in candidates[dup]:
                 reasons[int(i)].append("duplicate of an earlier pair")
-            self._seen.update(hashes[~dup].tolist())
+            self._seen.update(cand_hashes[~dup].tolist())
         bad = np.zeros(len(frame), bool)
         if reasons:
             bad[list(reasons)] = True
