@@ -13,6 +13,7 @@ from prefect.states import Failed, State
 from rlhf_core.config import PipelineConfig, SourceConfig, stable_hash
 from rlhf_core.storage import source_fingerprint
 from tasks import data as data_tasks
+from tasks import models as model_tasks
 from tasks.stage import make_stage_key, quiet_clean_failures
 from tasks.tracking import TrackingContext, finish_pipeline_run, log_cached_stage, start_pipeline_run
 
@@ -58,6 +59,25 @@ def data_sources(cfg: PipelineConfig, tracking: TrackingContext) -> list[SourceC
     return [SourceConfig(path=demo["files"]["preferences"], format="pairwise")]
 
 
+def reference_policy(cfg: PipelineConfig, tracking: TrackingContext, splits: dict) -> dict:
+    """Starting policy (built from scratch offline, or the configured checkpoint), then SFT."""
+    model = cfg.model
+    if model.from_scratch:
+        start = run_stage(model_tasks.init_policy, "init-policy", tracking, train_file=splits["files"]["train"], model=model,
+                          seed=cfg.run.seed, stage_key=make_stage_key("init-policy", splits["stage_key"],
+                                                                       [model.model_dump(), cfg.run.seed], model_tasks.POLICY_CODE_VERSION))
+        base, base_key = start["model_dir"], start["stage_key"]
+    else:
+        base = model.name_or_path
+        base_key = source_fingerprint(base, cfg.s3) if Path(base).exists() else base
+    if not cfg.sft.enabled:
+        return {"model_dir": base}
+    return run_stage(model_tasks.sft, "sft", tracking, base_model=base, train_file=splits["files"]["train"],
+                     val_file=splits["files"]["val"], model=model, sft_cfg=cfg.sft, seed=cfg.run.seed,
+                     stage_key=make_stage_key("sft", stable_hash([base_key, splits["stage_key"]]),
+                                              [model.model_dump(), cfg.sft.model_dump(), cfg.run.seed], model_tasks.SFT_CODE_VERSION))
+
+
 @flow(name="rlhf-pipeline", log_prints=True)
 def rlhf_pipeline(config: dict) -> dict | State:
     """Preference data -> validated, versioned splits (later: labels, reward model, PPO, evaluation, registry)."""
@@ -80,9 +100,10 @@ def rlhf_pipeline(config: dict) -> dict | State:
                            stage_key=make_stage_key("split", validated["stage_key"], [data.splits.model_dump(), cfg.run.seed],
                                                     data_tasks.DATA_CODE_VERSION))
         data_tasks.log_splits_to_run(tracking.parent_run_id, splits)
+        policy = reference_policy(cfg, tracking, splits)
         status = "FINISHED"
         return {"mlflow_run_id": tracking.parent_run_id, "dataset_version": splits["dataset_version"], "splits": splits["files"],
-                "counts": {**validated["metrics"], **splits["metrics"]}}
+                "counts": {**validated["metrics"], **splits["metrics"]}, "reference_policy": policy["model_dir"]}
     except StageFailed as failed:
         return Failed(message=failed.state.message)
     finally:

@@ -101,11 +101,68 @@ class DataConfig(Section):
     chunk_rows: int = Field(200_000, ge=1000)  # rows read per chunk: bounds memory on large files
 
 
+class LoraSection(Section):
+    enabled: bool = False
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+
+
+class ModelConfig(Section):
+    """The starting policy: a local HF folder / hub id, or a small model built from scratch offline."""
+
+    init: Literal["auto", "scratch", "pretrained"] = "auto"  # auto: pretrained when name_or_path is set
+    name_or_path: str | None = None
+    preset: Literal["tiny", "small"] = "small"  # scratch only
+    arch: Literal["gpt2", "llama"] = "gpt2"  # scratch only
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: str = "auto"  # auto -> cuda when present, else cpu
+    trust_remote_code: bool = False
+    use_chat_template: bool = True  # the tokenizer's chat template when it has one
+    lora: LoraSection = Field(default_factory=LoraSection)
+
+    @model_validator(mode="after")
+    def _init_matches_source(self) -> ModelConfig:
+        if self.init == "pretrained" and not self.name_or_path:
+            raise ValueError("init 'pretrained' needs name_or_path (a local HF folder or a hub id)")
+        if self.init == "scratch" and self.name_or_path:
+            raise ValueError("init 'scratch' builds a new model: remove name_or_path, or set init: pretrained")
+        return self
+
+    @property
+    def from_scratch(self) -> bool:
+        return self.init == "scratch" or (self.init == "auto" and not self.name_or_path)
+
+
+class SFTConfig(Section):
+    enabled: bool = True
+    epochs: float = Field(2.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_length: int = Field(256, ge=8)
+    max_grad_norm: float = Field(1.0, gt=0)
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
+    early_stopping_patience: int | None = Field(3, ge=1)
+    instruction_data: str | None = None  # optional Self-Instruct style JSONL (instruction, instances[input, output])
+    n_samples: int = Field(4, ge=0)
+    sample_max_new_tokens: int = Field(48, ge=1)
+
+
 class PipelineConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     s3: S3Config = Field(default_factory=S3Config)
     data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
 
     # -- derived locations -------------------------------------------------------------
     @property

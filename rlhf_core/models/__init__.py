@@ -1,0 +1,1 @@
+"""Loading, building and formatting for every model the pipeline uses."""
