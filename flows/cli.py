@@ -67,7 +67,8 @@ def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     table.add_row("dataset version", result["dataset_version"])
     for k, v in result["counts"].items():
         table.add_row(k, f"{v:g}" if isinstance(v, float) else str(v))
-    table.add_row("reference policy", result["reference_policy"])
+    if "reference_policy" in result:
+        table.add_row("reference policy", result["reference_policy"])
     table.add_row("MLflow parent run", result["mlflow_run_id"])
     table.add_row("MLflow tracking", cfg.mlflow_tracking_uri)
     out.print(table)

@@ -100,10 +100,12 @@ def rlhf_pipeline(config: dict) -> dict | State:
                            stage_key=make_stage_key("split", validated["stage_key"], [data.splits.model_dump(), cfg.run.seed],
                                                     data_tasks.DATA_CODE_VERSION))
         data_tasks.log_splits_to_run(tracking.parent_run_id, splits)
-        policy = reference_policy(cfg, tracking, splits)
+        result = {"mlflow_run_id": tracking.parent_run_id, "dataset_version": splits["dataset_version"], "splits": splits["files"],
+                  "counts": {**validated["metrics"], **splits["metrics"]}}
+        if cfg.run.runs("sft"):
+            result["reference_policy"] = reference_policy(cfg, tracking, splits)["model_dir"]
         status = "FINISHED"
-        return {"mlflow_run_id": tracking.parent_run_id, "dataset_version": splits["dataset_version"], "splits": splits["files"],
-                "counts": {**validated["metrics"], **splits["metrics"]}, "reference_policy": policy["model_dir"]}
+        return result
     except StageFailed as failed:
         return Failed(message=failed.state.message)
     finally:

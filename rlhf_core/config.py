@@ -25,10 +25,17 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+STAGES = ("split", "sft")  # stages a run can stop after, in pipeline order
+
+
 class RunConfig(Section):
     name: str = "rlhf"
     seed: int = 0
     work_dir: str = ".rlhf"  # relative paths are resolved against the current directory
+    until: Literal["split", "sft"] | None = None  # stop after this stage (None: the whole pipeline)
+
+    def runs(self, stage: str) -> bool:
+        return self.until is None or STAGES.index(stage) <= STAGES.index(self.until)
 
 
 class TrackingConfig(Section):

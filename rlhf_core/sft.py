@@ -176,7 +176,8 @@ class SFTTrainer:
 
     # -- checkpoints --------------------------------------------------------------------------
     def _trainable_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        # a copy: on CPU, .detach().cpu() would share storage with the live weights
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.model.state_dict().items()}
 
     def save_checkpoint(self) -> Path | None:
         if not self.checkpoint_dir:

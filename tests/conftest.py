@@ -71,3 +71,17 @@ def s3_env(s3_server, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     return s3_server
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    from tests.helpers import tiny_model_dir
+
+    return tiny_model_dir(tmp_path_factory.mktemp("models"), "gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    from tests.helpers import tiny_model_dir
+
+    return tiny_model_dir(tmp_path_factory.mktemp("models"), "llama")

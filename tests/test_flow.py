@@ -12,9 +12,12 @@ from rlhf_core.config import PipelineConfig
 pytestmark = pytest.mark.slow
 
 
-def make_cfg(tmp_path: Path, **data) -> PipelineConfig:
+def make_cfg(tmp_path: Path, until: str = "split", **data) -> PipelineConfig:
     return PipelineConfig.model_validate({
-        "run": {"name": "test", "work_dir": str(tmp_path / "work")},
+        "run": {"name": "test", "work_dir": str(tmp_path / "work"), "until": until},
+        "model": {"preset": "tiny"},
+        "sft": {"max_steps": 12, "batch_size": 8, "eval_every": 6, "checkpoint_every": 6, "n_samples": 2,
+                "sample_max_new_tokens": 8},
         "tracking": {"experiment_name": "flow-tests"},
         "data": {"demo": {"n_prompts": 400, "n_heldout": 20}, **data},
     })
@@ -144,3 +147,45 @@ def test_s3_source_through_the_flow(prefect_harness, tmp_path, s3_env):
     stages = stage_runs(MlflowClient(cfg.mlflow_tracking_uri), state.result()["mlflow_run_id"])
     assert stages["validate"].data.metrics["valid"] == 30
     assert s3_env.secret_key not in json.dumps(MlflowClient(cfg.mlflow_tracking_uri).get_run(state.result()["mlflow_run_id"]).data.params)
+
+
+def test_sft_stage_makes_a_reference_policy(prefect_harness, tmp_path):
+    cfg = make_cfg(tmp_path, until="sft")
+    state = run_flow(cfg)
+    assert state.is_completed(), state.message
+    result = state.result()
+    policy = Path(result["reference_policy"])
+    assert (policy / "model.safetensors").exists() and (policy / "tokenizer.json").exists()
+    client = MlflowClient(cfg.mlflow_tracking_uri)
+    stages = stage_runs(client, result["mlflow_run_id"])
+    assert {"init-policy", "sft"} <= set(stages)
+    sft = stages["sft"]
+    history = client.get_metric_history(sft.info.run_id, "eval_loss")
+    assert [m.step for m in history] == [6, 12]
+    assert sft.data.metrics["steps"] == 12 and sft.data.metrics["best_eval_loss"] < 10
+    assert {a.path for a in client.list_artifacts(sft.info.run_id)} >= {"model", "samples"}
+    assert "model.safetensors" in {Path(a.path).name for a in client.list_artifacts(sft.info.run_id, "model")}
+    assert not (policy.parent.parent / (policy.parent.name + ".checkpoints")).exists()  # cleaned after success
+
+    from rlhf_core.models.loading import load_causal_lm
+
+    assert load_causal_lm(str(policy), device="cpu").model.config.model_type == "gpt2"
+    again = run_flow(cfg)
+    stages2 = stage_runs(client, again.result()["mlflow_run_id"])
+    assert stages2["sft"].info.run_name == "sft (cached)" and again.result()["reference_policy"] == str(policy)
+
+
+def test_pretrained_checkpoint_skips_scratch_init(prefect_harness, tmp_path, tiny_llama):
+    cfg = make_cfg(tmp_path, until="sft")
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": str(tiny_llama)})})
+    state = run_flow(cfg)
+    assert state.is_completed(), state.message
+    stages = stage_runs(MlflowClient(cfg.mlflow_tracking_uri), state.result()["mlflow_run_id"])
+    assert "init-policy" not in stages and stages["sft"].data.params["base_model"] == str(tiny_llama)
+
+
+def test_bad_model_path_fails_with_one_line(prefect_harness, tmp_path):
+    cfg = make_cfg(tmp_path, until="sft")
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": str(tmp_path / "no-model")})})
+    state = run_flow(cfg)
+    assert state.is_failed() and "no such model folder" in state.message

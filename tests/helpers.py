@@ -1,0 +1,47 @@
+"""Small real models for tests, built and saved by the code itself (nothing is downloaded)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from rlhf_core.data.demo import generate_demo_pairs
+
+
+@lru_cache(maxsize=1)
+def demo_rows(n: int = 600) -> tuple[dict, ...]:
+    return tuple(generate_demo_pairs(n, seed=0))
+
+
+def demo_texts(n: int = 600) -> list[str]:
+    rows = demo_rows(n)
+    return [r["prompt"] for r in rows] + [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+
+
+def tiny_model_dir(root: Path, arch: str = "gpt2") -> Path:
+    """A ~1.8M-parameter model + tokenizer trained on the demo text, saved as an HF folder."""
+    from rlhf_core.models.scratch import build_scratch_model
+
+    out = root / f"tiny-{arch}"
+    if not (out / "config.json").exists():
+        build_scratch_model(demo_texts(), out, preset="tiny", arch=arch, seed=0)
+    return out
+
+
+def sft_job(model_dir: str, checkpoint_dir: str, out_file: str, max_steps: int = 40, seed: int = 0) -> None:
+    """A complete SFT run used by the resume test (run in a subprocess that may be killed)."""
+    from safetensors.torch import save_file
+
+    from rlhf_core.models.chat import ChatFormat
+    from rlhf_core.models.loading import load_causal_lm
+    from rlhf_core.sft import SFTSettings, SFTTrainer, encode_examples
+
+    lm = load_causal_lm(model_dir, device="cpu", eval_mode=False)
+    fmt = ChatFormat(lm.tokenizer)
+    rows = demo_rows()
+    train, _ = encode_examples([(r["prompt"], r["chosen"]) for r in rows[:400]], fmt, 128)
+    val, _ = encode_examples([(r["prompt"], r["chosen"]) for r in rows[400:460]], fmt, 128)
+    settings = SFTSettings(max_steps=max_steps, batch_size=8, lr=2e-3, eval_every=10, checkpoint_every=5, log_every=5,
+                           early_stopping_patience=None, seed=seed)
+    SFTTrainer(lm.model, lm.tokenizer, train, val, settings, checkpoint_dir=checkpoint_dir, progress=False).train()
+    save_file({k: v.contiguous().clone() for k, v in lm.model.state_dict().items()}, out_file)

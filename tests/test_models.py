@@ -1,0 +1,128 @@
+"""Loading, LoRA and chat formatting on small real models the code builds itself."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from rlhf_core.errors import UserError
+from rlhf_core.models.chat import ChatFormat
+from rlhf_core.models.loading import LoraSettings, add_lora, load_causal_lm, load_sequence_classifier, save_model
+from rlhf_core.models.scratch import PRESETS
+
+
+def logits(model, tok, text="Hello there, how do I bake bread?"):
+    ids = tok(text, return_tensors="pt")
+    with torch.no_grad():
+        return model(**ids).logits
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_scratch_model_is_a_normal_hf_folder_and_round_trips(arch, tiny_gpt2, tiny_llama, tmp_path):
+    src = {"gpt2": tiny_gpt2, "llama": tiny_llama}[arch]
+    files = {p.name for p in src.iterdir()}
+    assert "model.safetensors" in files and "tokenizer.json" in files and "config.json" in files
+    assert not any(f.endswith(".bin") for f in files)
+    a = load_causal_lm(str(src), device="cpu")
+    n = sum(p.numel() for p in a.model.parameters())
+    assert 1_000_000 <= n <= 3_000_000  # the 'tiny' preset
+    assert json.loads((src / "config.json").read_text())["model_type"] == ("gpt2" if arch == "gpt2" else "llama")
+    save_model(a.model, a.tokenizer, tmp_path / "copy")
+    b = load_causal_lm(str(tmp_path / "copy"), device="cpu")
+    assert torch.equal(logits(a.model, a.tokenizer), logits(b.model, b.tokenizer))
+    assert a.tokenizer.eos_token_id is not None and a.tokenizer.pad_token_id is not None
+    assert a.tokenizer.padding_side == "left"
+
+
+def test_small_preset_size():
+    p = PRESETS["small"]
+    # embeddings + 12 h^2 per layer: the demo model is 10-30M parameters
+    approx = p.vocab_size * p.hidden + p.context * p.hidden + p.layers * 12 * p.hidden ** 2
+    assert 10e6 <= approx <= 30e6
+
+
+def test_load_errors_are_one_line(tmp_path, tiny_gpt2, monkeypatch):
+    with pytest.raises(UserError, match="no such model folder"):
+        load_causal_lm(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no config.json"):
+        load_causal_lm(str(tmp_path / "empty"))
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_gpt2, pickled)
+    (pickled / "model.safetensors").unlink()
+    torch.save({}, pickled / "pytorch_model.bin")
+    with pytest.raises(UserError, match="pickled .bin weights are refused"):
+        load_causal_lm(str(pickled))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="hub is offline"):
+        load_causal_lm("some-org/some-model")
+    with pytest.raises(UserError, match="fp16 is not supported on CPU"):
+        load_causal_lm(str(tiny_gpt2), dtype="fp16", device="cpu")
+
+
+def test_bf16_load(tiny_gpt2):
+    m = load_causal_lm(str(tiny_gpt2), dtype="bf16", device="cpu").model
+    assert next(m.parameters()).dtype == torch.bfloat16
+
+
+def test_lora_off_and_on(tiny_gpt2, tmp_path):
+    base = load_causal_lm(str(tiny_gpt2), device="cpu", eval_mode=False)
+    ref_logits = logits(base.model, base.tokenizer)
+    total = sum(p.numel() for p in base.model.parameters())
+    lora = add_lora(base.model, LoraSettings(r=4, alpha=8))
+    trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert 0 < trainable < total * 0.2
+
+    # a few steps so the adapter is not the identity any more
+    opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-2)
+    ids = base.tokenizer("Explain photosynthesis simply.", return_tensors="pt")
+    for _ in range(3):
+        loss = lora(**ids, labels=ids["input_ids"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    lora.eval()
+    tuned = logits(lora, base.tokenizer)
+    assert not torch.allclose(tuned, ref_logits)
+    with lora.disable_adapter():  # the reference policy: same weights, adapter off
+        assert torch.allclose(logits(lora, base.tokenizer), ref_logits, atol=1e-6)
+
+    # merged and saved, it loads as a plain model equal to the adapted one
+    save_model(lora, base.tokenizer, tmp_path / "merged")
+    merged = load_causal_lm(str(tmp_path / "merged"), device="cpu")
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    assert torch.allclose(logits(merged.model, merged.tokenizer), tuned, atol=1e-4)
+
+
+def test_sequence_classifier_from_causal_checkpoint(tiny_gpt2):
+    rm = load_sequence_classifier(str(tiny_gpt2), device="cpu")
+    ids = rm.tokenizer(["a b c", "hello"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = rm.model(**ids).logits
+    assert out.shape == (2, 1)
+
+
+def test_plain_chat_format_known_answer(tiny_gpt2):
+    tok = load_causal_lm(str(tiny_gpt2), device="cpu").tokenizer
+    fmt = ChatFormat(tok)
+    assert not fmt.has_template
+    assert fmt.prompt_text("How do I boil an egg?") == "\n\nHuman: How do I boil an egg?\n\nAssistant:"
+    assert fmt.response_text("  Put it in water.  ") == " Put it in water."
+    # HH-RLHF transcripts already end in the assistant marker and are used as they are
+    hh = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bye\n\nAssistant:"
+    assert fmt.prompt_text(hh) == hh
+    p_ids, r_ids = fmt.encode("How do I boil an egg?", "Put it in water.")
+    assert r_ids[-1] == tok.eos_token_id
+    assert tok.decode(p_ids + r_ids[:-1]) == "\n\nHuman: How do I boil an egg?\n\nAssistant: Put it in water."
+
+
+def test_chat_template_used_when_present(tiny_gpt2):
+    tok = load_causal_lm(str(tiny_gpt2), device="cpu").tokenizer
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    fmt = ChatFormat(tok)
+    assert fmt.has_template
+    assert fmt.prompt_text("Hi") == "<|user|>Hi<|assistant|>"
+    assert fmt.response_text(" Hello ") == "Hello"
+    assert not ChatFormat(tok, use_chat_template=False).has_template

@@ -1,0 +1,157 @@
+"""SFT: known answers for masking, loss, batching and schedules; learning; exact resume after a kill."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf_core.models.chat import ChatFormat
+from rlhf_core.models.loading import load_causal_lm
+from rlhf_core.sft import (IGNORE, Example, SFTSettings, SFTTrainer, collate, encode_examples, generate_samples,
+                           length_bucketed_batches, lr_factor, token_nll)
+from tests.helpers import demo_rows
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_collate_masks_prompt_and_padding():
+    batch = collate([Example([5, 6, 7, 8, 2], n_prompt=3), Example([9, 10, 11], n_prompt=2)], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 2], [9, 10, 11, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE, IGNORE, IGNORE, 8, 2], [IGNORE, IGNORE, 11, IGNORE, IGNORE]]
+
+
+class FixedLogits(torch.nn.Module):
+    """A model whose next-token distribution is known: uniform over V, except token 3 gets +10."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, input_ids, attention_mask):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        logits[..., 3] = 10.0
+        return type("Out", (), {"logits": logits})()
+
+
+def test_token_nll_counts_only_response_tokens():
+    v = 7
+    batch = collate([Example([1, 2, 3, 4], n_prompt=2), Example([1, 3], n_prompt=1)], pad_id=0)
+    loss, n = token_nll(FixedLogits(v), batch)
+    z = math.log(math.exp(10) + v - 1)
+    # labelled targets: 3, 4 (row 0) and 3 (row 1): two of them are token 3
+    expected = 2 * (z - 10) + 1 * z
+    assert n == 3
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_encode_truncates_and_drops(tiny_gpt2):
+    tok = load_causal_lm(str(tiny_gpt2), device="cpu").tokenizer
+    fmt = ChatFormat(tok)
+    long_prompt = "word " * 200
+    examples, stats = encode_examples([("short question?", "short answer."), (long_prompt, "an answer that fits.")], fmt, 32)
+    assert stats.examples == 2 and stats.truncated == 1 and stats.dropped == 0
+    assert all(len(e) <= 32 for e in examples)
+    assert examples[1].n_prompt == 32 - len(fmt.encode("x", "an answer that fits.")[1]) or examples[1].n_prompt >= 16
+    # the response keeps its EOS and is never cut to nothing while max_length allows it
+    assert examples[0].input_ids[-1] == tok.eos_token_id
+    _, stats = encode_examples([("q", "a " * 100)], fmt, 8)
+    assert stats.examples == 1 and stats.truncated == 1
+
+
+def test_length_bucketing_covers_everything_once_and_is_seeded():
+    lengths = [(i * 37) % 101 for i in range(1000)]
+    batches = length_bucketed_batches(lengths, batch_size=16, bucket_factor=4, seed=3, epoch=0)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(1000))
+    assert batches == length_bucketed_batches(lengths, 16, 4, seed=3, epoch=0)
+    assert batches != length_bucketed_batches(lengths, 16, 4, seed=3, epoch=1)
+    # bucketing pads less than random batches
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches)
+    unbucketed = length_bucketed_batches(lengths, 16, 0, seed=3, epoch=0)
+    spread_random = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in unbucketed)
+    assert spread < spread_random / 2
+
+
+def test_lr_schedules_known_values():
+    assert lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10, "cosine") == pytest.approx(0.0)
+    assert lr_factor(55, 100, 10, "linear") == pytest.approx(0.5)
+    assert lr_factor(80, 100, 0, "constant") == 1.0
+    with pytest.raises(ValueError):
+        lr_factor(5, 10, 0, "exp")
+
+
+def _examples(fmt, rows, max_length=128):
+    return encode_examples([(r["prompt"], r["chosen"]) for r in rows], fmt, max_length)[0]
+
+
+def test_sft_lowers_validation_loss_on_demo_data(tiny_gpt2):
+    lm = load_causal_lm(str(tiny_gpt2), device="cpu", eval_mode=False)
+    fmt = ChatFormat(lm.tokenizer)
+    rows = demo_rows()
+    train, val = _examples(fmt, rows[:500]), _examples(fmt, rows[500:580])
+    trainer = SFTTrainer(lm.model, lm.tokenizer, train, val,
+                         SFTSettings(max_steps=60, batch_size=16, lr=3e-3, eval_every=20, log_every=10, checkpoint_every=1000),
+                         progress=False)
+    before = trainer.evaluate()["eval_loss"]
+    logged = []
+    trainer.on_log = lambda step, m: logged.append((step, m))
+    result = trainer.train()
+    assert result.steps == 60 and result.best_eval_loss < before - 1.0, (before, result.best_eval_loss)
+    assert {"train_loss", "lr", "grad_norm", "tokens_per_s"} <= set(logged[0][1])
+    assert any("eval_perplexity" in m for _, m in logged)
+    # the model now writes on-topic-looking text, ending on EOS within the budget for some prompts
+    out = generate_samples(lm.model, fmt, [r["prompt"] for r in rows[580:584]], max_new_tokens=40)
+    assert len(out) == 4 and all(isinstance(t, str) for t in out)
+
+
+def test_early_stopping_keeps_best_weights(tiny_gpt2):
+    lm = load_causal_lm(str(tiny_gpt2), device="cpu", eval_mode=False)
+    fmt = ChatFormat(lm.tokenizer)
+    rows = demo_rows()
+    # a huge learning rate makes validation loss get worse after the first evaluation
+    trainer = SFTTrainer(lm.model, lm.tokenizer, _examples(fmt, rows[:200]), _examples(fmt, rows[500:540]),
+                         SFTSettings(max_steps=200, batch_size=8, lr=0.5, warmup_ratio=0, eval_every=2,
+                                     early_stopping_patience=2, checkpoint_every=1000), progress=False)
+    result = trainer.train()
+    assert result.stopped_early and result.steps < 200
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(result.best_eval_loss, rel=1e-5)
+
+
+def _job(model_dir, ckpt, out, max_steps=40):
+    code = (f"from tests.helpers import sft_job; sft_job({str(model_dir)!r}, {str(ckpt)!r}, {str(out)!r}, {max_steps})")
+    return subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_killed_run_resumes_to_the_same_weights(tiny_gpt2, tmp_path):
+    straight = _job(tiny_gpt2, tmp_path / "ckpt-a", tmp_path / "a.safetensors")
+    assert straight.wait(timeout=600) == 0, straight.stderr.read().decode()[-2000:]
+
+    victim = _job(tiny_gpt2, tmp_path / "ckpt-b", tmp_path / "b.safetensors")
+    deadline = time.monotonic() + 600
+    while not list((tmp_path / "ckpt-b").glob("step-00000015")) and time.monotonic() < deadline:
+        if victim.poll() is not None:
+            pytest.fail("the run ended before it could be killed: " + victim.stderr.read().decode()[-2000:])
+        time.sleep(0.05)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "b.safetensors").exists()
+    done = sorted(p.name for p in (tmp_path / "ckpt-b").glob("step-*"))
+    assert done and done[-1] < "step-00000040"
+
+    resumed = _job(tiny_gpt2, tmp_path / "ckpt-b", tmp_path / "b.safetensors")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-2000:]
+    a, b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
