@@ -10,7 +10,7 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
-from prefect import task
+from prefect import get_run_logger, task
 
 import rlhf_core.models.chat
 import rlhf_core.models.loading
@@ -92,8 +92,15 @@ def sft(base_model: str, train_file: str, val_file: str, model: ModelConfig, sft
             "truncated_examples": train_stats.truncated, "dropped_examples": train_stats.dropped})
         trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
         mlflow.log_metrics({"trainable_parameters": trainable, "parameters": sum(p.numel() for p in policy.parameters())})
-        trainer = SFTTrainer(policy, loaded.tokenizer, train, val, settings, checkpoint_dir=checkpoints,
-                             on_log=lambda step, metrics: mlflow.log_metrics(metrics, step=step))
+        logger = get_run_logger()
+
+        def on_log(step: int, metrics: dict) -> None:
+            mlflow.log_metrics(metrics, step=step)
+            # one readable line per log interval: the tqdm bar only shows on a terminal
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("train_loss", "eval_loss", "eval_perplexity", "tokens_per_s"))
+            logger.info(f"sft step {step}/{trainer.total_steps}: {shown}")
+
+        trainer = SFTTrainer(policy, loaded.tokenizer, train, val, settings, checkpoint_dir=checkpoints, on_log=on_log)
         result = trainer.train()
         if result.resumed_from_step is not None:
             mlflow.set_tag("rlhf.resumed_from_step", str(result.resumed_from_step))

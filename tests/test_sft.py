@@ -155,3 +155,45 @@ def test_killed_run_resumes_to_the_same_weights(tiny_gpt2, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_lora_sft_trains_only_the_adapter(tiny_gpt2):
+    from rlhf_core.models.loading import LoraSettings, add_lora
+
+    lm = load_causal_lm(str(tiny_gpt2), device="cpu", eval_mode=False)
+    base_state = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    policy = add_lora(lm.model, LoraSettings(r=8, alpha=16))
+    fmt = ChatFormat(lm.tokenizer)
+    rows = demo_rows()
+    trainer = SFTTrainer(policy, lm.tokenizer, _examples(fmt, rows[:200]), _examples(fmt, rows[500:540]),
+                         SFTSettings(max_steps=20, batch_size=8, lr=5e-3, eval_every=10, checkpoint_every=1000), progress=False)
+    before = trainer.evaluate()["eval_loss"]
+    result = trainer.train()
+    assert result.best_eval_loss < before
+    with policy.disable_adapter():
+        base_now = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+                    for k, v in policy.state_dict().items() if "lora_" not in k}
+    for k, v in base_state.items():
+        assert torch.equal(base_now[k], v), k  # frozen base: the reference policy for PPO is free
+
+
+def test_instruction_pairs_from_self_instruct(self_instruct):
+    from rlhf_core.data.instructions import load_instruction_pairs
+
+    pairs = load_instruction_pairs(self_instruct)
+    assert len(pairs) >= 175
+    assert all(p.strip() and r.strip() for p, r in pairs)
+    with_input = [p for p, _ in pairs if "\n\n" in p]
+    assert with_input  # tasks with an input carry it after the instruction
+
+
+def test_instruction_data_errors(tmp_path):
+    from rlhf_core.data.instructions import load_instruction_pairs
+    from rlhf_core.errors import UserError
+
+    with pytest.raises(UserError, match="no such file"):
+        load_instruction_pairs(tmp_path / "none.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "x", "instances": [{"input": "", "output": "y"}]}\n{"nope": 1}\n')
+    with pytest.raises(UserError, match=r"bad.jsonl:2: expected an object"):
+        load_instruction_pairs(bad)
