@@ -69,6 +69,8 @@ def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
         table.add_row(k, f"{v:g}" if isinstance(v, float) else str(v))
     if "reference_policy" in result:
         table.add_row("reference policy", result["reference_policy"])
+    if "labels" in result and "agreement_accuracy" in result["labels"]:
+        table.add_row("AI label agreement", f"{result['labels']['agreement_accuracy']:.1%} with human labels")
     table.add_row("MLflow parent run", result["mlflow_run_id"])
     table.add_row("MLflow tracking", cfg.mlflow_tracking_uri)
     out.print(table)

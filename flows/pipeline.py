@@ -13,6 +13,7 @@ from prefect.states import Failed, State
 from rlhf_core.config import PipelineConfig, SourceConfig, stable_hash
 from rlhf_core.storage import source_fingerprint
 from tasks import data as data_tasks
+from tasks import labels as label_tasks
 from tasks import models as model_tasks
 from tasks.stage import make_stage_key, quiet_clean_failures
 from tasks.tracking import TrackingContext, finish_pipeline_run, log_cached_stage, start_pipeline_run
@@ -78,6 +79,21 @@ def reference_policy(cfg: PipelineConfig, tracking: TrackingContext, splits: dic
                                               [model.model_dump(), cfg.sft.model_dump(), cfg.run.seed], model_tasks.SFT_CODE_VERSION))
 
 
+def ai_labels(cfg: PipelineConfig, tracking: TrackingContext, splits: dict, policy: dict | None) -> dict:
+    """RLAIF: judge the training pairs (or new pairs sampled from the SFT policy)."""
+    labels = cfg.labels
+    if labels.mode == "generate" and policy is None:
+        raise StageFailed(Failed(message="labels.mode 'generate' samples from the SFT policy: run.until must include sft"))
+    from rlhf_core.judges.constitution import load_constitution
+
+    constitution_hash = load_constitution(labels.judge.constitution).hash
+    upstream = [splits["stage_key"], policy["model_dir"] if (policy and labels.mode == "generate") else None]
+    return run_stage(label_tasks.label, "label", tracking, train_file=splits["files"]["train"], labels=labels, seed=cfg.run.seed,
+                     policy_dir=policy["model_dir"] if policy else None,
+                     stage_key=make_stage_key("label", stable_hash(upstream), [labels.model_dump(), constitution_hash, cfg.run.seed],
+                                              label_tasks.LABELS_CODE_VERSION))
+
+
 @flow(name="rlhf-pipeline", log_prints=True)
 def rlhf_pipeline(config: dict) -> dict | State:
     """Preference data -> validated, versioned splits (later: labels, reward model, PPO, evaluation, registry)."""
@@ -102,8 +118,16 @@ def rlhf_pipeline(config: dict) -> dict | State:
         data_tasks.log_splits_to_run(tracking.parent_run_id, splits)
         result = {"mlflow_run_id": tracking.parent_run_id, "dataset_version": splits["dataset_version"], "splits": splits["files"],
                   "counts": {**validated["metrics"], **splits["metrics"]}}
+        policy = None
         if cfg.run.runs("sft"):
-            result["reference_policy"] = reference_policy(cfg, tracking, splits)["model_dir"]
+            policy = reference_policy(cfg, tracking, splits)
+            result["reference_policy"] = policy["model_dir"]
+        train_file = splits["files"]["train"]
+        if cfg.run.runs("label") and cfg.labels.enabled:
+            labelled = ai_labels(cfg, tracking, splits, policy)
+            train_file = labelled["train_file"]
+            result["labels"] = labelled["metrics"]
+        result["train_file"] = train_file
         status = "FINISHED"
         return result
     except StageFailed as failed:

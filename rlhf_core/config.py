@@ -25,14 +25,14 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-STAGES = ("split", "sft")  # stages a run can stop after, in pipeline order
+STAGES = ("split", "sft", "label")  # stages a run can stop after, in pipeline order
 
 
 class RunConfig(Section):
     name: str = "rlhf"
     seed: int = 0
     work_dir: str = ".rlhf"  # relative paths are resolved against the current directory
-    until: Literal["split", "sft"] | None = None  # stop after this stage (None: the whole pipeline)
+    until: Literal["split", "sft", "label"] | None = None  # stop after this stage (None: the whole pipeline)
 
     def runs(self, stage: str) -> bool:
         return self.until is None or STAGES.index(stage) <= STAGES.index(self.until)
@@ -163,6 +163,40 @@ class SFTConfig(Section):
     sample_max_new_tokens: int = Field(48, ge=1)
 
 
+class JudgeConfig(Section):
+    backend: Literal["embedding", "hf"] = "embedding"
+    constitution: str | None = None  # YAML; None -> configs/constitution.yaml
+    model_path: str | None = None  # embedding: a sentence-encoder folder (None: the packaged all-MiniLM-L6-v2); hf: a causal LM folder
+    temperature: float = Field(0.1, gt=0)  # embedding: P = sigmoid(score difference / temperature)
+    relevance_weight: float = 1.0  # embedding: weight of request/response similarity
+    chain_of_thought: bool = False  # hf: a rationale before the choice
+    both_orders: bool | None = None  # None: ask order-sensitive judges in both orders
+    batch_size: int = Field(32, ge=1)
+    device: str = "auto"
+
+
+class GenerateConfig(Section):
+    """Mode 'generate': new pairs from two samples of the SFT policy per prompt."""
+
+    n_prompts: int = Field(256, ge=1)
+    max_new_tokens: int = Field(48, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    batch_size: int = Field(16, ge=1)
+
+
+class LabelsConfig(Section):
+    enabled: bool = True
+    # relabel: judge the human-labelled training pairs (agreement is measured); generate: label new pairs from the SFT policy
+    mode: Literal["relabel", "generate"] = "relabel"
+    # what the reward model trains on where human and AI labels both exist
+    merge: Literal["human", "ai", "weighted"] = "ai"
+    ai_weight: float = Field(0.5, ge=0, le=1)  # merge: weighted -> p = ai_weight * p_ai + (1 - ai_weight) * p_human
+    max_pairs: int | None = Field(None, ge=1)  # label at most this many training pairs (cost control)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+
+
 class PipelineConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -170,6 +204,7 @@ class PipelineConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
+    labels: LabelsConfig = Field(default_factory=LabelsConfig)
 
     # -- derived locations -------------------------------------------------------------
     @property

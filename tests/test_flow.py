@@ -189,3 +189,30 @@ def test_bad_model_path_fails_with_one_line(prefect_harness, tmp_path):
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": str(tmp_path / "no-model")})})
     state = run_flow(cfg)
     assert state.is_failed() and "no such model folder" in state.message
+
+
+def test_label_stage_rlaif(prefect_harness, tmp_path):
+    cfg = make_cfg(tmp_path, until="label")
+    cfg = cfg.model_copy(update={"labels": cfg.labels.model_copy(update={"max_pairs": 60})})
+    state = run_flow(cfg)
+    assert state.is_completed(), state.message
+    result = state.result()
+    client = MlflowClient(cfg.mlflow_tracking_uri)
+    stages = stage_runs(client, result["mlflow_run_id"])
+    m = stages["label"].data.metrics
+    assert m["n_pairs"] == 60 and m["judged"] == 60 and m["agreement_accuracy"] > 0.8  # the demo's labels are learnable
+    assert "principle_harmless_prefers_chosen" in m and "agreement_cohen_kappa" in m
+    plots = {a.path for a in client.list_artifacts(stages["label"].info.run_id, "labels/plots")}
+    assert plots == {"labels/plots/label_distribution.png", "labels/plots/calibration.png"}
+    import pandas as pd
+
+    train = pd.read_parquet(result["train_file"])
+    assert len(train) == 60 and set(train["label_source"]) == {"ai"}  # merge: ai (RLAIF)
+    assert ((train["p_chosen"] >= 0) & (train["p_chosen"] <= 1)).all() and train["p_chosen"].nunique() > 10  # soft labels
+
+    # another merge policy re-runs the stage, but the judge is never asked again: the label cache answers
+    changed = cfg.model_copy(update={"labels": cfg.labels.model_copy(update={"merge": "human"})})
+    again = run_flow(changed)
+    m2 = stage_runs(client, again.result()["mlflow_run_id"])["label"].data.metrics
+    assert m2["judged"] == 0 and m2["cache_hits"] == 60
+    assert set(pd.read_parquet(again.result()["train_file"])["label_source"]) == {"human"}

@@ -1,0 +1,124 @@
+"""The labelling stage as plain functions: build the judge, label pairs, merge with human labels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from rlhf_core.config import GenerateConfig, JudgeConfig, LabelsConfig
+from rlhf_core.judges.base import Judge
+from rlhf_core.judges.constitution import load_constitution
+from rlhf_core.judges.labeling import LabelCache, Progress, agreement_report, label_pairs
+
+
+def build_judge(cfg: JudgeConfig) -> Judge:
+    constitution = load_constitution(cfg.constitution)
+    if cfg.backend == "embedding":
+        from rlhf_core.judges.embedding import EmbeddingJudge
+
+        device = "cpu" if cfg.device == "auto" else cfg.device
+        return EmbeddingJudge(constitution, model_path=cfg.model_path, temperature=cfg.temperature,
+                              relevance_weight=cfg.relevance_weight, batch_size=cfg.batch_size, device=device)
+    if cfg.backend == "hf":
+        from rlhf_core.errors import UserError
+        from rlhf_core.judges.hf import HFJudge
+
+        if not cfg.model_path:
+            raise UserError("labels.judge.model_path: the hf judge needs a causal LM folder")
+        return HFJudge(constitution, cfg.model_path, device=cfg.device, batch_size=cfg.batch_size,
+                       chain_of_thought=cfg.chain_of_thought)
+    raise ValueError(f"unknown judge backend {cfg.backend!r}")
+
+
+def merge_labels(train: pd.DataFrame, p_ai: np.ndarray, cfg: LabelsConfig) -> pd.DataFrame:
+    """The training labels the reward model sees, by the configured merge policy."""
+    out = train.copy()
+    if cfg.merge == "ai":
+        out["p_chosen"] = p_ai
+        out["label_source"] = "ai"
+    elif cfg.merge == "weighted":
+        human = (out["label_source"] == "human").to_numpy()
+        out["p_chosen"] = np.where(human, cfg.ai_weight * p_ai + (1 - cfg.ai_weight) * out["p_chosen"].to_numpy(), p_ai)
+        out.loc[~human, "label_source"] = "ai"
+    return out  # "human": human labels win; the AI labels were measured against them only
+
+
+def relabel(train: pd.DataFrame, judge: Judge, cfg: LabelsConfig, cache: LabelCache | None,
+            progress: Progress | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Judge the human-labelled pairs: (training table after merge, per-pair labels, report)."""
+    if cfg.max_pairs:
+        train = train.head(cfg.max_pairs)
+    prompts, chosen, rejected = train["prompt"].tolist(), train["chosen"].tolist(), train["rejected"].tolist()
+    outcome = label_pairs(judge, prompts, chosen, rejected, cache=cache, both_orders=cfg.judge.both_orders,
+                          batch_size=cfg.judge.batch_size, progress=progress)
+    per_pair = pd.DataFrame({"prompt": prompts, "chosen": chosen, "rejected": rejected, "p_ai": outcome.p,
+                             "p_forward": outcome.p_forward, "p_human": train["p_chosen"].to_numpy()})
+    if outcome.p_backward is not None:
+        per_pair["p_backward"] = outcome.p_backward
+    report = {"mode": "relabel", "merge": cfg.merge, **_outcome_stats(outcome, judge),
+              "agreement": agreement_report(outcome.p, train["p_chosen"].to_numpy())}
+    principles = _principle_report(judge, prompts, chosen, rejected)
+    if principles:
+        report["principles"] = principles
+    return merge_labels(train, outcome.p, cfg), per_pair, report
+
+
+def generate_pairs(policy_dir: str, prompts: Sequence[str], cfg: GenerateConfig, seed: int, device: str = "auto",
+                   use_chat_template: bool = True) -> list[tuple[str, str, str]]:
+    """Two samples of the policy per prompt (different seeds); identical or empty pairs are left out."""
+    from rlhf_core.models.chat import ChatFormat
+    from rlhf_core.models.loading import load_causal_lm
+    from rlhf_core.sft import generate_samples
+
+    lm = load_causal_lm(policy_dir, device=device)
+    fmt = ChatFormat(lm.tokenizer, use_chat_template=use_chat_template)
+    pairs = []
+    for start in range(0, len(prompts), cfg.batch_size):
+        batch = list(prompts[start:start + cfg.batch_size])
+        first = generate_samples(lm.model, fmt, batch, cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=seed * 1_000_003 + start)
+        second = generate_samples(lm.model, fmt, batch, cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=seed * 1_000_003 + start + 1)
+        pairs += [(p, a, b) for p, a, b in zip(batch, first, second) if a.strip() and b.strip() and a.strip() != b.strip()]
+    return pairs
+
+
+def label_generated(pairs: list[tuple[str, str, str]], judge: Judge, cfg: LabelsConfig, cache: LabelCache | None,
+                    progress: Progress | None = None, source: str = "generated") -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Judge new pairs: the winner becomes 'chosen' with p_chosen = P(winner is better)."""
+    prompts, a, b = ([x[i] for x in pairs] for i in range(3))
+    outcome = label_pairs(judge, prompts, a, b, cache=cache, both_orders=cfg.judge.both_orders,
+                          batch_size=cfg.judge.batch_size, progress=progress)
+    a_wins = outcome.p >= 0.5
+    table = pd.DataFrame({
+        "prompt": pd.Series(prompts, dtype="str"),
+        "chosen": pd.Series(np.where(a_wins, a, b), dtype="str"),
+        "rejected": pd.Series(np.where(a_wins, b, a), dtype="str"),
+        "label_source": pd.Series(["ai"] * len(prompts), dtype="str"),
+        "p_chosen": np.where(a_wins, outcome.p, 1.0 - outcome.p),
+        "margin": np.full(len(prompts), np.nan),
+        "source": pd.Series([source] * len(prompts), dtype="str"),
+        "source_row": np.arange(1, len(prompts) + 1, dtype="int64"),
+    })
+    per_pair = pd.DataFrame({"prompt": prompts, "a": a, "b": b, "p_ai": outcome.p})
+    return table, per_pair, {"mode": "generate", **_outcome_stats(outcome, judge)}
+
+
+def _outcome_stats(outcome, judge: Judge) -> dict:
+    p = outcome.p
+    stats = {"judge": judge.label_version, "n_pairs": int(len(p)), "judged": outcome.judged, "cache_hits": outcome.cache_hits,
+             "seconds": round(outcome.seconds, 3), "pairs_per_s": round(outcome.pairs_per_s, 2),
+             "position_consistency": outcome.position_consistency,
+             "label_distribution": {"mean_p": float(np.mean(p)) if len(p) else None,
+                                    "histogram": np.histogram(p, bins=10, range=(0, 1))[0].tolist()}}
+    judge_stats = judge.stats
+    stats["judge_stats"] = {"requests": judge_stats.requests, "retries": judge_stats.retries, "errors": judge_stats.errors,
+                            "prompt_tokens": judge_stats.prompt_tokens, "completion_tokens": judge_stats.completion_tokens}
+    return stats
+
+
+def _principle_report(judge: Judge, prompts, a, b, limit: int = 2000) -> dict | None:
+    scores = judge.principle_scores(prompts[:limit], a[:limit], b[:limit])
+    if not scores:
+        return None
+    return {name: {"mean_diff": float(np.mean(v)), "prefers_first_rate": float(np.mean(v > 0))} for name, v in scores.items()}

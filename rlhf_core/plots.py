@@ -1,0 +1,42 @@
+"""PNG plots for the reports (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def reliability_plot(curve: list[dict], path: Path, title: str = "Calibration", xlabel: str = "predicted P") -> Path:
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect")
+    pts = [(b["mean_predicted"], b["observed"], b["count"]) for b in curve if b["count"]]
+    if pts:
+        x, y, n = zip(*pts)
+        ax.plot(x, y, "o-", label="observed")
+        for xi, yi, ni in pts:
+            ax.annotate(str(ni), (xi, yi), fontsize=7, xytext=(3, -9), textcoords="offset points")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel=xlabel, ylabel="observed frequency", title=title)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def histogram_plot(series: dict[str, np.ndarray], path: Path, title: str, xlabel: str, bins: int = 30,
+                   value_range: tuple[float, float] | None = None) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for name, values in series.items():
+        ax.hist(np.asarray(values, float), bins=bins, range=value_range, alpha=0.55, label=name)
+    ax.set(title=title, xlabel=xlabel, ylabel="count")
+    if len(series) > 1:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
