@@ -164,7 +164,7 @@ class SFTConfig(Section):
 
 
 class JudgeConfig(Section):
-    backend: Literal["embedding", "hf"] = "embedding"
+    backend: Literal["embedding", "hf", "openai"] = "embedding"
     constitution: str | None = None  # YAML; None -> configs/constitution.yaml
     model_path: str | None = None  # embedding: a sentence-encoder folder (None: the packaged all-MiniLM-L6-v2); hf: a causal LM folder
     temperature: float = Field(0.1, gt=0)  # embedding: P = sigmoid(score difference / temperature)
@@ -173,6 +173,15 @@ class JudgeConfig(Section):
     both_orders: bool | None = None  # None: ask order-sensitive judges in both orders
     batch_size: int = Field(32, ge=1)
     device: str = "auto"
+    # openai: any OpenAI-compatible endpoint (vLLM, TGI, `transformers serve`, a hosted API)
+    base_url: str | None = None  # e.g. http://127.0.0.1:8000/v1
+    model: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never from config
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(4, ge=0)
+    concurrency: int = Field(4, ge=1)
+    requests_per_second: float | None = Field(None, gt=0)
+    votes: int = Field(5, ge=1)  # when the server gives no log-probabilities
 
 
 class GenerateConfig(Section):

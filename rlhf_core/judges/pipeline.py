@@ -29,6 +29,15 @@ def build_judge(cfg: JudgeConfig) -> Judge:
             raise UserError("labels.judge.model_path: the hf judge needs a causal LM folder")
         return HFJudge(constitution, cfg.model_path, device=cfg.device, batch_size=cfg.batch_size,
                        chain_of_thought=cfg.chain_of_thought)
+    if cfg.backend == "openai":
+        from rlhf_core.errors import UserError
+        from rlhf_core.judges.openai_compat import OpenAIJudge
+
+        if not cfg.base_url or not cfg.model:
+            raise UserError("labels.judge: the openai judge needs base_url and model")
+        return OpenAIJudge(constitution, cfg.base_url, cfg.model, api_key_env=cfg.api_key_env, timeout=cfg.timeout_s,
+                           max_retries=cfg.max_retries, concurrency=cfg.concurrency, requests_per_second=cfg.requests_per_second,
+                           votes=cfg.votes)
     raise ValueError(f"unknown judge backend {cfg.backend!r}")
 
 
