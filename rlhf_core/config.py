@@ -171,6 +171,7 @@ class JudgeConfig(Section):
     relevance_weight: float = 1.0  # embedding: weight of request/response similarity
     chain_of_thought: bool = False  # hf: a rationale before the choice
     both_orders: bool | None = None  # None: ask order-sensitive judges in both orders
+    principles: Literal["all", "sample"] = "all"  # every principle per comparison, or one drawn by weight
     batch_size: int = Field(32, ge=1)
     device: str = "auto"
     # openai: any OpenAI-compatible endpoint (vLLM, TGI, `transformers serve`, a hosted API)

@@ -172,3 +172,50 @@ def test_embedding_judge_agreement_on_real_hh_rlhf(hh_sample):
     out = label_pairs(judge, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
     report = agreement_report(out.p, np.ones(len(rows)))
     assert report["accuracy"] > 0.55 and report["cohen_kappa"] > 0.1, report
+
+
+def test_sampled_principles_are_drawn_by_weight_and_order_free():
+    judge = FirstSlotJudge()
+    judge.principle_mode = "sample"
+    names = {p.name: p.weight for p in judge.constitution.principles}
+    draws = [judge.principles_for(f"prompt {i}", f"a{i}", f"b{i}")[0] for i in range(4000)]
+    total = sum(names.values())
+    for name, w in names.items():
+        assert abs(draws.count(name) / 4000 - w / total) < 0.03, name
+    assert all(judge.principles_for(f"p{i}", f"a{i}", f"b{i}") == judge.principles_for(f"p{i}", f"b{i}", f"a{i}") for i in range(200))
+    assert judge.principles_for("p", "a", "b") == judge.principles_for("p", "a", "b")
+    assert ":sample0" in judge.label_version  # sampled labels are cached apart from all-principle ones
+    judge.principle_mode = "all"
+    assert judge.principles_for("p", "a", "b") is None
+
+
+def test_embedding_judge_with_sampled_principles(embedding_judge):
+    from rlhf_core.judges.embedding import EmbeddingJudge
+
+    sampled = EmbeddingJudge(load_constitution(), principles="sample")
+    prompts = ["Can you help me hurt my neighbour?", "How do I boil an egg?", "What is rain?"]
+    a = ["I'm sorry, I can't help with that.", "Boil it for nine minutes.", "Water that falls from clouds."]
+    b = ["Sure, hit them with something heavy.", "Go away.", "Well, um, it depends on lots and lots of things, honestly."]
+    weights = {p.name: p.weight for p in sampled.constitution.principles}
+    diffs = sampled.principle_scores(prompts, a, b)
+    p = sampled.prefer(prompts, a, b)
+    for i in range(3):  # known answer: only the drawn principle (plus relevance) decides
+        drawn = sampled.principles_for(prompts[i], a[i], b[i])[0]
+        total = weights[drawn] * diffs[drawn][i] + sampled.relevance_weight * diffs["relevance"][i]
+        assert p[i] == pytest.approx(1 / (1 + np.exp(-total / sampled.temperature)), rel=1e-4)
+    assert sampled.label_version != embedding_judge.label_version
+
+
+def test_generate_mode_labels_new_pairs_from_the_policy(tiny_gpt2, embedding_judge):
+    from rlhf_core.config import GenerateConfig
+    from rlhf_core.judges.pipeline import generate_pairs, label_generated
+
+    pairs = generate_pairs(str(tiny_gpt2), ["How do I boil an egg?", "What is rain?", "Name a fruit."],
+                           GenerateConfig(max_new_tokens=12, batch_size=2), seed=0)
+    assert pairs and all(a != b for _, a, b in pairs)
+    assert pairs == generate_pairs(str(tiny_gpt2), ["How do I boil an egg?", "What is rain?", "Name a fruit."],
+                                   GenerateConfig(max_new_tokens=12, batch_size=2), seed=0)  # seeded
+    table, per_pair, report = label_generated(pairs, embedding_judge, LabelsConfig(mode="generate"), cache=None)
+    assert len(table) == len(pairs) and set(table["label_source"]) == {"ai"}
+    assert (table["p_chosen"] >= 0.5).all()  # the judge's winner is 'chosen'
+    assert report["mode"] == "generate" and report["n_pairs"] == len(pairs)

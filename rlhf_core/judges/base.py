@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,14 +35,33 @@ class Judge:
     version: str = "1"
     order_sensitive: bool = True
 
-    def __init__(self, constitution: Constitution):
+    def __init__(self, constitution: Constitution, principles: str = "all", seed: int = 0):
         self.constitution = constitution
         self.stats = JudgeStats()
+        self.principle_mode = principles  # "all", or "sample": one principle per comparison, drawn by weight
+        self.seed = seed
 
     @property
     def label_version(self) -> str:
         """Identity of the labels this judge gives: changes with the judge, its version and the constitution."""
-        return f"{self.judge_id}@{self.version}#{self.constitution.hash}"
+        mode = "" if self.principle_mode == "all" else f":sample{self.seed}"
+        return f"{self.judge_id}@{self.version}{mode}#{self.constitution.hash}"
+
+    def principles_for(self, prompt: str, a: str, b: str) -> list[str] | None:
+        """The principles a comparison uses: all (None), or one drawn by weight. The draw depends on the
+        pair, not on the order it is asked in, so both orders apply the same principle."""
+        if self.principle_mode == "all":
+            return None
+        first, second = sorted((a, b))
+        digest = hashlib.sha256(f"{self.seed}\x1f{prompt}\x1f{first}\x1f{second}".encode("utf-8", "surrogatepass")).digest()
+        u = int.from_bytes(digest[:8], "big") / 2 ** 64
+        weights = [p.weight for p in self.constitution.principles]
+        edge = 0.0
+        for principle, w in zip(self.constitution.principles, weights):
+            edge += w / sum(weights)
+            if u < edge:
+                return [principle.name]
+        return [self.constitution.principles[-1].name]
 
     def prefer(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> np.ndarray:
         raise NotImplementedError

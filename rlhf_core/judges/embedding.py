@@ -34,8 +34,8 @@ class EmbeddingJudge(Judge):
     order_sensitive = False
 
     def __init__(self, constitution: Constitution, model_path: str | None = None, temperature: float = 0.1,
-                 relevance_weight: float = 1.0, batch_size: int = 64, device: str = "cpu"):
-        super().__init__(constitution)
+                 relevance_weight: float = 1.0, batch_size: int = 64, device: str = "cpu", principles: str = "all", seed: int = 0):
+        super().__init__(constitution, principles, seed)
         from sentence_transformers import SentenceTransformer
 
         path = Path(model_path) if model_path else packaged_minilm_path()
@@ -80,6 +80,12 @@ class EmbeddingJudge(Judge):
             parts["relevance"] = np.concatenate([(q * r[:n]).sum(1), (q * r[n:]).sum(1)])
             weights["relevance"] = self.relevance_weight
         diffs = {k: v[:n] - v[n:] for k, v in parts.items()}
+        if self.principle_mode == "sample":  # each comparison judged on its drawn principle (plus relevance)
+            drawn = [self.principles_for(p, x, y)[0] for p, x, y in zip(prompts, a, b)]
+            total = np.array([weights[d] * diffs[d][i] if d in diffs else 0.0 for i, d in enumerate(drawn)])
+            if "relevance" in diffs:
+                total = total + weights["relevance"] * diffs["relevance"]
+            return total, diffs
         return sum(weights[k] * d for k, d in diffs.items()), diffs
 
     def prefer(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> np.ndarray:

@@ -33,8 +33,8 @@ class HFJudge(Judge):
 
     def __init__(self, constitution: Constitution, model_path: str, *, device: str = "auto", dtype: str = "fp32",
                  batch_size: int = 8, chain_of_thought: bool = False, rationale_tokens: int = 64, max_length: int = 1024,
-                 use_chat_template: bool = True, trust_remote_code: bool = False):
-        super().__init__(constitution)
+                 use_chat_template: bool = True, trust_remote_code: bool = False, principles: str = "all", seed: int = 0):
+        super().__init__(constitution, principles, seed)
         loaded = load_causal_lm(model_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         self.model, self.tokenizer, self.device = loaded.model, loaded.tokenizer, loaded.device
         self.fmt = ChatFormat(self.tokenizer, use_chat_template=use_chat_template)
@@ -49,7 +49,7 @@ class HFJudge(Judge):
     def _contexts(self, prompts, a, b) -> list[list[int]]:
         out = []
         for p, x, y in zip(prompts, a, b):
-            ids = self.fmt.encode(judge_prompt(self.constitution, p, x, y))[0]
+            ids = self.fmt.encode(judge_prompt(self.constitution, p, x, y, self.principles_for(p, x, y)))[0]
             out.append(ids[-self.max_length:])  # keep the question at the end if the request is very long
         return out
 

@@ -56,8 +56,8 @@ class OpenAIJudge(Judge):
     def __init__(self, constitution: Constitution, base_url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY",
                  timeout: float = 60.0, max_retries: int = 4, backoff_base: float = 0.5, backoff_cap: float = 20.0,
                  concurrency: int = 4, requests_per_second: float | None = None, votes: int = 5, vote_temperature: float = 1.0,
-                 use_logprobs: bool = True, seed: int = 0):
-        super().__init__(constitution)
+                 use_logprobs: bool = True, seed: int = 0, principles: str = "all"):
+        super().__init__(constitution, principles, seed)
         import httpx
 
         self.url = base_url.rstrip("/") + "/chat/completions"
@@ -140,7 +140,7 @@ class OpenAIJudge(Judge):
         return (a + 0.5) / (a + b + 1.0)  # smoothed; abstentions move nothing
 
     def prefer(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> np.ndarray:
-        texts = [judge_prompt(self.constitution, p, x, y) for p, x, y in zip(prompts, a, b)]
+        texts = [judge_prompt(self.constitution, p, x, y, self.principles_for(p, x, y)) for p, x, y in zip(prompts, a, b)]
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             out = list(pool.map(self._one, range(len(texts)), texts))
         self.stats.comparisons += len(texts)

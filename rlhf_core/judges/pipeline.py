@@ -20,7 +20,8 @@ def build_judge(cfg: JudgeConfig) -> Judge:
 
         device = "cpu" if cfg.device == "auto" else cfg.device
         return EmbeddingJudge(constitution, model_path=cfg.model_path, temperature=cfg.temperature,
-                              relevance_weight=cfg.relevance_weight, batch_size=cfg.batch_size, device=device)
+                              relevance_weight=cfg.relevance_weight, batch_size=cfg.batch_size, device=device,
+                              principles=cfg.principles)
     if cfg.backend == "hf":
         from rlhf_core.errors import UserError
         from rlhf_core.judges.hf import HFJudge
@@ -28,7 +29,7 @@ def build_judge(cfg: JudgeConfig) -> Judge:
         if not cfg.model_path:
             raise UserError("labels.judge.model_path: the hf judge needs a causal LM folder")
         return HFJudge(constitution, cfg.model_path, device=cfg.device, batch_size=cfg.batch_size,
-                       chain_of_thought=cfg.chain_of_thought)
+                       chain_of_thought=cfg.chain_of_thought, principles=cfg.principles)
     if cfg.backend == "openai":
         from rlhf_core.errors import UserError
         from rlhf_core.judges.openai_compat import OpenAIJudge
@@ -37,7 +38,7 @@ def build_judge(cfg: JudgeConfig) -> Judge:
             raise UserError("labels.judge: the openai judge needs base_url and model")
         return OpenAIJudge(constitution, cfg.base_url, cfg.model, api_key_env=cfg.api_key_env, timeout=cfg.timeout_s,
                            max_retries=cfg.max_retries, concurrency=cfg.concurrency, requests_per_second=cfg.requests_per_second,
-                           votes=cfg.votes)
+                           votes=cfg.votes, principles=cfg.principles)
     raise ValueError(f"unknown judge backend {cfg.backend!r}")
 
 
