@@ -9,6 +9,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
@@ -18,7 +19,7 @@ import rlhf_core.judges.hf
 import rlhf_core.judges.labeling
 import rlhf_core.judges.pipeline
 from rlhf_core.config import LabelsConfig
-from rlhf_core.data.pipeline import _to_arrow
+from rlhf_core.data.pipeline import to_normalised_arrow
 from rlhf_core.judges.labeling import LabelCache
 from rlhf_core.judges.pipeline import build_judge, generate_pairs, label_generated, relabel
 from rlhf_core.plots import histogram_plot, reliability_plot
@@ -67,9 +68,7 @@ def label(train_file: str, labels: LabelsConfig, seed: int, policy_dir: str | No
             table = pd.concat([train, new], ignore_index=True)
         cache.close()
         with atomic_dir(out) as staging:
-            import pyarrow.parquet as pq
-
-            pq.write_table(_to_arrow(table), staging / "train.parquet")
+            pq.write_table(to_normalised_arrow(table), staging / "train.parquet")
             per_pair.to_parquet(staging / "labels.parquet", index=False)
             (staging / "report.json").write_text(json.dumps(report, indent=2))
             plots = staging / "plots"

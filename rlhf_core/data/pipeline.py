@@ -38,7 +38,7 @@ SPLITS = ("train", "val", "test")
 _ARROW_SCHEMA = pa.Schema.from_pandas(empty_normalised(), preserve_index=False)
 
 
-def _to_arrow(frame: pd.DataFrame) -> pa.Table:
+def to_normalised_arrow(frame: pd.DataFrame) -> pa.Table:
     return pa.Table.from_pandas(frame[NORMALISED_COLUMNS], schema=_ARROW_SCHEMA, preserve_index=False)
 
 
@@ -95,7 +95,7 @@ def _ingest_one(source: SourceConfig, chunk_rows, s3, cache_dir, writer, failure
             failures += norm.failures
             stats["ties_skipped"] += norm.ties_skipped
             if len(norm.frame):
-                writer.write_table(_to_arrow(norm.frame))
+                writer.write_table(to_normalised_arrow(norm.frame))
             stats["pairs"] += len(norm.frame)
         elif len(chunk.frame):
             raise UnusableInputError(f"{where}: no recognisable preference format")
@@ -183,7 +183,7 @@ def validate_normalised(ingest_dir: Path, out_dir: Path, data: DataConfig, *, pr
                                 reasons[reason_kind(r)] += 1
                     valid = frame[ok]
                     if len(valid):
-                        writer.write_table(_to_arrow(valid))
+                        writer.write_table(to_normalised_arrow(valid))
                         digest.update(_content_bytes(valid, hashes[ok]))
                         for col in lengths:
                             lengths[col].append(valid[col].str.len().to_numpy())
@@ -241,7 +241,7 @@ def make_splits(valid_dir: Path, out_dir: Path, ratios: SplitRatios, seed: int, 
                 for code, name in enumerate(SPLITS):
                     part = frame[which == code]
                     if len(part):
-                        writers[name].write_table(_to_arrow(part))
+                        writers[name].write_table(to_normalised_arrow(part))
                         counts[name] += len(part)
         finally:
             for w in writers.values():
