@@ -72,7 +72,7 @@ FormatName = Literal["auto", "pairwise", "hh", "ranked", "comparison"]
 class SourceConfig(Section):
     path: str  # file, folder saved with datasets.save_to_disk, s3://bucket/key, or hf://<hub id>
     format: FormatName = "auto"
-    label_source: Literal["human", "ai"] = "human"
+    label_source: Literal["human", "ai", "none"] = "human"  # none: unlabelled pairs (chosen/rejected are just two responses)
     split: str | None = None  # for datasets folders / hub ids with several splits
     columns: ColumnMap = Field(default_factory=ColumnMap)
 

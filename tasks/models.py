@@ -79,8 +79,9 @@ def sft(base_model: str, train_file: str, val_file: str, model: ModelConfig, sft
             policy = add_lora(policy, LoraSettings(model.lora.r, model.lora.alpha, model.lora.dropout,
                                                    model.lora.target_modules))
         fmt = ChatFormat(loaded.tokenizer, use_chat_template=model.use_chat_template)
-        train_df = pd.read_parquet(train_file, columns=["prompt", "chosen"])
-        val_df = pd.read_parquet(val_file, columns=["prompt", "chosen"])
+        # unlabelled pairs say nothing about which response to imitate
+        train_df = pd.read_parquet(train_file, columns=["prompt", "chosen", "label_source"]).query("label_source != 'none'")
+        val_df = pd.read_parquet(val_file, columns=["prompt", "chosen", "label_source"]).query("label_source != 'none'")
         pairs = list(zip(train_df["prompt"], train_df["chosen"]))
         if sft_cfg.instruction_data:
             pairs += load_instruction_pairs(sft_cfg.instruction_data)

@@ -219,3 +219,25 @@ def test_generate_mode_labels_new_pairs_from_the_policy(tiny_gpt2, embedding_jud
     assert len(table) == len(pairs) and set(table["label_source"]) == {"ai"}
     assert (table["p_chosen"] >= 0.5).all()  # the judge's winner is 'chosen'
     assert report["mode"] == "generate" and report["n_pairs"] == len(pairs)
+
+
+def test_unlabelled_pairs_take_the_ai_label_oriented_to_the_winner():
+    train = pd.DataFrame({"prompt": ["p1", "p2", "p3"], "chosen": ["a1", "a2", "h3"], "rejected": ["b1", "b2", "r3"],
+                          "p_chosen": [np.nan, np.nan, 1.0], "label_source": ["none", "none", "human"]})
+    out = merge_labels(train, np.array([0.8, 0.3, 0.6]), LabelsConfig(merge="human"))
+    assert out["chosen"].tolist() == ["a1", "b2", "h3"] and out["rejected"].tolist() == ["b1", "a2", "r3"]
+    assert out["p_chosen"].tolist() == pytest.approx([0.8, 0.7, 1.0])  # human label kept under merge: human
+    assert out["label_source"].tolist() == ["ai", "ai", "human"]
+
+
+def test_relabel_measures_agreement_only_on_labelled_pairs():
+    from rlhf_core.judges.pipeline import relabel
+
+    train = pd.DataFrame({"prompt": ["p1", "p2", "p3", "p4"], "chosen": ["long answer", "x", "a much longer one", "q"],
+                          "rejected": ["short", "longer one", "no", "longer"], "p_chosen": [1.0, 1.0, np.nan, np.nan],
+                          "label_source": ["human", "human", "none", "none"]})
+    table, per_pair, report = relabel(train, FirstSlotJudge(), LabelsConfig(), cache=None)
+    assert report["unlabelled_pairs"] == 2 and report["agreement"]["n_pairs"] == 2
+    assert report["agreement"]["accuracy"] == 0.5  # the judge prefers longer: right on p1, wrong on p2
+    assert table.loc[3, "chosen"] == "longer" and table.loc[3, "p_chosen"] > 0.5  # oriented to the judge's winner
+    assert set(table["label_source"]) == {"ai"}

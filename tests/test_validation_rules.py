@@ -100,7 +100,7 @@ def test_label_source_must_be_human_or_ai(tmp_path: Path) -> None:
     run = Run(tmp_path, rows)
     assert run.valid_rows == [1, 2, 5]
     assert run.valid["label_source"].tolist() == ["human", "ai", "human"]  # missing -> the source's default
-    assert run.reasons_by_row == {3: ["label_source must be 'human' or 'ai'"], 4: ["label_source must be 'human' or 'ai'"]}
+    assert run.reasons_by_row == {3: ["label_source must be 'human', 'ai' or 'none'"], 4: ["label_source must be 'human', 'ai' or 'none'"]}
 
 
 def test_source_label_source_default_ai(tmp_path: Path) -> None:
@@ -135,7 +135,7 @@ def test_row_failing_several_rules_lists_all_reasons(tmp_path: Path) -> None:
     assert len(run.quarantine) == 1
     reasons = run.quarantine[0]["reasons"]
     assert sorted(reasons) == sorted([
-        "empty prompt", "chosen is the same as rejected", "p_chosen outside [0, 1]", "label_source must be 'human' or 'ai'",
+        "empty prompt", "chosen is the same as rejected", "p_chosen outside [0, 1]", "label_source must be 'human', 'ai' or 'none'",
         "chosen longer than 25 characters", "rejected longer than 25 characters",
     ])
     assert len(reasons) == len(set(reasons))
@@ -443,3 +443,26 @@ def test_make_splits_other_ratios(valid_5000: Path, tmp_path: Path) -> None:
     splits = _read_splits(tmp_path / "s")
     assert len(splits["test"]) == 0
     assert not set(splits["train"]["prompt"]) & set(splits["val"]["prompt"])
+
+
+def test_unlabelled_source_and_missing_label(tmp_path):
+    """label_source: none marks unlabelled pairs (p_chosen empty); a labelled pair without p_chosen is quarantined."""
+    import json as _json
+
+    from rlhf_core.config import DataConfig, SourceConfig
+    from rlhf_core.data.pipeline import ingest_sources, validate_normalised
+
+    src = tmp_path / "unlabelled.jsonl"
+    src.write_text("".join(_json.dumps({"prompt": f"q{i}", "chosen": f"first {i}", "rejected": f"second {i}"}) + "\n" for i in range(5)))
+    ingest_sources([SourceConfig(path=str(src), label_source="none")], tmp_path / "ing")
+    report = validate_normalised(tmp_path / "ing", tmp_path / "val", DataConfig())
+    assert report["valid"] == 5
+    valid = pd.read_parquet(tmp_path / "val" / "valid.parquet")
+    assert set(valid["label_source"]) == {"none"} and valid["p_chosen"].isna().all()
+
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_text(_json.dumps({"prompt": "q", "chosen": "a", "rejected": "b", "p_chosen": None, "label_source": "human"}) + "\n"
+                        + _json.dumps({"prompt": "q2", "chosen": "a", "rejected": "b", "label_source": "robot"}) + "\n")
+    ingest_sources([SourceConfig(path=str(labelled))], tmp_path / "ing2")
+    report = validate_normalised(tmp_path / "ing2", tmp_path / "val2", DataConfig(max_invalid_fraction=1.0))
+    assert report["valid"] == 1 and report["reasons"] == {"label_source must be 'human', 'ai' or 'none'": 1}

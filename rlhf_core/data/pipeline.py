@@ -94,6 +94,9 @@ def _ingest_one(source: SourceConfig, chunk_rows, s3, cache_dir, writer, failure
             norm = NORMALISERS[stats["format"]](chunk.frame, source.path, source.label_source, source.columns)
             failures += norm.failures
             stats["ties_skipped"] += norm.ties_skipped
+            if source.label_source == "none":  # unlabelled: which response is 'chosen' means nothing yet
+                norm.frame["label_source"] = "none"
+                norm.frame["p_chosen"] = np.nan
             if len(norm.frame):
                 writer.write_table(to_normalised_arrow(norm.frame))
             stats["pairs"] += len(norm.frame)

@@ -23,8 +23,8 @@ class PreferenceTable(pa.DataFrameModel):
     prompt: Series[str]
     chosen: Series[str]
     rejected: Series[str]
-    label_source: Series[str] = pa.Field(isin=["human", "ai"])
-    p_chosen: Series[float] = pa.Field(ge=0.0, le=1.0)
+    label_source: Series[str] = pa.Field(isin=["human", "ai", "none"])  # none: an unlabelled pair
+    p_chosen: Series[float] = pa.Field(ge=0.0, le=1.0, nullable=True)
     margin: Series[float] = pa.Field(nullable=True)
     source: Series[str]
     source_row: Series[int] = pa.Field(ge=0)
@@ -32,6 +32,10 @@ class PreferenceTable(pa.DataFrameModel):
     @pa.check("prompt", "chosen", "rejected", name="non_empty")
     def _non_empty(cls, s: Series[str]) -> Series[bool]:
         return s.str.strip().str.len() > 0
+
+    @pa.dataframe_check(name="labelled_pair_has_p_chosen")
+    def _has_label(cls, df: pd.DataFrame) -> Series[bool]:
+        return df["p_chosen"].notna() | (df["label_source"] == "none")
 
     @pa.dataframe_check(name="chosen_differs_from_rejected")
     def _differs(cls, df: pd.DataFrame) -> Series[bool]:
@@ -70,10 +74,12 @@ class PreferenceValidator:
             return f"empty {column}"
         if check == "chosen_differs_from_rejected":
             return "chosen is the same as rejected"
+        if check == "labelled_pair_has_p_chosen":
+            return "p_chosen missing on a labelled pair"
         if check.startswith("greater_than_or_equal_to") or check.startswith("less_than_or_equal_to"):
             return f"{column} outside [0, 1]" if column == "p_chosen" else f"{column} out of range"
         if check.startswith("isin"):
-            return f"{column} must be 'human' or 'ai'"
+            return f"{column} must be 'human', 'ai' or 'none'"
         if check == "not_nullable":
             return f"{column} is null"
         return f"{column}: failed {check}"

@@ -43,7 +43,19 @@ def build_judge(cfg: JudgeConfig) -> Judge:
 
 
 def merge_labels(train: pd.DataFrame, p_ai: np.ndarray, cfg: LabelsConfig) -> pd.DataFrame:
-    """The training labels the reward model sees, by the configured merge policy."""
+    """The training labels the reward model sees, by the configured merge policy. Unlabelled pairs
+    always take the AI label, oriented so that 'chosen' is the judge's winner."""
+    out = _merge_labelled(train, p_ai, cfg)
+    none = (train["label_source"] == "none").to_numpy()
+    if none.any():
+        swap = none & (p_ai < 0.5)
+        out.loc[swap, ["chosen", "rejected"]] = out.loc[swap, ["rejected", "chosen"]].to_numpy()
+        out.loc[none, "p_chosen"] = np.where(p_ai[none] < 0.5, 1.0 - p_ai[none], p_ai[none])
+        out.loc[none, "label_source"] = "ai"
+    return out
+
+
+def _merge_labelled(train: pd.DataFrame, p_ai: np.ndarray, cfg: LabelsConfig) -> pd.DataFrame:
     out = train.copy()
     if cfg.merge == "ai":
         out["p_chosen"] = p_ai
@@ -67,8 +79,10 @@ def relabel(train: pd.DataFrame, judge: Judge, cfg: LabelsConfig, cache: LabelCa
                              "p_forward": outcome.p_forward, "p_human": train["p_chosen"].to_numpy()})
     if outcome.p_backward is not None:
         per_pair["p_backward"] = outcome.p_backward
-    report = {"mode": "relabel", "merge": cfg.merge, **_outcome_stats(outcome, judge),
-              "agreement": agreement_report(outcome.p, train["p_chosen"].to_numpy())}
+    labelled = (train["label_source"] != "none").to_numpy()
+    report = {"mode": "relabel", "merge": cfg.merge, **_outcome_stats(outcome, judge), "unlabelled_pairs": int((~labelled).sum())}
+    if labelled.any():  # agreement is measured where a human (or earlier) label exists
+        report["agreement"] = agreement_report(outcome.p[labelled], train["p_chosen"].to_numpy()[labelled])
     principles = _principle_report(judge, prompts, chosen, rejected)
     if principles:
         report["principles"] = principles
