@@ -68,7 +68,11 @@ def label(train_file: str, labels: LabelsConfig, seed: int, policy_dir: str | No
             table = pd.concat([train, new], ignore_index=True)
         cache.close()
         with atomic_dir(out) as staging:
-            pq.write_table(to_normalised_arrow(table), staging / "train.parquet")
+            arrow = to_normalised_arrow(table)
+            # the labels' provenance travels with the data set itself
+            provenance = {b"rlhf.labels.merge": labels.merge.encode(), b"rlhf.labels.mode": labels.mode.encode(),
+                          b"rlhf.labels.judge": judge.label_version.encode()}
+            pq.write_table(arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), **provenance}), staging / "train.parquet")
             per_pair.to_parquet(staging / "labels.parquet", index=False)
             (staging / "report.json").write_text(json.dumps(report, indent=2))
             plots = staging / "plots"

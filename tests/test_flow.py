@@ -207,6 +207,10 @@ def test_label_stage_rlaif(prefect_harness, tmp_path):
     import pandas as pd
 
     train = pd.read_parquet(result["train_file"])
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(result["train_file"]).metadata
+    assert meta[b"rlhf.labels.merge"] == b"ai" and meta[b"rlhf.labels.judge"].startswith(b"embedding@")
     assert len(train) == 60 and set(train["label_source"]) == {"ai"}  # merge: ai (RLAIF)
     assert ((train["p_chosen"] >= 0) & (train["p_chosen"] <= 1)).all() and train["p_chosen"].nunique() > 10  # soft labels
 
