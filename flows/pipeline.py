@@ -60,6 +60,24 @@ def data_sources(cfg: PipelineConfig, tracking: TrackingContext) -> list[SourceC
     return [SourceConfig(path=demo["files"]["preferences"], format="pairwise")]
 
 
+def versioned_splits(cfg: PipelineConfig, tracking: TrackingContext) -> tuple[dict, dict]:
+    """Sources -> ingest -> validate -> train/val/test split by prompt; each stage keyed on what it reads."""
+    data = cfg.data
+    sources = data_sources(cfg, tracking)
+    source_digest = stable_hash([(s.model_dump(), source_fingerprint(s.path, cfg.s3)) for s in sources])
+    ingested = run_stage(data_tasks.ingest, "ingest", tracking, sources=sources, chunk_rows=data.chunk_rows, s3=cfg.s3,
+                         stage_key=make_stage_key("ingest", source_digest, [s.model_dump() for s in sources], data_tasks.DATA_CODE_VERSION))
+    validated = run_stage(data_tasks.validate, "validate", tracking, ingest_dir=ingested["out_dir"], data=data,
+                          stage_key=make_stage_key("validate", ingested["stage_key"],
+                                                   data.model_dump(exclude={"sources", "splits", "demo", "chunk_rows"}),
+                                                   data_tasks.DATA_CODE_VERSION))
+    splits = run_stage(data_tasks.split, "split", tracking, validate_dir=validated["out_dir"], ratios=data.splits, seed=cfg.run.seed,
+                       stage_key=make_stage_key("split", validated["stage_key"], [data.splits.model_dump(), cfg.run.seed],
+                                                data_tasks.DATA_CODE_VERSION))
+    data_tasks.log_splits_to_run(tracking.parent_run_id, splits)
+    return validated, splits
+
+
 def reference_policy(cfg: PipelineConfig, tracking: TrackingContext, splits: dict) -> dict:
     """Starting policy (built from scratch offline, or the configured checkpoint), then SFT."""
     model = cfg.model
@@ -96,26 +114,14 @@ def ai_labels(cfg: PipelineConfig, tracking: TrackingContext, splits: dict, poli
 
 @flow(name="rlhf-pipeline", log_prints=True)
 def rlhf_pipeline(config: dict) -> dict | State:
-    """Preference data -> validated, versioned splits (later: labels, reward model, PPO, evaluation, registry)."""
+    """Preference data -> versioned splits -> SFT reference policy -> AI labels (later: reward model, PPO, evaluation, registry)."""
     quiet_clean_failures()
     cfg = PipelineConfig.model_validate(config)
     tracking = start_pipeline_run(cfg, run_name=f"{cfg.run.name}-{flow_run.get_name() or 'local'}",
                                   tags={"prefect.flow_run_id": str(flow_run.get_id() or "")})
     status = "FAILED"
     try:
-        data = cfg.data
-        sources = data_sources(cfg, tracking)
-        source_digest = stable_hash([(s.model_dump(), source_fingerprint(s.path, cfg.s3)) for s in sources])
-        ingested = run_stage(data_tasks.ingest, "ingest", tracking, sources=sources, chunk_rows=data.chunk_rows, s3=cfg.s3,
-                             stage_key=make_stage_key("ingest", source_digest, [s.model_dump() for s in sources], data_tasks.DATA_CODE_VERSION))
-        validated = run_stage(data_tasks.validate, "validate", tracking, ingest_dir=ingested["out_dir"], data=data,
-                              stage_key=make_stage_key("validate", ingested["stage_key"],
-                                                       data.model_dump(exclude={"sources", "splits", "demo", "chunk_rows"}),
-                                                       data_tasks.DATA_CODE_VERSION))
-        splits = run_stage(data_tasks.split, "split", tracking, validate_dir=validated["out_dir"], ratios=data.splits, seed=cfg.run.seed,
-                           stage_key=make_stage_key("split", validated["stage_key"], [data.splits.model_dump(), cfg.run.seed],
-                                                    data_tasks.DATA_CODE_VERSION))
-        data_tasks.log_splits_to_run(tracking.parent_run_id, splits)
+        validated, splits = versioned_splits(cfg, tracking)
         result = {"mlflow_run_id": tracking.parent_run_id, "dataset_version": splits["dataset_version"], "splits": splits["files"],
                   "counts": {**validated["metrics"], **splits["metrics"]}}
         policy = None
