@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path

@@ -10,7 +10,6 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 from mlflow.entities import DatasetInput, InputTag
-from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 import rlhf_core.data.demo
@@ -22,7 +21,7 @@ import rlhf_core.storage
 from rlhf_core.config import DataConfig, DemoDataConfig, S3Config, SourceConfig, SplitRatios
 from rlhf_core.data import pipeline as data_pipeline
 from rlhf_core.data.demo import write_demo
-from tasks.stage import cache_key_from_param, code_version, stage_dir, user_errors_fail_cleanly
+from tasks.stage import code_version, stage_task, stage_dir, user_errors_fail_cleanly
 from tasks.tracking import TrackingContext, stage_run
 
 DATA_CODE_VERSION = code_version(rlhf_core.data.readers, rlhf_core.data.formats, rlhf_core.data.validate,
@@ -33,8 +32,6 @@ MLFLOW_DATASET_MAX_ROWS = 200_000  # above this, log the dataset's identity and 
 # MLflow's hints about int columns in inferred schemas and about local paths as dataset sources are noise here.
 warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer", category=UserWarning)
 warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted", category=UserWarning)
-
-stage_task = task(cache_key_fn=cache_key_from_param, persist_result=True)
 
 
 @stage_task(name="demo-data")

@@ -7,10 +7,9 @@ import sys
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
 import rlhf_core.judges.base
@@ -24,13 +23,11 @@ from rlhf_core.judges.labeling import LabelCache
 from rlhf_core.judges.pipeline import build_judge, generate_pairs, label_generated, relabel
 from rlhf_core.plots import histogram_plot, reliability_plot
 from rlhf_core.storage import atomic_dir
-from tasks.stage import cache_key_from_param, code_version, stage_dir, user_errors_fail_cleanly
+from tasks.stage import code_version, stage_task, stage_dir, user_errors_fail_cleanly
 from tasks.tracking import TrackingContext, stage_run
 
 LABELS_CODE_VERSION = code_version(rlhf_core.judges.base, rlhf_core.judges.embedding, rlhf_core.judges.hf,
                                    rlhf_core.judges.labeling, rlhf_core.judges.pipeline, sys.modules[__name__])
-
-stage_task = task(cache_key_fn=cache_key_from_param, persist_result=True)
 
 
 def _progress_reporter():

@@ -6,11 +6,10 @@ from __future__ import annotations
 import math
 import shutil
 import sys
-from pathlib import Path
 
 import mlflow
 import pandas as pd
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 
 import rlhf_core.models.chat
 import rlhf_core.models.loading
@@ -23,13 +22,11 @@ from rlhf_core.models.loading import LoraSettings, add_lora, load_causal_lm, sav
 from rlhf_core.models.scratch import build_scratch_model
 from rlhf_core.sft import SFTSettings, SFTTrainer, encode_examples, generate_samples
 from rlhf_core.storage import atomic_dir
-from tasks.stage import cache_key_from_param, code_version, stage_dir, user_errors_fail_cleanly
+from tasks.stage import code_version, stage_task, stage_dir, user_errors_fail_cleanly
 from tasks.tracking import TrackingContext, stage_run
 
 POLICY_CODE_VERSION = code_version(rlhf_core.models.scratch, rlhf_core.models.loading, sys.modules[__name__])
 SFT_CODE_VERSION = code_version(rlhf_core.sft, rlhf_core.models.chat, rlhf_core.models.loading, sys.modules[__name__])
-
-stage_task = task(cache_key_fn=cache_key_from_param, persist_result=True)
 
 
 def _quiet_transformers() -> None:

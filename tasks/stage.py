@@ -11,6 +11,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from prefect import task
 from prefect.states import Failed
 
 from rlhf_core.config import stable_hash
@@ -32,6 +33,10 @@ def make_stage_key(stage: str, input_digest: str, section: Any, code: str) -> st
 
 def cache_key_from_param(_context, parameters: dict) -> str:
     return parameters["stage_key"]
+
+
+# Every stage: cached on its stage_key, result persisted so a re-run reuses it.
+stage_task = task(cache_key_fn=cache_key_from_param, persist_result=True)
 
 
 def stage_dir(work_dir: str | Path, stage: str, stage_key: str) -> Path:

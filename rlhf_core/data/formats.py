@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from rlhf_core.config import ColumnMap
-from rlhf_core.data.readers import ROW, failure
+from rlhf_core.data.readers import ROW
 from rlhf_core.errors import UnusableInputError
 
 NORMALISED_COLUMNS = ["prompt", "chosen", "rejected", "label_source", "p_chosen", "margin", "source", "source_row"]
@@ -101,6 +101,11 @@ def _label_key(v) -> str | None:
     return str(v).strip()
 
 
+def _failures(frame: pd.DataFrame, problems: _Problems) -> list[dict]:
+    return [{"source_row": int(frame[ROW].iloc[i]), "reasons": reasons, "record": _record_of(frame, i)}
+            for i, reasons in sorted(problems.reasons.items())]
+
+
 def _type_name(v) -> str:
     return "null" if v is None or (isinstance(v, float) and np.isnan(v)) else type(v).__name__
 
@@ -146,10 +151,7 @@ def _float_column(frame: pd.DataFrame, name: str, default: float | None, problem
 
 def _assemble(frame, prompt, chosen, rejected, p_chosen, margin, label_source, source, problems) -> Normalised:
     bad = problems.bad
-    failures = [
-        {"source_row": int(frame[ROW].iloc[i]), "reasons": reasons, "record": _record_of(frame, i)}
-        for i, reasons in sorted(problems.reasons.items())
-    ]
+    failures = _failures(frame, problems)
     keep = ~bad
     out = pd.DataFrame({
         "prompt": prompt[keep].astype("str"),
@@ -272,10 +274,7 @@ def normalise_ranked(frame: pd.DataFrame, source: str, label_source: str, cols: 
                     continue
                 best, worst = (a, b) if ranks[a] < ranks[b] else (b, a)
                 out_rows.append((prompt.iloc[i], responses[best], responses[worst], int(frame[ROW].iloc[i])))
-    failures = [
-        {"source_row": int(frame[ROW].iloc[i]), "reasons": reasons, "record": _record_of(frame, i)}
-        for i, reasons in sorted(problems.reasons.items())
-    ]
+    failures = _failures(frame, problems)
     ls = label_source
     out = empty_normalised() if not out_rows else pd.DataFrame({
         "prompt": pd.Series([r[0] for r in out_rows], dtype="str"),

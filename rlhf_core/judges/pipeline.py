@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from rlhf_core.config import GenerateConfig, JudgeConfig, LabelsConfig
+from rlhf_core.errors import UserError
 from rlhf_core.judges.base import Judge
 from rlhf_core.judges.constitution import load_constitution
 from rlhf_core.judges.labeling import LabelCache, Progress, agreement_report, label_pairs
@@ -23,7 +24,6 @@ def build_judge(cfg: JudgeConfig) -> Judge:
                               relevance_weight=cfg.relevance_weight, batch_size=cfg.batch_size, device=device,
                               principles=cfg.principles)
     if cfg.backend == "hf":
-        from rlhf_core.errors import UserError
         from rlhf_core.judges.hf import HFJudge
 
         if not cfg.model_path:
@@ -31,7 +31,6 @@ def build_judge(cfg: JudgeConfig) -> Judge:
         return HFJudge(constitution, cfg.model_path, device=cfg.device, batch_size=cfg.batch_size,
                        chain_of_thought=cfg.chain_of_thought, principles=cfg.principles)
     if cfg.backend == "openai":
-        from rlhf_core.errors import UserError
         from rlhf_core.judges.openai_compat import OpenAIJudge
 
         if not cfg.base_url or not cfg.model:
