@@ -51,7 +51,8 @@ from rlhf_core.data.demo import generate_demo_pairs  # noqa: E402
 from rlhf_core.models.chat import ChatFormat  # noqa: E402
 from rlhf_core.models.loading import load_causal_lm  # noqa: E402
 from rlhf_core.models.scratch import build_scratch_model  # noqa: E402
-from rlhf_core.sft import IGNORE, SFTSettings, SFTTrainer, encode_examples, length_bucketed_batches  # noqa: E402
+from rlhf_core.sft import IGNORE, SFTSettings, SFTTrainer, encode_examples  # noqa: E402
+from rlhf_core.training import length_bucketed_batches  # noqa: E402
 
 LOSS_WINDOW = 10
 

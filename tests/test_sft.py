@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from rlhf_core.models.chat import ChatFormat
 from rlhf_core.models.loading import load_causal_lm
-from rlhf_core.sft import (IGNORE, Example, SFTSettings, SFTTrainer, collate, encode_examples, generate_samples,
-                           length_bucketed_batches, lr_factor, token_nll)
+from rlhf_core.sft import IGNORE, Example, SFTSettings, SFTTrainer, collate, encode_examples, generate_samples, token_nll
+from rlhf_core.training import length_bucketed_batches, lr_factor
 from tests.helpers import demo_rows
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

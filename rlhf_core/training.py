@@ -1,0 +1,284 @@
+"""The training loop SFT and reward-model training share: length-bucketed batches, gradient
+accumulation, bf16 autocast where it pays, warmup + schedule, gradient clipping, periodic
+evaluation with early stopping that ends on the best weights, a progress bar, and exact resume.
+
+A checkpoint holds model, optimiser, scheduler, RNG state, data position and the best weights so
+far: a run that is killed and started again ends with the same weights as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+
+@dataclass
+class LoopSettings:
+    epochs: float = 3.0
+    max_steps: int | None = None  # overrides epochs when set
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    schedule: str = "cosine"  # cosine | linear | constant
+    max_grad_norm: float = 1.0
+    log_every: int = 10
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    early_stopping_patience: int | None = 3  # evaluations without improvement; None = off
+    bucket_factor: int = 50  # length-bucketing: sort within mega-batches of bucket_factor * batch_size
+    mixed_precision: str = "auto"  # auto: bf16 autocast on a GPU that supports it | bf16 | no
+    seed: int = 0
+
+
+def length_bucketed_batches(lengths: Sequence[int], batch_size: int, bucket_factor: int, seed: int, epoch: int) -> list[list[int]]:
+    """Shuffle, sort by length inside mega-batches (less padding), then shuffle the batches."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    mega = batch_size * max(1, bucket_factor)
+    batches = []
+    for start in range(0, len(order), mega):
+        chunk = sorted(order[start:start + mega].tolist(), key=lambda i: lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown schedule {schedule!r} (expected cosine, linear or constant)")
+
+
+def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast by default only on GPUs with bf16; on CPU it is opt-in (its speed varies by CPU)."""
+    if mode == "no":
+        return None
+    if mode == "bf16":
+        return torch.bfloat16
+    if mode == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    raise ValueError(f"mixed_precision {mode!r}: expected auto, bf16 or no")
+
+
+def untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied embeddings): store independent copies."""
+    seen: dict[int, str] = {}
+    out = {}
+    for k, v in state.items():
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.setdefault(ptr, k)
+    return out
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    epochs_done: float
+    best_metric: float | None
+    final_eval: dict
+    stopped_early: bool
+    resumed_from_step: int | None
+    train_units: int  # tokens (SFT) or pairs (reward model) trained on
+    units_per_s: float
+    history: list[dict] = field(default_factory=list)
+
+
+LogFn = Callable[[int, dict], None]
+
+
+class TrainLoop:
+    """Subclasses say how to turn a micro-batch of example indices into a loss, and how to evaluate."""
+
+    desc = "train"
+    unit = "examples"  # what throughput is counted in
+    best_metric = "eval_loss"
+    higher_is_better = False
+
+    def __init__(self, model, lengths: Sequence[int], settings: LoopSettings, checkpoint_dir: Path | None = None,
+                 on_log: LogFn | None = None, progress: bool = True):
+        if not len(lengths):
+            raise ValueError("no training examples")
+        self.model, self.s = model, settings
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.on_log = on_log or (lambda step, metrics: None)
+        self.progress = progress
+        self.device = next(model.parameters()).device
+        self.autocast = autocast_dtype(settings.mixed_precision, self.device)
+        self.lengths = list(lengths)
+        self.batches_per_epoch = math.ceil(len(self.lengths) / settings.batch_size)
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / settings.grad_accum)
+        self.total_steps = settings.max_steps or max(1, math.ceil(settings.epochs * self.steps_per_epoch))
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW([{"params": [p for _, p in params if p.ndim >= 2], "weight_decay": settings.weight_decay},
+                                            {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0}], lr=settings.lr)
+        warmup = int(settings.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, self.total_steps, warmup, settings.schedule))
+        self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_metric": None, "evals_without_improvement": 0,
+                      "train_units": 0, "stopped_early": False, "history": []}
+        self._best_weights: dict[str, torch.Tensor] | None = None
+
+    # -- what a subclass provides ------------------------------------------------------------
+    def units(self, indices: Sequence[int]) -> int:
+        """How many loss units (tokens, pairs) these examples hold: the step's loss is their mean."""
+        raise NotImplementedError
+
+    def micro_step(self, indices: Sequence[int], step_units: int) -> float:
+        """Forward + backward of (summed loss / step_units); returns the summed loss."""
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def amp(self):
+        return torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def _weights(self) -> dict[str, torch.Tensor]:
+        # a copy: on CPU, .detach().cpu() would share storage with the live weights
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.model.state_dict().items()}
+
+    def save_checkpoint(self) -> Path | None:
+        if not self.checkpoint_dir:
+            return None
+        final = self.checkpoint_dir / f"step-{self.state['step']:08d}"
+        tmp = self.checkpoint_dir / f".{final.name}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(untie(self._weights()), tmp / "model.safetensors")
+        if self._best_weights is not None:
+            save_file(untie(self._best_weights), tmp / "best.safetensors")
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / "trainer.pt")
+        (tmp / "state.json").write_text(json.dumps({**self.state, "settings": asdict(self.s)}))
+        os.replace(tmp, final)
+        for old in sorted(self.checkpoint_dir.glob("step-*"))[: -self.s.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def latest_checkpoint(self) -> Path | None:
+        if not self.checkpoint_dir or not self.checkpoint_dir.exists():
+            return None
+        done = sorted(p for p in self.checkpoint_dir.glob("step-*") if (p / "state.json").exists())
+        return done[-1] if done else None
+
+    def load_checkpoint(self, path: Path) -> None:
+        self.model.load_state_dict(load_file(path / "model.safetensors", device=str(self.device)), strict=False)
+        if (path / "best.safetensors").exists():
+            self._best_weights = load_file(path / "best.safetensors")
+        blob = torch.load(path / "trainer.pt", weights_only=True)
+        self.optimizer.load_state_dict(blob["optimizer"])
+        self.scheduler.load_state_dict(blob["scheduler"])
+        torch.set_rng_state(blob["torch_rng"])
+        if blob["cuda_rng"]:
+            torch.cuda.set_rng_state_all(blob["cuda_rng"])
+        state = json.loads((path / "state.json").read_text())
+        state.pop("settings", None)
+        self.state.update(state)
+
+    # -- evaluation bookkeeping ----------------------------------------------------------------
+    def _after_eval(self, metrics: dict) -> None:
+        value, best = metrics[self.best_metric], self.state["best_metric"]
+        improved = best is None or (value > best + 1e-6 if self.higher_is_better else value < best - 1e-6)
+        if improved:
+            self.state["best_metric"] = value
+            self.state["evals_without_improvement"] = 0
+            self._best_weights = self._weights()
+        else:
+            self.state["evals_without_improvement"] += 1
+            patience = self.s.early_stopping_patience
+            if patience is not None and self.state["evals_without_improvement"] >= patience:
+                self.state["stopped_early"] = True
+
+    def _evaluate_in_eval_mode(self) -> dict[str, float]:
+        was_training = self.model.training
+        self.model.eval()  # dropout off
+        try:
+            return self.evaluate()
+        finally:
+            if was_training:
+                self.model.train()
+
+    # -- training -----------------------------------------------------------------------------
+    def train(self, resume: bool = True, has_eval: bool = True) -> LoopResult:
+        from tqdm.auto import tqdm
+
+        resumed_from = None
+        if resume and (ckpt := self.latest_checkpoint()):
+            self.load_checkpoint(ckpt)
+            resumed_from = self.state["step"]
+        self.model.train()
+        s, st = self.s, self.state
+        # disable=None: a bar on a terminal, silence in logs (CI, Prefect workers)
+        bar = tqdm(total=self.total_steps, initial=st["step"], desc=self.desc, unit="step",
+                   disable=None if self.progress else True, dynamic_ncols=True)
+        t_start, units_at_start = time.perf_counter(), st["train_units"]
+        window_t, window_units, window_loss = time.perf_counter(), 0, 0.0
+        last_eval: dict = {}
+        while st["step"] < self.total_steps and not st["stopped_early"]:
+            batches = length_bucketed_batches(self.lengths, s.batch_size, s.bucket_factor, s.seed, st["epoch"])
+            while st["batch_in_epoch"] < len(batches) and st["step"] < self.total_steps and not st["stopped_early"]:
+                group = batches[st["batch_in_epoch"]: st["batch_in_epoch"] + s.grad_accum]
+                n_units = sum(self.units(b) for b in group)
+                step_loss = sum(self.micro_step(b, n_units) for b in group)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                st["step"] += 1
+                st["batch_in_epoch"] += len(group)
+                st["train_units"] += n_units
+                window_units += n_units
+                window_loss += step_loss
+                bar.update(1)
+                if st["step"] % s.log_every == 0 or st["step"] == self.total_steps:
+                    now = time.perf_counter()
+                    metrics = {"train_loss": window_loss / max(1, window_units), "lr": self.scheduler.get_last_lr()[0],
+                               "grad_norm": float(grad_norm), f"{self.unit}_per_s": window_units / max(1e-9, now - window_t),
+                               "epoch": st["epoch"] + st["batch_in_epoch"] / len(batches)}
+                    bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", **{f"{self.unit}/s": f"{metrics[f'{self.unit}_per_s']:.0f}"})
+                    self.on_log(st["step"], metrics)
+                    st["history"].append({"step": st["step"], **metrics})
+                    window_t, window_units, window_loss = now, 0, 0.0
+                if has_eval and (st["step"] % s.eval_every == 0 or st["step"] == self.total_steps):
+                    last_eval = self._evaluate_in_eval_mode()
+                    self._after_eval(last_eval)
+                    self.on_log(st["step"], last_eval)
+                    st["history"].append({"step": st["step"], **last_eval})
+                if st["step"] % s.checkpoint_every == 0:
+                    self.save_checkpoint()
+            if st["batch_in_epoch"] >= len(batches):
+                st["epoch"] += 1
+                st["batch_in_epoch"] = 0
+        bar.close()
+        if self._best_weights is not None:  # end on the best evaluated weights
+            self.model.load_state_dict({k: v.to(self.device) for k, v in self._best_weights.items()}, strict=False)
+        self.model.eval()
+        elapsed = time.perf_counter() - t_start
+        final_eval = next((h for h in reversed(st["history"]) if self.best_metric in h), {})
+        return LoopResult(steps=st["step"], epochs_done=st["epoch"] + st["batch_in_epoch"] / self.batches_per_epoch,
+                          best_metric=st["best_metric"], final_eval=final_eval, stopped_early=st["stopped_early"],
+                          resumed_from_step=resumed_from, train_units=st["train_units"],
+                          units_per_s=(st["train_units"] - units_at_start) / max(1e-9, elapsed), history=st["history"])
