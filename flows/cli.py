@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -24,6 +25,8 @@ app = typer.Typer(help="RLHF pipeline: preference data in, aligned model out.", 
                   pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Ingest, validate and generate preference data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+reward_app = typer.Typer(help="Train and evaluate reward models.", no_args_is_help=True)
+app.add_typer(reward_app, name="reward")
 out = Console()
 err = Console(stderr=True)
 
@@ -151,6 +154,102 @@ def data_demo(
         raise UserError(str(exc)) from None
     for name, p in paths.items():
         out.print(f"{name}: {p}", highlight=False)
+
+
+DataArg = Annotated[str, typer.Option("--data", help="Preference data: anything `rlhf data validate` accepts, or a split parquet.")]
+FormatOpt = Annotated[str, typer.Option("--format", help="auto|pairwise|hh|ranked|comparison")]
+
+
+def _source_format(fmt: str) -> str:
+    try:
+        return SourceConfig(path="x", format=fmt).format
+    except ValueError:
+        raise UserError(f"--format {fmt!r}: expected one of auto, pairwise, hh, ranked, comparison") from None
+
+
+@reward_app.command("train")
+@user_errors()
+def reward_train(
+    data: DataArg,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the trained reward model (written atomically).")],
+    base: Annotated[Optional[str], typer.Option("--base", help="Backbone: 'minilm' (packaged encoder), a local HF folder, or a "
+                                                "hub id (default: reward.backbone).")] = None,
+    policy: Annotated[Optional[str], typer.Option("--policy", help="Reference policy folder: reward normalisation from its samples.")] = None,
+    format: FormatOpt = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the held-out metrics as one JSON object.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Train a Bradley-Terry reward model on one preference source (split by prompt; reward.* keys apply)."""
+    cfg = load_config(config, set_ or [])
+    from rlhf_core.data.pipeline import read_valid_pairs, split_by_prompt
+    from rlhf_core.reward.evaluate import evaluate_reward_model
+    from rlhf_core.reward.pipeline import train_reward
+    from rlhf_core.storage import atomic_dir
+
+    frame, _ = read_valid_pairs(data, cfg.data, fmt=_source_format(format), s3=cfg.s3, cache_dir=cfg.work_dir / "s3-cache")
+    which = split_by_prompt(frame["prompt"], cfg.data.splits, cfg.run.seed)
+    train, val, test = (frame[which == i].reset_index(drop=True) for i in range(3))
+    checkpoints = out_dir.with_name(out_dir.name + ".checkpoints")  # a killed run resumes from here
+    backbone = base or cfg.reward.backbone
+    if backbone == "policy":
+        if not policy:
+            raise UserError("reward.backbone 'policy' needs --policy (the reference policy folder)")
+        backbone = policy
+    rm, result = train_reward(train, val, cfg.reward, cfg.model, backbone,
+                              checkpoint_dir=checkpoints, policy_dir=policy, seed=cfg.run.seed, progress=not as_json)
+    held_out = test if len(test) else val
+    metrics = evaluate_reward_model(rm, held_out, "test").report if len(held_out) else {}
+    with atomic_dir(out_dir) as staging:
+        rm.save(staging)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    summary = {"out": str(out_dir), "steps": result.steps, "pairs_per_s": result.units_per_s, "best_val_accuracy": result.best_metric,
+               "train_pairs": len(train), "normalisation": rm.normalisation,
+               **{k: metrics[k] for k in ("accuracy", "auc", "ece", "n_pairs") if k in metrics}}
+    if as_json:
+        sys.stdout.write(json.dumps(summary) + "\n")
+    else:
+        out.print(f"reward model saved to {out_dir}: {result.steps} steps, {result.units_per_s:.1f} pairs/s", highlight=False)
+        if metrics:
+            out.print(f"held-out ({metrics['n_pairs']} pairs): accuracy {metrics['accuracy']:.3f}, AUC {metrics['auc']:.3f}, "
+                      f"ECE {metrics['ece']:.3f}", highlight=False)
+
+
+@reward_app.command("eval")
+@user_errors()
+def reward_eval(
+    model_dir: Annotated[str, typer.Option("--model", help="A reward model folder (ours, or any HF sequence classifier with one output).")],
+    data: DataArg,
+    format: FormatOpt = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object.")] = False,
+    plots: Annotated[Optional[Path], typer.Option("--plots", help="Write the calibration and histogram PNGs here.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Pairwise accuracy, AUC, ECE, length bias of a reward model on every valid pair of a source."""
+    cfg = load_config(config, set_ or [])
+    from rlhf_core.data.pipeline import read_valid_pairs
+    from rlhf_core.reward.evaluate import evaluate_reward_model, write_plots
+    from rlhf_core.reward.model import load_reward_model
+
+    frame, _ = read_valid_pairs(data, cfg.data, fmt=_source_format(format), s3=cfg.s3, cache_dir=cfg.work_dir / "s3-cache")
+    rm = load_reward_model(model_dir, device=cfg.reward.device)
+    ev = evaluate_reward_model(rm, frame, "data")
+    if ev.report["n_pairs"] == 0:
+        raise UserError(f"{data}: no labelled pairs to evaluate on")
+    if plots:
+        write_plots(ev, plots)
+    r = ev.report
+    summary = {"n_pairs": r["n_pairs"], "accuracy": r["accuracy"], "auc": r["auc"], "ece": r["ece"],
+               "mean_reward_gap": r["mean_reward_gap"], "length_correlation": r["length"]["reward_length_correlation"],
+               "longer_wins_accuracy": r["length"]["longer_wins_accuracy"], "length_flagged": r["length"]["flagged"],
+               "by_label_source": r["by_label_source"], "by_length_bucket": r["by_length_bucket"]}
+    if as_json:
+        sys.stdout.write(json.dumps(summary) + "\n")
+        return
+    from rlhf_core.reward.evaluate import markdown_summary
+
+    out.print(markdown_summary({"data": r}, None, title=f"Reward model {model_dir}"), highlight=False)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from rlhf_core.storage import source_fingerprint
 from tasks import data as data_tasks
 from tasks import labels as label_tasks
 from tasks import models as model_tasks
+from tasks import reward as reward_tasks
 from tasks.stage import make_stage_key, quiet_clean_failures
 from tasks.tracking import TrackingContext, finish_pipeline_run, log_cached_stage, start_pipeline_run
 
@@ -112,9 +113,38 @@ def ai_labels(cfg: PipelineConfig, tracking: TrackingContext, splits: dict, poli
                                               label_tasks.LABELS_CODE_VERSION))
 
 
+def reward_model(cfg: PipelineConfig, tracking: TrackingContext, splits: dict, train_file: str, train_key: str,
+                 policy: dict | None) -> tuple[dict, dict]:
+    """Bradley-Terry reward model on the (AI-)labelled training pairs, then its evaluation on val/test."""
+    reward = cfg.reward
+    policy_dir = policy["model_dir"] if policy else None
+    trained = run_stage(reward_tasks.train_reward_model, "reward-train", tracking, train_file=train_file,
+                        val_file=splits["files"]["val"], reward=reward, model=cfg.model, policy_dir=policy_dir, seed=cfg.run.seed,
+                        stage_key=make_stage_key("reward-train", stable_hash([train_key, splits["stage_key"], policy_dir]),
+                                                 [reward.model_dump(exclude={"gate"}), cfg.model.use_chat_template, cfg.run.seed],
+                                                 reward_tasks.REWARD_TRAIN_CODE_VERSION))
+    evaluated = run_stage(reward_tasks.evaluate_reward, "reward-eval", tracking, model_dir=trained["model_dir"],
+                          val_file=splits["files"]["val"], test_file=splits["files"]["test"], reward=reward,
+                          stage_key=make_stage_key("reward-eval", stable_hash([trained["stage_key"], splits["stage_key"]]),
+                                                   [reward.device], reward_tasks.REWARD_EVAL_CODE_VERSION))
+    return trained, evaluated
+
+
+def reward_gate(cfg: PipelineConfig, tracking: TrackingContext, evaluated: dict) -> None:
+    """PPO never starts on a reward model that misses a configured threshold."""
+    from rlhf_core.reward.evaluate import check_gate
+
+    gate = cfg.reward.gate
+    result = check_gate(evaluated["metrics"], gate.min_accuracy, gate.max_ece, gate.max_abs_length_corr)
+    reward_tasks.publish_reward_summary(tracking, evaluated, result)
+    if not result.passed:
+        raise StageFailed(Failed(message=result.message))
+
+
 @flow(name="rlhf-pipeline", log_prints=True)
 def rlhf_pipeline(config: dict) -> dict | State:
-    """Preference data -> versioned splits -> SFT reference policy -> AI labels (later: reward model, PPO, evaluation, registry)."""
+    """Preference data -> versioned splits -> SFT reference policy -> AI labels -> reward model + gate
+    (later: PPO, evaluation, registry)."""
     quiet_clean_failures()
     cfg = PipelineConfig.model_validate(config)
     tracking = start_pipeline_run(cfg, run_name=f"{cfg.run.name}-{flow_run.get_name() or 'local'}",
@@ -128,12 +158,17 @@ def rlhf_pipeline(config: dict) -> dict | State:
         if cfg.run.runs("sft"):
             policy = reference_policy(cfg, tracking, splits)
             result["reference_policy"] = policy["model_dir"]
-        train_file = splits["files"]["train"]
+        train_file, train_key = splits["files"]["train"], splits["stage_key"]
         if cfg.run.runs("label") and cfg.labels.enabled:
             labelled = ai_labels(cfg, tracking, splits, policy)
-            train_file = labelled["train_file"]
+            train_file, train_key = labelled["train_file"], labelled["stage_key"]
             result["labels"] = labelled["metrics"]
         result["train_file"] = train_file
+        if cfg.run.runs("reward") and cfg.reward.enabled:
+            trained, evaluated = reward_model(cfg, tracking, splits, train_file, train_key, policy)
+            result["reward_model"] = trained["model_dir"]
+            result["reward"] = evaluated["metrics"]
+            reward_gate(cfg, tracking, evaluated)
         status = "FINISHED"
         return result
     except StageFailed as failed:

@@ -25,14 +25,14 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-STAGES = ("split", "sft", "label")  # stages a run can stop after, in pipeline order
+STAGES = ("split", "sft", "label", "reward")  # stages a run can stop after, in pipeline order
 
 
 class RunConfig(Section):
     name: str = "rlhf"
     seed: int = 0
     work_dir: str = ".rlhf"  # relative paths are resolved against the current directory
-    until: Literal["split", "sft", "label"] | None = None  # stop after this stage (None: the whole pipeline)
+    until: Literal["split", "sft", "label", "reward"] | None = None  # stop after this stage (None: the whole pipeline)
 
     def runs(self, stage: str) -> bool:
         return self.until is None or STAGES.index(stage) <= STAGES.index(self.until)
@@ -207,6 +207,47 @@ class LabelsConfig(Section):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
 
 
+class RewardGateConfig(Section):
+    """Thresholds on the test split; a reward model that misses one stops the run before PPO."""
+
+    min_accuracy: float | None = Field(0.6, ge=0, le=1)
+    max_ece: float | None = Field(None, ge=0, le=1)
+    max_abs_length_corr: float | None = Field(None, ge=0, le=1)
+
+
+class RewardConfig(Section):
+    enabled: bool = True
+    # minilm: the packaged pretrained all-MiniLM-L6-v2 encoder (own tokenizer); policy: the SFT reference
+    # policy's backbone (shares its tokenizer); or any local HF folder / hub id
+    backbone: str = "minilm"
+    max_length: int = Field(256, ge=8)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    schedule: Literal["cosine", "linear", "constant"] = "linear"
+    max_grad_norm: float = Field(1.0, gt=0)
+    mixed_precision: Literal["auto", "bf16", "no"] = "auto"  # auto: bf16 autocast on a GPU that supports it
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
+    early_stopping_patience: int | None = Field(3, ge=1)  # evaluations without a better validation accuracy
+    center_coef: float = Field(0.0, ge=0)  # + coef * (r_c + r_r)^2 keeps rewards centred
+    human_weight: float = Field(1.0, ge=0)  # per-source loss weights
+    ai_weight: float = Field(1.0, ge=0)
+    use_margin: bool = True
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: str = "auto"
+    lora: LoraSection = Field(default_factory=LoraSection)
+    # normalisation statistics for PPO: rewards of reference-policy samples for training prompts
+    norm_prompts: int = Field(128, ge=2)
+    norm_max_new_tokens: int = Field(48, ge=1)
+    gate: RewardGateConfig = Field(default_factory=RewardGateConfig)
+
+
 class PipelineConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -215,6 +256,7 @@ class PipelineConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     labels: LabelsConfig = Field(default_factory=LabelsConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
 
     # -- derived locations -------------------------------------------------------------
     @property

@@ -22,25 +22,18 @@ from rlhf_core.models.loading import LoraSettings, add_lora, load_causal_lm, sav
 from rlhf_core.models.scratch import build_scratch_model
 from rlhf_core.sft import SFTSettings, SFTTrainer, encode_examples, generate_samples
 from rlhf_core.storage import atomic_dir
-from tasks.stage import code_version, stage_task, stage_dir, user_errors_fail_cleanly
+from tasks.stage import code_version, quiet_transformers, stage_dir, stage_task, user_errors_fail_cleanly
 from tasks.tracking import TrackingContext, stage_run
 
 POLICY_CODE_VERSION = code_version(rlhf_core.models.scratch, rlhf_core.models.loading, sys.modules[__name__])
 SFT_CODE_VERSION = code_version(rlhf_core.sft, rlhf_core.models.chat, rlhf_core.models.loading, sys.modules[__name__])
 
 
-def _quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-
-
 @stage_task(name="init-policy")
 @user_errors_fail_cleanly
 def init_policy(train_file: str, model: ModelConfig, seed: int, stage_key: str, tracking: TrackingContext) -> dict:
     """Build a small causal LM and a BPE tokenizer trained on the training split's text."""
-    _quiet_transformers()
+    quiet_transformers()
     out = stage_dir(tracking.work_dir, "init-policy", stage_key)
     with stage_run(tracking, "init-policy", stage_key) as run:
         train = pd.read_parquet(train_file, columns=["prompt", "chosen", "rejected"])
@@ -65,7 +58,7 @@ def _sft_settings(cfg: SFTConfig, seed: int) -> SFTSettings:
 def sft(base_model: str, train_file: str, val_file: str, model: ModelConfig, sft_cfg: SFTConfig, seed: int, stage_key: str,
         tracking: TrackingContext) -> dict:
     """Fine-tune the starting policy on prompt -> chosen; the result is the reference policy for PPO."""
-    _quiet_transformers()
+    quiet_transformers()
     out = stage_dir(tracking.work_dir, "sft", stage_key)
     checkpoints = out.with_name(out.name + ".checkpoints")  # outlives a killed run: the next run resumes from it
     with stage_run(tracking, "sft", stage_key) as run:

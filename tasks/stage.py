@@ -56,6 +56,14 @@ def user_errors_fail_cleanly(fn: Callable) -> Callable:
     return wrapper
 
 
+def quiet_transformers() -> None:
+    """No weight-loading reports or download bars in stage logs."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 class _NoEmptyTraceback(logging.Filter):
     """Prefect logs a Failed state returned by a task with exc_info set but no exception,
     which prints 'NoneType: None'; a clean failure should be just its message."""

@@ -45,3 +45,28 @@ def sft_job(model_dir: str, checkpoint_dir: str, out_file: str, max_steps: int =
                            early_stopping_patience=None, seed=seed)
     SFTTrainer(lm.model, lm.tokenizer, train, val, settings, checkpoint_dir=checkpoint_dir, progress=False).train()
     save_file({k: v.contiguous().clone() for k, v in lm.model.state_dict().items()}, out_file)
+
+
+def demo_frame(start: int, stop: int):
+    """Demo pairs as the normalised table the pipeline writes (human labels)."""
+    import pandas as pd
+
+    rows = demo_rows()[start:stop]
+    return pd.DataFrame({"prompt": [r["prompt"] for r in rows], "chosen": [r["chosen"] for r in rows],
+                         "rejected": [r["rejected"] for r in rows], "label_source": "human", "p_chosen": 1.0,
+                         "margin": float("nan")})
+
+
+def reward_job(model_dir: str, checkpoint_dir: str, out_file: str, max_steps: int = 30, seed: int = 0) -> None:
+    """A complete reward-model run used by the resume test (run in a subprocess that may be killed)."""
+    from safetensors.torch import save_file
+
+    from rlhf_core.reward.model import build_reward_model
+    from rlhf_core.reward.trainer import RewardSettings, RewardTrainer, encode_pairs
+
+    rm = build_reward_model(model_dir, max_length=96, device="cpu", seed=seed)
+    settings = RewardSettings(max_steps=max_steps, batch_size=8, lr=1e-3, eval_every=10, checkpoint_every=5, log_every=5,
+                              early_stopping_patience=None, seed=seed)
+    RewardTrainer(rm, encode_pairs(rm, demo_frame(0, 300)), encode_pairs(rm, demo_frame(500, 540)), settings,
+                  checkpoint_dir=checkpoint_dir, progress=False).train()
+    save_file({k: v.contiguous().clone() for k, v in rm.model.state_dict().items()}, out_file)

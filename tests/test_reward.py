@@ -1,0 +1,238 @@
+"""Reward model: known answers for the losses, metrics and gate; learning, exact resume, encoder
+reward models scoring another tokenizer's text, the CLI."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from flows.cli import app
+from rlhf_core.config import ModelConfig, RewardConfig
+from rlhf_core.reward.evaluate import check_gate, evaluate_reward_model, markdown_summary, pair_metrics, write_plots
+from rlhf_core.reward.losses import bradley_terry_loss
+from rlhf_core.reward.model import build_reward_model, head_of, load_reward_model
+from rlhf_core.reward.pipeline import train_reward
+from rlhf_core.reward.trainer import RewardSettings, RewardTrainer, encode_pairs
+from tests.helpers import demo_frame, demo_rows
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+# -- losses -----------------------------------------------------------------------------------
+def test_hard_bradley_terry_known_answers():
+    per, total = bradley_terry_loss(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]))
+    assert per.tolist() == pytest.approx([-math.log(sig(1.0)), math.log(2)], abs=1e-6)
+    assert float(total) == pytest.approx(-math.log(sig(1.0)) + math.log(2), abs=1e-6)
+    per, _ = bradley_terry_loss(torch.tensor([1.0]), torch.tensor([0.0]), margin=torch.tensor([0.5]))
+    assert float(per[0]) == pytest.approx(-math.log(sig(0.5)), abs=1e-6)  # 0.474077
+
+
+def test_soft_bradley_terry_known_answers_and_gradient():
+    r_c = torch.tensor([2.0], requires_grad=True)
+    per, total = bradley_terry_loss(r_c, torch.tensor([0.0]), p_chosen=torch.tensor([0.7]))
+    expected = -(0.7 * math.log(sig(2.0)) + 0.3 * math.log(sig(-2.0)))
+    assert float(per[0].detach()) == pytest.approx(expected, abs=1e-6)  # 0.726928
+    total.backward()
+    assert float(r_c.grad[0]) == pytest.approx(sig(2.0) - 0.7, abs=1e-6)  # the optimum is sigmoid(d) = p
+    hard, _ = bradley_terry_loss(torch.tensor([0.3]), torch.tensor([1.1]))
+    soft_one, _ = bradley_terry_loss(torch.tensor([0.3]), torch.tensor([1.1]), p_chosen=torch.tensor([1.0]))
+    assert float(hard[0]) == pytest.approx(float(soft_one[0]), abs=1e-7)
+
+
+def test_centring_and_weights():
+    per, _ = bradley_terry_loss(torch.tensor([1.0]), torch.tensor([1.0]), center_coef=0.01)
+    assert float(per[0]) == pytest.approx(math.log(2) + 0.01 * 4, abs=1e-6)
+    per, total = bradley_terry_loss(torch.tensor([0.0, 0.0]), torch.tensor([0.0, 0.0]), weight=torch.tensor([2.0, 0.5]))
+    assert per.tolist() == pytest.approx([2 * math.log(2), 0.5 * math.log(2)], abs=1e-6)
+
+
+# -- metrics and gate -------------------------------------------------------------------------
+def test_pair_metrics_on_hand_made_scores():
+    r_c, r_r = np.array([2.0, 1.0, 0.0, 3.0]), np.array([1.0, 2.0, 0.0, 0.0])
+    m = pair_metrics(r_c, r_r)
+    assert m["accuracy"] == pytest.approx((1 + 0 + 0.5 + 1) / 4)  # a tie counts half
+    # every other pair shown swapped: scores [1, 1, 0, -3], truth [1, 0, 1, 0]
+    assert m["auc"] == pytest.approx((0.5 + 1 + 0 + 1) / 4)
+    ece = (2 * abs(sig(1) - 0.5) + abs(0.5 - 1.0) + abs(sig(-3) - 0.0)) / 4
+    assert m["ece"] == pytest.approx(ece, abs=1e-9)
+    perfect = pair_metrics(np.array([5.0, 6.0, 7.0, 9.0]), np.zeros(4))
+    assert perfect["accuracy"] == 1.0 and perfect["auc"] == 1.0
+
+
+def test_gate_names_metric_and_threshold():
+    metrics = {"test_accuracy": 0.55, "test_ece": 0.2, "test_length_correlation": -0.7}
+    ok = check_gate(metrics, min_accuracy=0.5)
+    assert ok.passed and ok.message == "reward model gate passed"
+    bad = check_gate(metrics, min_accuracy=0.6, max_ece=0.1, max_abs_length_corr=0.8)
+    assert not bad.passed and len(bad.failures) == 2
+    assert "test_accuracy = 0.5500, needs >= 0.6 (reward.gate.min_accuracy)" in bad.message
+    assert "test_ece = 0.2000, needs <= 0.1 (reward.gate.max_ece)" in bad.message
+    assert "\n" not in bad.message
+
+
+def test_evaluation_flags_a_reward_that_measures_length(tmp_path):
+    class LengthReward:  # stands in for a reward model whose score is the response length
+        def score(self, prompts, responses, batch_size=64):
+            return np.array([len(r) for r in responses], float)
+
+    df = demo_frame(0, 120)
+    ev = evaluate_reward_model(LengthReward(), df, "test")
+    assert ev.report["length"]["reward_length_correlation"] == pytest.approx(1.0)
+    assert ev.report["length"]["flagged"]
+    longer = np.mean(df["chosen"].str.len() > df["rejected"].str.len())
+    assert ev.report["accuracy"] == pytest.approx(longer, abs=0.01)
+    assert ev.report["length"]["longer_wins_accuracy"] == pytest.approx(ev.report["accuracy"], abs=1e-9)
+    assert {"short", "medium", "long"} == set(ev.report["by_length_bucket"])
+    assert len(write_plots(ev, tmp_path)) == 3 and all(p.stat().st_size > 1000 for p in tmp_path.iterdir())
+    assert "may mostly measure length" in markdown_summary({"test": ev.report}, check_gate(ev.metrics, 0.5))
+
+
+# -- models and training ----------------------------------------------------------------------
+def test_head_initialisation(tiny_gpt2):
+    rm = build_reward_model(str(tiny_gpt2), device="cpu", seed=3)
+    head = head_of(rm.model)
+    d = head.in_features
+    assert rm.kind == "causal" and head.out_features == 1
+    assert float(head.weight.std()) == pytest.approx(1 / math.sqrt(d + 1), rel=0.35)
+    assert head.bias is None or float(head.bias.abs().max()) == 0.0
+    enc = build_reward_model("minilm", device="cpu", seed=3)
+    h = head_of(enc.model)
+    assert enc.kind == "encoder" and float(h.bias.abs().max()) == 0.0
+    assert float(h.weight.std()) == pytest.approx(1 / math.sqrt(h.in_features + 1), rel=0.35)
+
+
+def test_training_raises_validation_accuracy_on_demo_data():
+    rm = build_reward_model("minilm", max_length=128, device="cpu", seed=0)
+    settings = RewardSettings(max_steps=30, batch_size=8, lr=1e-4, warmup_ratio=0.1, eval_every=15, early_stopping_patience=None,
+                              checkpoint_every=1000)
+    val = encode_pairs(rm, demo_frame(500, 580), settings)
+    trainer = RewardTrainer(rm, encode_pairs(rm, demo_frame(0, 300), settings), val, settings, progress=False)
+    before = trainer.evaluate()["eval_accuracy"]
+    logged = []
+    trainer.on_log = lambda step, m: logged.append((step, m))
+    result = trainer.train()
+    assert result.best_metric >= 0.85 and result.best_metric > before + 0.15, (before, result.best_metric)
+    assert [s for s, m in logged if "eval_accuracy" in m] == [15, 30]
+    assert any("pairs_per_s" in m for _, m in logged)
+    assert not rm.model.training  # dropout off after training
+
+
+def _job(model_dir, ckpt, out, max_steps=30):
+    code = f"from tests.helpers import reward_job; reward_job({str(model_dir)!r}, {str(ckpt)!r}, {str(out)!r}, {max_steps})"
+    return subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_killed_reward_training_resumes_to_the_same_weights(tiny_gpt2, tmp_path):
+    straight = _job(tiny_gpt2, tmp_path / "ckpt-a", tmp_path / "a.safetensors")
+    assert straight.wait(timeout=600) == 0, straight.stderr.read().decode()[-2000:]
+    victim = _job(tiny_gpt2, tmp_path / "ckpt-b", tmp_path / "b.safetensors")
+    deadline = time.monotonic() + 600
+    while not list((tmp_path / "ckpt-b").glob("step-00000010")) and time.monotonic() < deadline:
+        if victim.poll() is not None:
+            pytest.fail("the run ended before it could be killed: " + victim.stderr.read().decode()[-2000:])
+        time.sleep(0.05)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "b.safetensors").exists()
+    resumed = _job(tiny_gpt2, tmp_path / "ckpt-b", tmp_path / "b.safetensors")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-2000:]
+    a, b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_encoder_reward_model_scores_text_from_a_policy_with_another_tokenizer(tiny_gpt2, tmp_path):
+    """The policy (BPE, 2k vocab) and the reward model (WordPiece, 30k vocab) share no vocabulary:
+    normalisation statistics come from decoded policy samples, and the saved model scores text."""
+    cfg = RewardConfig(max_steps=4, batch_size=8, norm_prompts=6, norm_max_new_tokens=12, device="cpu")
+    rm, _ = train_reward(demo_frame(0, 64), None, cfg, ModelConfig(), "minilm", policy_dir=str(tiny_gpt2), progress=False)
+    assert len(rm.tokenizer) != 2000 and rm.kind == "encoder"
+    norm = rm.normalisation
+    assert norm["source"].startswith("reference policy samples (6") and norm["n"] == 6 and norm["std"] > 0
+    rm.save(tmp_path / "rm")
+    back = load_reward_model(str(tmp_path / "rm"), device="cpu")
+    assert back.normalisation == norm and back.kind == "encoder"
+    from rlhf_core.models.chat import ChatFormat
+    from rlhf_core.models.loading import load_causal_lm
+    from rlhf_core.sft import generate_samples
+
+    lm = load_causal_lm(str(tiny_gpt2), device="cpu")
+    prompts = [r["prompt"] for r in demo_rows()[:4]]
+    texts = generate_samples(lm.model, ChatFormat(lm.tokenizer), prompts, max_new_tokens=10, seed=1)
+    raw = back.score(prompts, texts)
+    assert raw.shape == (4,) and np.isfinite(raw).all()
+    assert np.allclose(raw, rm.score(prompts, texts), atol=1e-5)
+    assert np.allclose(back.normalise(raw), (raw - norm["mean"]) / norm["std"])
+
+
+def test_long_pairs_keep_the_end_of_the_prompt(tiny_gpt2):
+    for backbone in ("minilm", str(tiny_gpt2)):
+        rm = build_reward_model(backbone, max_length=32, device="cpu")
+        prompt = "filler " * 200 + "what is the capital of france?"
+        enc = rm.encode([prompt], ["paris is the capital. " * 40])[0]
+        assert len(enc) <= 32
+        text = rm.tokenizer.decode(enc.input_ids)
+        assert "france" in text.lower() and "paris" in text.lower()
+        if rm.kind == "causal":
+            assert enc.input_ids[-1] == rm.tokenizer.eos_token_id  # the reward is read at EOS
+
+
+def test_lora_reward_model_saves_a_plain_model(tiny_gpt2, tmp_path):
+    cfg = RewardConfig(max_steps=3, batch_size=8, device="cpu", lr=1e-3, lora={"enabled": True, "r": 4, "alpha": 8})
+    rm, _ = train_reward(demo_frame(0, 40), demo_frame(500, 520), cfg, ModelConfig(), str(tiny_gpt2), progress=False)
+    rm.save(tmp_path / "rm")
+    assert not (tmp_path / "rm" / "adapter_config.json").exists()
+    back = load_reward_model(str(tmp_path / "rm"), device="cpu")
+    df = demo_frame(500, 520)
+    assert np.allclose(back.score(df["prompt"], df["chosen"]), rm.score(df["prompt"], df["chosen"]), atol=1e-5)
+
+
+def test_any_hf_sequence_classifier_loads_as_a_reward_model(tiny_gpt2, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_gpt2), num_labels=1)
+    tok = AutoTokenizer.from_pretrained(str(tiny_gpt2))
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(tmp_path / "plain")
+    tok.save_pretrained(tmp_path / "plain")
+    rm = load_reward_model(str(tmp_path / "plain"), device="cpu")
+    assert rm.kind == "causal" and rm.normalisation is None
+    assert np.isfinite(rm.score(["hi"], ["hello"])).all()
+
+
+# -- CLI --------------------------------------------------------------------------------------
+def test_cli_reward_train_and_eval(tiny_gpt2, tmp_path):
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}) + "\n"
+                            for r in demo_rows()[:200]))
+    runner = CliRunner()
+    out = tmp_path / "rm"
+    res = runner.invoke(app, ["reward", "train", "--data", str(data), "--base", str(tiny_gpt2), "--out", str(out), "--json",
+                              "--set", "reward.max_steps=4", "--set", "reward.batch_size=8", "--set", "reward.device=cpu",
+                              "--set", f"run.work_dir={tmp_path / 'work'}"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 4 and (out / "reward_model.json").exists() and (out / "model.safetensors").exists()
+    assert not (tmp_path / "rm.checkpoints").exists()
+    res = runner.invoke(app, ["reward", "eval", "--model", str(out), "--data", str(data), "--json", "--plots", str(tmp_path / "plots")])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads(res.stdout.strip().splitlines()[-1])
+    assert metrics["n_pairs"] == 200 and {"accuracy", "auc", "ece", "length_correlation"} <= set(metrics)
+    assert 0 <= metrics["accuracy"] <= 1 and len(list((tmp_path / "plots").glob("*.png"))) == 3
+    res = runner.invoke(app, ["reward", "eval", "--model", str(tmp_path / "nope"), "--data", str(data)])
+    assert res.exit_code == 2 and "no such model folder" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["reward", "eval", "--model", str(out), "--data", str(tmp_path / "missing.jsonl")])
+    assert res.exit_code == 2 and "no such file" in res.output
