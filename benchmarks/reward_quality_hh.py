@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--split-seed", type=int, default=0, help="seed of the by-prompt 80/10/10 split")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tracking-uri", default=f"sqlite:///{Path('.rlhf/benchmarks/mlflow.db').resolve()}")
     ap.add_argument("--json", action="store_true")
@@ -46,7 +47,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     frame, _ = read_valid_pairs(str(SHARED / "hh-rlhf-harmless-base.sample.jsonl.gz"), DataConfig())
-    which = split_by_prompt(frame["prompt"], SplitRatios(), seed=0)
+    which = split_by_prompt(frame["prompt"], SplitRatios(), seed=args.split_seed)
     train, val, test = (frame[which == i].reset_index(drop=True) for i in range(3))
 
     rm = build_reward_model(args.backbone, max_length=args.max_length, seed=args.seed)
@@ -58,17 +59,19 @@ def main() -> None:
     result = trainer.train(resume=False)
     train_s = time.perf_counter() - t0
     ev = evaluate_reward_model(rm, test, "test")
-    out = {"backbone": args.backbone, "train_pairs": len(train), "val_pairs": len(val), "test_pairs": len(test),
+    val_ev = evaluate_reward_model(rm, val, "val")  # val also chose the best checkpoint: slightly optimistic
+    out = {"backbone": args.backbone, "split_seed": args.split_seed, "train_pairs": len(train), "val_pairs": len(val), "test_pairs": len(test),
            "epochs": args.epochs, "lr": args.lr, "max_length": args.max_length, "train_seconds": round(train_s, 1),
            "pairs_per_s": round(result.units_per_s, 2), "best_val_accuracy": result.best_metric,
-           **{k: round(v, 4) for k, v in ev.metrics.items()}}
+           "test_accuracy_ci95": [round(x, 4) for x in ev.report["accuracy_ci95"]],
+           **{k: round(v, 4) for k, v in ev.metrics.items()}, **{k: round(v, 4) for k, v in val_ev.metrics.items()}}
 
     import mlflow
 
     mlflow.set_tracking_uri(args.tracking_uri)
     mlflow.set_experiment("reward-quality")
     with mlflow.start_run(run_name=f"hh-harmless-{args.backbone}"), tempfile.TemporaryDirectory() as tmp:
-        mlflow.log_params({k: out[k] for k in ("backbone", "epochs", "lr", "max_length", "train_pairs", "test_pairs")})
+        mlflow.log_params({k: out[k] for k in ("backbone", "split_seed", "epochs", "lr", "max_length", "train_pairs", "test_pairs")})
         mlflow.log_metrics({k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and k not in ("epochs", "lr", "max_length")})
         for p in write_plots(ev, Path(tmp)):
             mlflow.log_artifact(str(p), "plots")

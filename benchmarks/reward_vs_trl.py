@@ -269,7 +269,8 @@ def run_trl(template: RewardModel, pairs: PairSet, args, out_dir: str) -> dict:
     checks = {"optimizer": type(optimizer).__name__,
               "optimizer_fused": bool(optimizer.param_groups[0].get("fused")),
               "mixed_precision": str(trainer.accelerator.mixed_precision),
-              "activation_checkpointing": bool(getattr(trainer.model, "is_gradient_checkpointing", False)),
+              "activation_checkpointing": bool(getattr(trainer.model, "is_activation_checkpointing",
+                                                       getattr(trainer.model, "is_gradient_checkpointing", False))),
               "param_dtype": str(next(trainer.model.parameters()).dtype),
               "lr_scheduler": type(trainer.lr_scheduler).__name__,
               "warmup_steps": config.warmup_steps,
@@ -324,7 +325,7 @@ def best_run(runs: list[dict]) -> dict:
 
 def _rounded(x):
     if isinstance(x, float):
-        return round(x, 4)
+        return float(f"{x:.5g}")  # significant digits: lr 3e-5 must not print as 0.0
     if isinstance(x, dict):
         return {k: _rounded(v) for k, v in x.items()}
     if isinstance(x, list):

@@ -64,3 +64,14 @@ def expected_calibration_error(p: np.ndarray, truth: np.ndarray, n_bins: int = 1
         return float("nan")
     return float(sum(b["count"] / n * abs(b["mean_predicted"] - b["observed"])
                      for b in calibration_curve(p, truth, n_bins) if b["count"]))
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Confidence interval of a proportion (Wilson score); ties counted as half successes are fine."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return float(centre - half), float(centre + half)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rlhf_core.metrics import accuracy, calibration_curve, expected_calibration_error, roc_auc
+from rlhf_core.metrics import accuracy, calibration_curve, expected_calibration_error, roc_auc, wilson_interval
 from rlhf_core.plots import histogram_plot, reliability_plot
 from rlhf_core.reward.model import RewardModel
 from rlhf_core.reward.trainer import labelled_pairs
@@ -38,7 +38,8 @@ def pair_metrics(r_chosen: np.ndarray, r_rejected: np.ndarray, n_bins: int = 10)
     shown = np.where(flip, -diff, diff)
     truth = ~flip
     p = sigmoid(shown)
-    return {"n_pairs": int(n), "accuracy": accuracy(sigmoid(diff), np.ones(n, bool)), "auc": roc_auc(shown, truth),
+    acc = accuracy(sigmoid(diff), np.ones(n, bool))
+    return {"n_pairs": int(n), "accuracy": acc, "accuracy_ci95": wilson_interval(acc * n, n), "auc": roc_auc(shown, truth),
             "ece": expected_calibration_error(p, truth, n_bins), "calibration": calibration_curve(p, truth, n_bins),
             "mean_reward_gap": float(diff.mean())}
 
@@ -114,7 +115,7 @@ def evaluate_reward_model(rm: RewardModel, df: pd.DataFrame, split: str = "test"
 
 
 def _brief(m: dict) -> dict:
-    return {k: m[k] for k in ("n_pairs", "accuracy", "auc", "ece") if k in m}
+    return {k: m[k] for k in ("n_pairs", "accuracy", "accuracy_ci95", "auc", "ece") if k in m}
 
 
 def write_plots(ev: RewardEvaluation, out_dir: Path) -> list[Path]:
@@ -165,10 +166,11 @@ def check_gate(metrics: dict, min_accuracy: float | None, max_ece: float | None 
 
 def markdown_summary(reports: dict[str, dict], gate: GateResult | None, title: str = "Reward model") -> str:
     """Per split (name -> report of evaluate_reward_model): the headline table, length warnings, breakdowns, gate."""
-    lines = [f"### {title}", "", "| split | pairs | accuracy | AUC | ECE | corr(reward, length) | longer-wins baseline |",
+    lines = [f"### {title}", "", "| split | pairs | accuracy (95% CI) | AUC | ECE | corr(reward, length) | longer-wins baseline |",
              "|---|---|---|---|---|---|---|"]
     for split, r in reports.items():
-        lines.append(f"| {split} | {r['n_pairs']} | {r['accuracy']:.3f} | {r['auc']:.3f} | {r['ece']:.3f} | "
+        lo, hi = r.get("accuracy_ci95", (float("nan"), float("nan")))
+        lines.append(f"| {split} | {r['n_pairs']} | {r['accuracy']:.3f} ({lo:.3f}-{hi:.3f}) | {r['auc']:.3f} | {r['ece']:.3f} | "
                      f"{r['length']['reward_length_correlation']:+.2f} | {r['length']['longer_wins_accuracy']:.3f} |")
     for split, r in reports.items():
         if r["length"]["flagged"]:

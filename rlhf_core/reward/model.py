@@ -90,13 +90,16 @@ class RewardModel:
 
     def _encode_causal(self, prompt: str, response: str) -> Encoded:
         fmt = ChatFormat(self.tokenizer, use_chat_template=self.use_chat_template)
-        p_ids, r_ids = fmt.encode(prompt, response)  # response ends with EOS: the reward is read there
+        return self.encode_ids(*fmt.encode(prompt, response))  # response ends with EOS: the reward is read there
+
+    def encode_ids(self, p_ids: list[int], r_ids: list[int]) -> Encoded:
+        """Causal kind, from token ids (PPO with a shared tokenizer skips decoding); the last token stays last."""
         L = self.max_length
         if len(p_ids) + len(r_ids) > L:
             keep_prompt = min(len(p_ids), max(L // 2, L - len(r_ids)))
             p_ids = p_ids[len(p_ids) - keep_prompt:]
             r_ids = r_ids[: L - len(p_ids) - 1] + r_ids[-1:]
-        return Encoded(p_ids + r_ids)
+        return Encoded(list(p_ids) + list(r_ids))
 
     def _encode_pairs(self, prompts: list[str], responses: list[str]) -> list[Encoded]:
         tok, L = self.tokenizer, self.max_length

@@ -1,0 +1,112 @@
+"""Sampling responses with a KV cache, and the sequence bookkeeping every PPO forward pass shares.
+
+Prompts are left-padded, so every response starts at the same column; position ids count real
+tokens only, so padding never shifts a prompt's positions. Log-probabilities of the sampled tokens
+come from the sampling pass itself (logits / temperature), which saves a forward pass per rollout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rlhf_core.ppo.core import response_mask
+
+
+@dataclass
+class Batch:
+    queries: torch.Tensor  # (B, P) left-padded prompt ids
+    query_mask: torch.Tensor  # (B, P) bool
+    responses: torch.Tensor  # (B, R) sampled ids, pad after EOS
+    mask: torch.Tensor  # (B, R) bool: response tokens up to and including EOS
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.queries, self.responses], 1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.query_mask, self.mask], 1)
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        return positions(self.attention_mask)
+
+    def select(self, idx: torch.Tensor) -> Batch:
+        return Batch(self.queries[idx], self.query_mask[idx], self.responses[idx], self.mask[idx])
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for i, s in enumerate(sequences):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = True
+    return ids.to(device), mask.to(device)
+
+
+def response_logits(model, batch: Batch, **kwargs):
+    """The model's logits for every response position (and the raw output, for hidden states)."""
+    ids = batch.input_ids.masked_fill(~batch.attention_mask, 0)  # pad ids may be out of an embedding's range
+    out = model(input_ids=ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False, **kwargs)
+    p = batch.queries.size(1)
+    return out.logits[:, p - 1:-1], out
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches top_p (nucleus sampling)."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    remove = cumulative - sorted_logits.softmax(-1) >= top_p  # tokens entirely beyond the nucleus
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+@torch.no_grad()
+def sample(model, queries: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+           top_p: float = 1.0, eos_id: int | None, pad_id: int, generator: torch.Generator | None = None) -> tuple[Batch, torch.Tensor]:
+    """Sample up to max_new_tokens per prompt (stopping a row at EOS); returns the batch and the
+    behaviour log-probabilities log softmax(logits / temperature)[token] (0 after EOS)."""
+    from transformers import DynamicCache
+
+    B = queries.size(0)
+    device = queries.device
+    attn = query_mask.long()
+    cache = DynamicCache()
+    out = model(input_ids=queries.masked_fill(~query_mask, 0), attention_mask=attn, position_ids=positions(query_mask),
+                past_key_values=cache, use_cache=True)
+    next_pos = query_mask.long().sum(1, keepdim=True)
+    logits = out.logits[:, -1]
+    tokens, logps = [], []
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        scaled = logits.float() / temperature
+        logp_all = F.log_softmax(scaled, -1)
+        probs = top_p_filter(scaled, top_p).softmax(-1)
+        tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        valid = ~done
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        tokens.append(tok)
+        logps.append(logp_all.gather(-1, tok.unsqueeze(1)).squeeze(1).masked_fill(done, 0.0))
+        if eos_id is not None:
+            done = done | (tok == eos_id)
+        if bool(done.all()):
+            break
+        attn = torch.cat([attn, valid.long().unsqueeze(1)], 1)
+        out = model(input_ids=tok.unsqueeze(1), attention_mask=attn, position_ids=next_pos, past_key_values=out.past_key_values,
+                    use_cache=True)
+        next_pos = next_pos + 1
+        logits = out.logits[:, -1]
+    responses = torch.stack(tokens, 1)
+    mask = response_mask(responses, eos_id)
+    responses = responses.masked_fill(~mask, pad_id)
+    return Batch(queries, query_mask, responses, mask), torch.stack(logps, 1) * mask
