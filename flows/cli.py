@@ -73,6 +73,14 @@ def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
         table.add_row("reference policy", result["reference_policy"])
     if "labels" in result and "agreement_accuracy" in result["labels"]:
         table.add_row("AI label agreement", f"{result['labels']['agreement_accuracy']:.1%} with human labels")
+    if "reward" in result:
+        r = result["reward"]
+        table.add_row("reward model", result["reward_model"])
+        table.add_row("reward test accuracy", f"{r['test_accuracy']:.1%} (AUC {r['test_auc']:.3f}, ECE {r['test_ece']:.3f})")
+    if "ppo" in result:
+        p = result["ppo"]
+        table.add_row("tuned policy", result["tuned_policy"])
+        table.add_row("PPO reward", f"{p['score_start']:+.3f} -> {p['score_end']:+.3f} (KL {p['kl_end']:.2f})")
     table.add_row("MLflow parent run", result["mlflow_run_id"])
     table.add_row("MLflow tracking", cfg.mlflow_tracking_uri)
     out.print(table)

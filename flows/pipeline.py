@@ -15,6 +15,7 @@ from rlhf_core.storage import source_fingerprint
 from tasks import data as data_tasks
 from tasks import labels as label_tasks
 from tasks import models as model_tasks
+from tasks import ppo as ppo_tasks
 from tasks import reward as reward_tasks
 from tasks.stage import make_stage_key, quiet_clean_failures
 from tasks.tracking import TrackingContext, finish_pipeline_run, log_cached_stage, start_pipeline_run
@@ -141,10 +142,18 @@ def reward_gate(cfg: PipelineConfig, tracking: TrackingContext, evaluated: dict)
         raise StageFailed(Failed(message=result.message))
 
 
+def tuned_policy(cfg: PipelineConfig, tracking: TrackingContext, splits: dict, policy: dict, reward: dict) -> dict:
+    """PPO with a KL penalty against the frozen reference policy, scored by the gated reward model."""
+    return run_stage(ppo_tasks.ppo, "ppo", tracking, policy_dir=policy["model_dir"], reward_dir=reward["model_dir"],
+                     train_file=splits["files"]["train"], ppo_cfg=cfg.ppo, model=cfg.model, seed=cfg.run.seed,
+                     stage_key=make_stage_key("ppo", stable_hash([policy["model_dir"], reward["stage_key"], splits["stage_key"]]),
+                                              [cfg.ppo.model_dump(), cfg.model.model_dump(), cfg.run.seed], ppo_tasks.PPO_CODE_VERSION))
+
+
 @flow(name="rlhf-pipeline", log_prints=True)
 def rlhf_pipeline(config: dict) -> dict | State:
-    """Preference data -> versioned splits -> SFT reference policy -> AI labels -> reward model + gate
-    (later: PPO, evaluation, registry)."""
+    """Preference data -> versioned splits -> SFT reference policy -> AI labels -> reward model + gate -> PPO
+    (later: evaluation, registry)."""
     quiet_clean_failures()
     cfg = PipelineConfig.model_validate(config)
     tracking = start_pipeline_run(cfg, run_name=f"{cfg.run.name}-{flow_run.get_name() or 'local'}",
@@ -169,6 +178,12 @@ def rlhf_pipeline(config: dict) -> dict | State:
             result["reward_model"] = trained["model_dir"]
             result["reward"] = evaluated["metrics"]
             reward_gate(cfg, tracking, evaluated)
+            if cfg.run.runs("ppo") and cfg.ppo.enabled:
+                if policy is None:
+                    raise StageFailed(Failed(message="ppo needs the SFT reference policy: run.until must include sft"))
+                tuned = tuned_policy(cfg, tracking, splits, policy, trained)
+                result["tuned_policy"] = tuned["model_dir"]
+                result["ppo"] = tuned["metrics"]
         status = "FINISHED"
         return result
     except StageFailed as failed:

@@ -25,14 +25,14 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-STAGES = ("split", "sft", "label", "reward")  # stages a run can stop after, in pipeline order
+STAGES = ("split", "sft", "label", "reward", "ppo")  # stages a run can stop after, in pipeline order
 
 
 class RunConfig(Section):
     name: str = "rlhf"
     seed: int = 0
     work_dir: str = ".rlhf"  # relative paths are resolved against the current directory
-    until: Literal["split", "sft", "label", "reward"] | None = None  # stop after this stage (None: the whole pipeline)
+    until: Literal["split", "sft", "label", "reward", "ppo"] | None = None  # stop after this stage (None: the whole pipeline)
 
     def runs(self, stage: str) -> bool:
         return self.until is None or STAGES.index(stage) <= STAGES.index(self.until)
@@ -248,6 +248,58 @@ class RewardConfig(Section):
     gate: RewardGateConfig = Field(default_factory=RewardGateConfig)
 
 
+class PPOConfig(Section):
+    """PPO with a per-token KL penalty against the frozen SFT reference policy."""
+
+    enabled: bool = True
+    iterations: int = Field(60, ge=1)
+    batch_size: int = Field(16, ge=1)  # episodes per iteration
+    generation_batch_size: int = Field(16, ge=1)  # rollout chunk (generation, reference, values, scores)
+    mini_batch_size: int = Field(16, ge=1)  # episodes per optimiser step
+    micro_batch_size: int = Field(8, ge=1)  # episodes per forward/backward
+    ppo_epochs: int = Field(2, ge=1)
+    max_prompt_tokens: int = Field(192, ge=1)
+    max_new_tokens: int = Field(48, ge=1)
+    stop_at_eos: bool = True
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    lr: float = Field(1e-5, gt=0)
+    value_lr: float | None = Field(None, gt=0)
+    beta: float = Field(0.05, ge=0)  # KL coefficient (initial value when adaptive)
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    adaptive_kl: bool = False
+    target_kl: float = Field(6.0, gt=0)
+    kl_horizon: int = Field(10000, ge=1)
+    kl_hard_limit: float | None = Field(None, gt=0)  # stop (keeping the last good checkpoint) above this per-sequence KL
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    cliprange: float = Field(0.2, gt=0)
+    cliprange_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    entropy_coef: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    normalise_reward: bool = True
+    reward_clip: float | None = Field(None, gt=0)
+    missing_eos_penalty: float | None = Field(None, ge=0)
+    # auto: a copy of the reward model when it reads the policy's tokens, else a critic from the reference policy
+    value_model: Literal["auto", "reward", "policy", "shared"] = "auto"
+    reference: Literal["copy", "adapter"] = "copy"  # adapter: LoRA policy, reference = adapter disabled (no second copy)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    device: str = "auto"
+    checkpoint_every: int = Field(10, ge=1)
+    sample_every: int = Field(10, ge=1)
+    n_samples: int = Field(4, ge=0)
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> PPOConfig:
+        if self.batch_size % self.mini_batch_size or self.mini_batch_size % self.micro_batch_size:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size ({self.mini_batch_size}), "
+                             f"and mini_batch_size of micro_batch_size ({self.micro_batch_size})")
+        if self.reference == "adapter" and not self.lora.enabled:
+            raise ValueError("reference 'adapter' needs lora.enabled: true")
+        return self
+
+
 class PipelineConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -257,6 +309,7 @@ class PipelineConfig(Section):
     sft: SFTConfig = Field(default_factory=SFTConfig)
     labels: LabelsConfig = Field(default_factory=LabelsConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
 
     # -- derived locations -------------------------------------------------------------
     @property

@@ -40,3 +40,20 @@ def histogram_plot(series: dict[str, np.ndarray], path: Path, title: str, xlabel
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def curves_plot(history: list[dict], keys: list[str], path: Path, title: str, x: str = "iteration") -> Path:
+    """One small panel per metric over training (score, KL, entropy, ...)."""
+    keys = [k for k in keys if any(k in h for h in history)]
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(3.4 * max(1, len(keys)), 3.0), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        pts = [(h[x], h[key]) for h in history if key in h]
+        if pts:
+            ax.plot(*zip(*pts), lw=1.4)
+        ax.set(title=key, xlabel=x)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

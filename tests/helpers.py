@@ -70,3 +70,32 @@ def reward_job(model_dir: str, checkpoint_dir: str, out_file: str, max_steps: in
     RewardTrainer(rm, encode_pairs(rm, demo_frame(0, 300)), encode_pairs(rm, demo_frame(500, 540)), settings,
                   checkpoint_dir=checkpoint_dir, progress=False).train()
     save_file({k: v.contiguous().clone() for k, v in rm.model.state_dict().items()}, out_file)
+
+
+def untrained_reward_dir(root: Path, backbone: str) -> Path:
+    """A reward model with a fresh head, saved: enough for engine mechanics (not for learning)."""
+    from rlhf_core.reward.model import build_reward_model
+
+    out = root / "reward-untrained"
+    if not (out / "config.json").exists():
+        rm = build_reward_model(backbone, max_length=128, device="cpu", seed=0)
+        rm.normalisation = {"mean": 0.0, "std": 1.0, "n": 0, "source": "test"}
+        rm.save(out)
+    return out
+
+
+def ppo_job(policy_dir: str, reward_dir: str, checkpoint_dir: str, out_file: str, iterations: int = 6, seed: int = 0) -> None:
+    """A complete PPO run used by the resume test (run in a subprocess that may be killed)."""
+    from safetensors.torch import save_file
+
+    from rlhf_core.config import ModelConfig, PPOConfig
+    from rlhf_core.ppo.pipeline import build_ppo_trainer
+
+    cfg = PPOConfig(iterations=iterations, batch_size=8, mini_batch_size=4, micro_batch_size=2, ppo_epochs=2, max_new_tokens=12,
+                    lr=1e-4, device="cpu", checkpoint_every=2, adaptive_kl=True, target_kl=0.5)
+    trainer = build_ppo_trainer(policy_dir, reward_dir, [r["prompt"] for r in demo_rows()[:40]], cfg, ModelConfig(), seed,
+                                checkpoint_dir=Path(checkpoint_dir), progress=False)
+    trainer.train()
+    weights = {f"policy.{k}": v for k, v in trainer.policy.state_dict().items()}
+    weights |= {f"value.{k}": v for k, v in trainer.value.state_dict().items()}
+    save_file({k: v.contiguous().clone() for k, v in weights.items()}, out_file)

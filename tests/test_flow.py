@@ -222,12 +222,14 @@ def test_label_stage_rlaif(prefect_harness, tmp_path):
     assert set(pd.read_parquet(again.result()["train_file"])["label_source"]) == {"human"}
 
 
-def test_reward_stage_trains_evaluates_and_gates(prefect_harness, tmp_path):
-    cfg = make_cfg(tmp_path, until="reward")
+def test_reward_gate_then_ppo(prefect_harness, tmp_path):
+    cfg = make_cfg(tmp_path, until="ppo")
     cfg = cfg.model_copy(update={
         "labels": cfg.labels.model_copy(update={"max_pairs": 160}),
         "reward": cfg.reward.model_validate({"max_steps": 16, "batch_size": 8, "lr": 1e-4, "max_length": 128, "eval_every": 8,
-                                             "norm_prompts": 8, "norm_max_new_tokens": 8, "gate": {"min_accuracy": 0.6}})})
+                                             "norm_prompts": 8, "norm_max_new_tokens": 8, "gate": {"min_accuracy": 0.6}}),
+        "ppo": cfg.ppo.model_validate({"iterations": 3, "batch_size": 8, "mini_batch_size": 8, "micro_batch_size": 4, "max_new_tokens": 8,
+                                       "sample_every": 2, "checkpoint_every": 2})})
     state = run_flow(cfg)
     assert state.is_completed(), state.message
     result = state.result()
@@ -246,6 +248,18 @@ def test_reward_stage_trains_evaluates_and_gates(prefect_harness, tmp_path):
     parent = client.get_run(result["mlflow_run_id"])
     assert parent.data.metrics["reward_gate_passed"] == 1.0
 
+    # PPO ran after the gate: a tuned policy folder, per-iteration metrics, samples and curves in MLflow
+    from rlhf_core.models.loading import load_causal_lm
+
+    assert load_causal_lm(result["tuned_policy"], device="cpu").model.config.model_type == "gpt2"
+    ppo = stages["ppo"]
+    assert [m.step for m in client.get_metric_history(ppo.info.run_id, "kl")] == [1, 2, 3]
+    assert {"score", "score_raw", "entropy", "clipfrac", "episodes_per_s"} <= set(ppo.data.metrics)
+    arts = {a.path for a in client.list_artifacts(ppo.info.run_id)}
+    assert {"model", "plots", "samples"} <= arts
+    stage_out = Path(result["tuned_policy"]).parent
+    assert not stage_out.with_name(stage_out.name + ".checkpoints").exists()  # cleaned after success
+
     # a stricter gate: same (cached) reward model, the flow stops with the metric and threshold named
     strict = cfg.model_copy(update={"reward": cfg.reward.model_copy(update={"gate": cfg.reward.gate.model_copy(update={"max_ece": 0.0})})})
     failed = run_flow(strict)
@@ -255,3 +269,4 @@ def test_reward_stage_trains_evaluates_and_gates(prefect_harness, tmp_path):
     assert sorted(r.info.run_name for r in runs) == ["reward-train", "reward-train (cached)"]
     failed_parent = client.search_runs([parent.info.experiment_id], filter_string="attributes.status = 'FAILED'")
     assert failed_parent and failed_parent[0].data.metrics["reward_gate_passed"] == 0.0
+    assert "ppo" not in stage_runs(client, failed_parent[0].info.run_id)  # PPO never started on the failed model

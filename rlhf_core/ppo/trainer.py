@@ -44,6 +44,7 @@ class PPOSettings:
     ppo_epochs: int = 1
     max_prompt_tokens: int = 192  # longer prompts keep their end
     max_new_tokens: int = 48
+    stop_at_eos: bool = True  # False: always max_new_tokens (what TRL's PPO does without a stop token)
     temperature: float = 1.0
     top_p: float = 1.0
     lr: float = 1e-5
@@ -108,7 +109,7 @@ class PPOTrainer:
         self.fmt = ChatFormat(tokenizer, use_chat_template=use_chat_template)
         self.prompts = list(prompts)
         self.prompt_ids = [self.fmt.encode(p)[0][-s.max_prompt_tokens:] for p in self.prompts]
-        self.eos_id = tokenizer.eos_token_id
+        self.eos_id = tokenizer.eos_token_id if settings.stop_at_eos else None
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.rm_reads_policy_tokens = (reward_model.kind == "causal" and reward_model.tokenizer.get_vocab() == tokenizer.get_vocab()
                                        and getattr(reward_model.tokenizer, "chat_template", None) == getattr(tokenizer, "chat_template", None))
@@ -198,7 +199,8 @@ class PPOTrainer:
         idx = self.prompt_indices(self.iteration)
         r = self.rollout(idx)
         batch, mask = r["batch"], r["batch"].mask
-        has_eos = (batch.responses == self.eos_id).any(1) if self.eos_id is not None else torch.zeros_like(mask[:, 0])
+        eos = self.tokenizer.eos_token_id
+        has_eos = ((batch.responses == eos) & mask).any(1) if eos is not None else torch.zeros_like(mask[:, 0])
         raw = r["raw_scores"]
         scores = self.rm.normalise(raw) if s.normalise_reward else raw
         if s.reward_clip is not None:

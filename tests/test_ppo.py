@@ -1,0 +1,144 @@
+"""The PPO engine: sampling mechanics, learning on the demo task, exact resume after a kill, guards."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf_core.config import ModelConfig, PPOConfig, RewardConfig
+from rlhf_core.models.loading import load_causal_lm, save_model
+from rlhf_core.ppo.core import logprobs_from_logits
+from rlhf_core.ppo.pipeline import build_ppo_trainer
+from rlhf_core.ppo.rollout import left_pad, response_logits, sample
+from rlhf_core.ppo.trainer import PPODiverged
+from tests.helpers import demo_frame, demo_rows, untrained_reward_dir
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = [r["prompt"] for r in demo_rows()[:600]]
+
+
+@pytest.fixture(scope="session")
+def demo_policy_and_reward(tiny_gpt2, tmp_path_factory):
+    """A briefly fine-tuned tiny policy and a MiniLM reward model trained on the demo pairs (its own tokenizer)."""
+    from rlhf_core.models.chat import ChatFormat
+    from rlhf_core.reward.pipeline import train_reward
+    from rlhf_core.sft import SFTSettings, SFTTrainer, encode_examples
+
+    root = tmp_path_factory.mktemp("ppo-learn")
+    lm = load_causal_lm(str(tiny_gpt2), device="cpu", eval_mode=False)
+    train, _ = encode_examples([(r["prompt"], r["chosen"]) for r in demo_rows()[:500]], ChatFormat(lm.tokenizer), 128)
+    SFTTrainer(lm.model, lm.tokenizer, train, [], SFTSettings(max_steps=150, batch_size=16, lr=3e-3), progress=False).train(resume=False)
+    save_model(lm.model, lm.tokenizer, root / "sft")
+    cfg = RewardConfig(max_steps=40, batch_size=16, lr=1e-4, max_length=128, device="cpu", norm_prompts=32, norm_max_new_tokens=24)
+    rm, _ = train_reward(demo_frame(0, 600), None, cfg, ModelConfig(), "minilm", policy_dir=str(root / "sft"), progress=False)
+    rm.save(root / "rm")
+    return root / "sft", root / "rm"
+
+
+def test_sampling_logprobs_match_a_full_forward_pass(tiny_gpt2):
+    """Behaviour log-probs from the KV-cached sampling loop equal a fresh forward over the whole
+    sequence (left padding, position ids, temperature), and nothing after EOS is kept."""
+    lm = load_causal_lm(str(tiny_gpt2), device="cpu")
+    tok = lm.tokenizer
+    from rlhf_core.models.chat import ChatFormat
+
+    fmt = ChatFormat(tok)
+    ids = [fmt.encode(p)[0] for p in PROMPTS[:6]]
+    assert len({len(i) for i in ids}) > 1  # the batch really is left-padded
+    queries, qmask = left_pad(ids, tok.pad_token_id, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    batch, logprobs = sample(lm.model, queries, qmask, 20, temperature=0.7, top_p=0.9, eos_id=tok.eos_token_id,
+                             pad_id=tok.pad_token_id, generator=g)
+    with torch.no_grad():
+        full = logprobs_from_logits(response_logits(lm.model, batch)[0], batch.responses, 0.7)
+    assert torch.allclose(full * batch.mask, logprobs, atol=1e-4)
+    for row, m in zip(batch.responses, batch.mask):
+        kept = row[m].tolist()
+        assert tok.eos_token_id not in kept[:-1]  # EOS only ever as the last kept token
+        assert (row[~m] == tok.pad_token_id).all()
+    # one row alone gives the same tokens as in the padded batch (padding does not shift positions)
+    g1 = torch.Generator().manual_seed(5)
+    single, _ = sample(lm.model, queries[:1, qmask[0].long().argmax():], qmask[:1, qmask[0].long().argmax():], 8, temperature=1e-4,
+                       eos_id=None, pad_id=tok.pad_token_id, generator=g1)
+    g2 = torch.Generator().manual_seed(5)
+    padded, _ = sample(lm.model, queries, qmask, 8, temperature=1e-4, eos_id=None, pad_id=tok.pad_token_id, generator=g2)
+    assert single.responses[0].tolist() == padded.responses[0].tolist()
+
+
+def test_ppo_raises_the_reward_with_bounded_kl(demo_policy_and_reward):
+    sft, rm = demo_policy_and_reward
+    cfg = PPOConfig(iterations=30, batch_size=16, mini_batch_size=8, micro_batch_size=8, ppo_epochs=2, max_new_tokens=24, lr=5e-5,
+                    beta=0.05, device="cpu", kl_hard_limit=20.0, checkpoint_every=1000)
+    logged = []
+    trainer = build_ppo_trainer(str(sft), str(rm), PROMPTS, cfg, ModelConfig(), seed=0, progress=False,
+                                on_log=lambda it, m: logged.append(m))
+    assert not trainer.rm_reads_policy_tokens  # MiniLM WordPiece vs the policy's BPE: decoded and re-tokenised
+    trainer.train()
+    first = sum(m["score"] for m in logged[:5]) / 5
+    last = sum(m["score"] for m in logged[-5:]) / 5
+    assert last > first + 0.25, (first, last)
+    assert max(m["kl"] for m in logged) < 20.0
+    assert {"score_raw", "kl", "non_score_reward", "entropy", "clipfrac", "approx_kl", "policy_loss", "value_loss",
+            "explained_variance", "response_length", "eos_rate", "episodes_per_s", "tokens_per_s"} <= set(logged[0])
+
+
+def _job(policy, reward, ckpt, out, iterations=6):
+    code = (f"from tests.helpers import ppo_job; ppo_job({str(policy)!r}, {str(reward)!r}, {str(ckpt)!r}, {str(out)!r}, "
+            f"{iterations})")
+    return subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_killed_ppo_run_resumes_to_the_same_result(tiny_gpt2, tmp_path):
+    reward = untrained_reward_dir(tmp_path, str(tiny_gpt2))
+    straight = _job(tiny_gpt2, reward, tmp_path / "ckpt-a", tmp_path / "a.safetensors")
+    assert straight.wait(timeout=600) == 0, straight.stderr.read().decode()[-2000:]
+    victim = _job(tiny_gpt2, reward, tmp_path / "ckpt-b", tmp_path / "b.safetensors")
+    deadline = time.monotonic() + 600
+    while not list((tmp_path / "ckpt-b").glob("iter-000002")) and time.monotonic() < deadline:
+        if victim.poll() is not None:
+            pytest.fail("the run ended before it could be killed: " + victim.stderr.read().decode()[-2000:])
+        time.sleep(0.02)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "b.safetensors").exists()
+    resumed = _job(tiny_gpt2, reward, tmp_path / "ckpt-b", tmp_path / "b.safetensors")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-2000:]
+    a, b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kl_guard_stops_with_one_line_and_keeps_the_checkpoint(tiny_gpt2, tmp_path):
+    reward = untrained_reward_dir(tmp_path, str(tiny_gpt2))
+    cfg = PPOConfig(iterations=50, batch_size=8, mini_batch_size=8, micro_batch_size=8, max_new_tokens=12, lr=3e-3, beta=0.0,
+                    device="cpu", kl_hard_limit=0.5, checkpoint_every=1)
+    trainer = build_ppo_trainer(str(tiny_gpt2), str(reward), PROMPTS[:40], cfg, ModelConfig(), checkpoint_dir=tmp_path / "ckpt",
+                                progress=False)
+    with pytest.raises(PPODiverged) as err:
+        trainer.train()
+    msg = str(err.value)
+    assert "exceeds ppo.kl_hard_limit 0.5" in msg and "last good checkpoint" in msg and "\n" not in msg
+    assert list((tmp_path / "ckpt").glob("iter-*"))
+
+
+def test_lora_policy_with_adapter_reference_and_shared_value_head(tiny_gpt2, tmp_path):
+    reward = untrained_reward_dir(tmp_path, str(tiny_gpt2))
+    cfg = PPOConfig(iterations=2, batch_size=4, mini_batch_size=4, micro_batch_size=2, max_new_tokens=8, device="cpu",
+                    reference="adapter", value_model="shared", lora={"enabled": True, "r": 4, "alpha": 8})
+    trainer = build_ppo_trainer(str(tiny_gpt2), str(reward), PROMPTS[:20], cfg, ModelConfig(), progress=False)
+    assert trainer.reference is None and trainer.shared_value
+    base = {k: v.clone() for k, v in trainer.policy.state_dict().items() if "lora" not in k}
+    result = trainer.train()
+    assert result.iterations == 2 and result.history[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # adapter starts at zero
+    after = trainer.policy.state_dict()
+    assert all(torch.equal(base[k], after[k]) for k in base)  # only the adapter (and the value head) trained
+
+
+def test_batch_sizes_must_divide():
+    with pytest.raises(ValueError, match="multiple of mini_batch_size"):
+        PPOConfig(batch_size=12, mini_batch_size=8)
