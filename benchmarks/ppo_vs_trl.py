@@ -92,7 +92,6 @@ import pstats
 import sys
 import tempfile
 import time
-import types
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -210,3 +210,21 @@ def test_clipped_losses_parity_with_trl(rollout):
     assert float(vf) == pytest.approx(float(ns["vf_loss"]), abs=1e-6)
     assert float(vf_stats["value_clipfrac"]) == pytest.approx(float(ns["vf_clipfrac"]), abs=1e-6)
     assert float(pg + 0.1 * vf) == pytest.approx(float(ns["loss"]), abs=1e-6)
+
+
+def test_sampler_draws_from_the_tempered_nucleus():
+    from rlhf_core.ppo.rollout import draw
+
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])).repeat(20000, 1)
+    g = torch.Generator().manual_seed(0)
+    tok, logp = draw(logits, 1.0, 1.0, g)
+    freq = torch.bincount(tok, minlength=4).float() / len(tok)
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.012)
+    assert torch.allclose(logp[0].exp(), torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=1e-6)
+    tok, _ = draw(logits, 1.0, 0.8, g)  # nucleus {0.5, 0.3}: renormalised to 0.625 / 0.375
+    freq = torch.bincount(tok, minlength=4).float() / len(tok)
+    assert freq[2] == 0 and freq[3] == 0 and abs(float(freq[0]) - 0.625) < 0.012
+    tok, _ = draw(logits, 0.5, 1.0, g)  # T = 0.5 squares the odds
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05]) ** 2
+    freq = torch.bincount(tok, minlength=4).float() / len(tok)
+    assert torch.allclose(freq, p / p.sum(), atol=0.012)
