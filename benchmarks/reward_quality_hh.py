@@ -4,7 +4,7 @@ Splits the sample by prompt with the pipeline's own splitter (80/10/10, seed 0),
 model on the packaged pretrained all-MiniLM-L6-v2 encoder (CPU, minutes), evaluates on the test
 split and logs everything to the MLflow experiment `reward-quality`.
 
-    python benchmarks/reward_quality_hh.py [--epochs 2] [--lr 3e-5] [--max-length 256] [--json]
+    python benchmarks/reward_quality_hh.py [--split-seed 0] [--epochs 2] [--lr 3e-5] [--max-length 128] [--json]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--lr", type=float, default=3e-5)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--split-seed", type=int, default=0, help="seed of the by-prompt 80/10/10 split")
     ap.add_argument("--threads", type=int, default=None)
