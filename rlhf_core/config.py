@@ -220,7 +220,7 @@ class RewardConfig(Section):
     # minilm: the packaged pretrained all-MiniLM-L6-v2 encoder (own tokenizer); policy: the SFT reference
     # policy's backbone (shares its tokenizer); or any local HF folder / hub id
     backbone: str = "minilm"
-    max_length: int = Field(256, ge=8)
+    max_length: int = Field(128, ge=8)
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1)
     batch_size: int = Field(16, ge=1)
@@ -252,7 +252,7 @@ class PPOConfig(Section):
     """PPO with a per-token KL penalty against the frozen SFT reference policy."""
 
     enabled: bool = True
-    iterations: int = Field(60, ge=1)
+    iterations: int = Field(40, ge=1)
     batch_size: int = Field(16, ge=1)  # episodes per iteration
     generation_batch_size: int = Field(16, ge=1)  # rollout chunk (generation, reference, values, scores)
     mini_batch_size: int = Field(16, ge=1)  # episodes per optimiser step
@@ -263,14 +263,14 @@ class PPOConfig(Section):
     stop_at_eos: bool = True
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    lr: float = Field(1e-5, gt=0)
+    lr: float = Field(3e-5, gt=0)
     value_lr: float | None = Field(None, gt=0)
     beta: float = Field(0.05, ge=0)  # KL coefficient (initial value when adaptive)
     kl_estimator: Literal["k1", "k3"] = "k1"
     adaptive_kl: bool = False
     target_kl: float = Field(6.0, gt=0)
     kl_horizon: int = Field(10000, ge=1)
-    kl_hard_limit: float | None = Field(None, gt=0)  # stop (keeping the last good checkpoint) above this per-sequence KL
+    kl_hard_limit: float | None = Field(30.0, gt=0)  # stop (keeping the last good checkpoint) above this per-sequence KL
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
     cliprange: float = Field(0.2, gt=0)

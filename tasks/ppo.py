@@ -38,11 +38,8 @@ def ppo(policy_dir: str, reward_dir: str, train_file: str, ppo_cfg: PPOConfig, m
     logger = get_run_logger()
     with stage_run(tracking, "ppo", stage_key) as run:
         prompts = pd.read_parquet(train_file, columns=["prompt"])["prompt"].drop_duplicates().tolist()
-        samples: list[dict] = []
-
-        def log_samples(iteration: int, rows: list[dict]) -> None:  # the whole table each time: one growing artifact
-            samples.extend(rows)
-            mlflow.log_table(pd.DataFrame(samples), artifact_file="samples/ppo_samples.json")
+        def log_samples(iteration: int, rows: list[dict]) -> None:  # log_table appends to an existing table file
+            mlflow.log_table(pd.DataFrame(rows), artifact_file="samples/ppo_samples.json")
 
         trainer = build_ppo_trainer(policy_dir, reward_dir, prompts, ppo_cfg, model, seed, checkpoint_dir=checkpoints,
                                     on_log=lambda it, m: mlflow.log_metrics(m, step=it), on_samples=log_samples)

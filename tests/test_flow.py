@@ -257,6 +257,8 @@ def test_reward_gate_then_ppo(prefect_harness, tmp_path):
     assert {"score", "score_raw", "entropy", "clipfrac", "episodes_per_s"} <= set(ppo.data.metrics)
     arts = {a.path for a in client.list_artifacts(ppo.info.run_id)}
     assert {"model", "plots", "samples"} <= arts
+    table = json.loads(Path(client.download_artifacts(ppo.info.run_id, "samples/ppo_samples.json", str(tmp_path))).read_text())
+    assert len(table["data"]) == 2 * 4  # iterations 1 and 3 (sample_every 2), n_samples 4, no duplicates
     stage_out = Path(result["tuned_policy"]).parent
     assert not stage_out.with_name(stage_out.name + ".checkpoints").exists()  # cleaned after success
 
