@@ -142,9 +142,11 @@ class ModelConfig(Section):
         return self.init == "scratch" or (self.init == "auto" and not self.name_or_path)
 
 
-class SFTConfig(Section):
+class LoopConfig(Section):
+    """What SFT and reward-model training share (rlhf_core.training); each section sets its own defaults."""
+
     enabled: bool = True
-    epochs: float = Field(2.0, gt=0)
+    epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1)
     batch_size: int = Field(16, ge=1)
     grad_accum: int = Field(1, ge=1)
@@ -154,10 +156,15 @@ class SFTConfig(Section):
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     max_length: int = Field(256, ge=8)
     max_grad_norm: float = Field(1.0, gt=0)
+    mixed_precision: Literal["auto", "bf16", "no"] = "auto"  # auto: bf16 autocast on a GPU that supports it
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(50, ge=1)
     checkpoint_every: int = Field(50, ge=1)
-    early_stopping_patience: int | None = Field(3, ge=1)
+    early_stopping_patience: int | None = Field(3, ge=1)  # evaluations without improvement
+
+
+class SFTConfig(LoopConfig):
+    epochs: float = Field(2.0, gt=0)
     instruction_data: str | None = None  # optional Self-Instruct style JSONL (instruction, instances[input, output])
     n_samples: int = Field(4, ge=0)
     sample_max_new_tokens: int = Field(48, ge=1)
@@ -215,26 +222,14 @@ class RewardGateConfig(Section):
     max_abs_length_corr: float | None = Field(None, ge=0, le=1)
 
 
-class RewardConfig(Section):
-    enabled: bool = True
+class RewardConfig(LoopConfig):
     # minilm: the packaged pretrained all-MiniLM-L6-v2 encoder (own tokenizer); policy: the SFT reference
     # policy's backbone (shares its tokenizer); or any local HF folder / hub id
     backbone: str = "minilm"
     max_length: int = Field(128, ge=8)
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, ge=1)
-    batch_size: int = Field(16, ge=1)
-    grad_accum: int = Field(1, ge=1)
     lr: float = Field(3e-5, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     schedule: Literal["cosine", "linear", "constant"] = "linear"
-    max_grad_norm: float = Field(1.0, gt=0)
-    mixed_precision: Literal["auto", "bf16", "no"] = "auto"  # auto: bf16 autocast on a GPU that supports it
-    log_every: int = Field(10, ge=1)
-    eval_every: int = Field(50, ge=1)
-    checkpoint_every: int = Field(50, ge=1)
-    early_stopping_patience: int | None = Field(3, ge=1)  # evaluations without a better validation accuracy
     center_coef: float = Field(0.0, ge=0)  # + coef * (r_c + r_r)^2 keeps rewards centred
     human_weight: float = Field(1.0, ge=0)  # per-source loss weights
     ai_weight: float = Field(1.0, ge=0)

@@ -91,6 +91,31 @@ def untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def cpu_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of the weights (on CPU, .detach().cpu() would share storage with the live ones)."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
+
+
+@contextlib.contextmanager
+def checkpoint_folder(root: Path, name: str, prefix: str, keep: int):
+    """Yield a staging folder; on success it becomes root/name atomically and only the newest `keep`
+    folders named prefix* remain. A kill mid-write leaves no half checkpoint behind."""
+    final, tmp = root / name, root / f".{name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    os.replace(tmp, final)
+    for old in sorted(root.glob(f"{prefix}*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(root: Path | None, prefix: str) -> Path | None:
+    if not root or not root.exists():
+        return None
+    done = sorted(p for p in root.glob(f"{prefix}*") if (p / "state.json").exists())
+    return done[-1] if done else None
+
+
 @dataclass
 class LoopResult:
     steps: int
@@ -156,33 +181,24 @@ class TrainLoop:
 
     # -- checkpoints --------------------------------------------------------------------------
     def _weights(self) -> dict[str, torch.Tensor]:
-        # a copy: on CPU, .detach().cpu() would share storage with the live weights
-        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.model.state_dict().items()}
+        return cpu_copy(self.model)
 
     def save_checkpoint(self) -> Path | None:
         if not self.checkpoint_dir:
             return None
-        final = self.checkpoint_dir / f"step-{self.state['step']:08d}"
-        tmp = self.checkpoint_dir / f".{final.name}.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(untie(self._weights()), tmp / "model.safetensors")
-        if self._best_weights is not None:
-            save_file(untie(self._best_weights), tmp / "best.safetensors")
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / "trainer.pt")
-        (tmp / "state.json").write_text(json.dumps({**self.state, "settings": asdict(self.s)}))
-        os.replace(tmp, final)
-        for old in sorted(self.checkpoint_dir.glob("step-*"))[: -self.s.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
+        name = f"step-{self.state['step']:08d}"
+        with checkpoint_folder(self.checkpoint_dir, name, "step-", self.s.keep_checkpoints) as tmp:
+            save_file(untie(self._weights()), tmp / "model.safetensors")
+            if self._best_weights is not None:
+                save_file(untie(self._best_weights), tmp / "best.safetensors")
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "torch_rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / "trainer.pt")
+            (tmp / "state.json").write_text(json.dumps({**self.state, "settings": asdict(self.s)}))
+        return self.checkpoint_dir / name
 
     def latest_checkpoint(self) -> Path | None:
-        if not self.checkpoint_dir or not self.checkpoint_dir.exists():
-            return None
-        done = sorted(p for p in self.checkpoint_dir.glob("step-*") if (p / "state.json").exists())
-        return done[-1] if done else None
+        return latest_checkpoint(self.checkpoint_dir, "step-")
 
     def load_checkpoint(self, path: Path) -> None:
         self.model.load_state_dict(load_file(path / "model.safetensors", device=str(self.device)), strict=False)

@@ -99,3 +99,42 @@ def ppo_job(policy_dir: str, reward_dir: str, checkpoint_dir: str, out_file: str
     weights = {f"policy.{k}": v for k, v in trainer.policy.state_dict().items()}
     weights |= {f"value.{k}": v for k, v in trainer.value.state_dict().items()}
     save_file({k: v.contiguous().clone() for k, v in weights.items()}, out_file)
+
+
+def assert_kill_and_resume_is_exact(job: str, args: list, tmp_path: Path, marker: str) -> None:
+    """Run `tests.helpers.<job>(*args, checkpoint_dir, out_file)` straight through; run it again, SIGKILL it
+    once the checkpoint `marker` exists, start it once more; both must end with identical weights."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pytest
+    import torch
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parent.parent
+
+    def start(tag: str):
+        call = ", ".join(repr(str(a)) for a in [*args, tmp_path / f"ckpt-{tag}", tmp_path / f"{tag}.safetensors"])
+        return subprocess.Popen([sys.executable, "-c", f"from tests.helpers import {job}; {job}({call})"], cwd=root,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    straight = start("a")
+    assert straight.wait(timeout=600) == 0, straight.stderr.read().decode()[-2000:]
+    victim = start("b")
+    deadline = time.monotonic() + 600
+    while not (tmp_path / "ckpt-b" / marker).exists() and time.monotonic() < deadline:
+        if victim.poll() is not None:
+            pytest.fail("the run ended before it could be killed: " + victim.stderr.read().decode()[-2000:])
+        time.sleep(0.02)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "b.safetensors").exists()
+    resumed = start("b")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-2000:]
+    a, b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

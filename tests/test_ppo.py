@@ -1,15 +1,8 @@
 """The PPO engine: sampling mechanics, learning on the demo task, exact resume after a kill, guards."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from rlhf_core.config import ModelConfig, PPOConfig, RewardConfig
 from rlhf_core.models.loading import load_causal_lm, save_model
@@ -17,9 +10,8 @@ from rlhf_core.ppo.core import logprobs_from_logits
 from rlhf_core.ppo.pipeline import build_ppo_trainer
 from rlhf_core.ppo.rollout import left_pad, response_logits, sample
 from rlhf_core.ppo.trainer import PPODiverged
-from tests.helpers import demo_frame, demo_rows, untrained_reward_dir
+from tests.helpers import assert_kill_and_resume_is_exact, demo_frame, demo_rows, untrained_reward_dir
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [r["prompt"] for r in demo_rows()[:600]]
 
 
@@ -88,29 +80,9 @@ def test_ppo_raises_the_reward_with_bounded_kl(demo_policy_and_reward):
             "explained_variance", "response_length", "eos_rate", "episodes_per_s", "tokens_per_s"} <= set(logged[0])
 
 
-def _job(policy, reward, ckpt, out, iterations=6):
-    code = (f"from tests.helpers import ppo_job; ppo_job({str(policy)!r}, {str(reward)!r}, {str(ckpt)!r}, {str(out)!r}, "
-            f"{iterations})")
-    return subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
 def test_killed_ppo_run_resumes_to_the_same_result(tiny_gpt2, tmp_path):
     reward = untrained_reward_dir(tmp_path, str(tiny_gpt2))
-    straight = _job(tiny_gpt2, reward, tmp_path / "ckpt-a", tmp_path / "a.safetensors")
-    assert straight.wait(timeout=600) == 0, straight.stderr.read().decode()[-2000:]
-    victim = _job(tiny_gpt2, reward, tmp_path / "ckpt-b", tmp_path / "b.safetensors")
-    deadline = time.monotonic() + 600
-    while not list((tmp_path / "ckpt-b").glob("iter-000002")) and time.monotonic() < deadline:
-        if victim.poll() is not None:
-            pytest.fail("the run ended before it could be killed: " + victim.stderr.read().decode()[-2000:])
-        time.sleep(0.02)
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.wait()
-    assert not (tmp_path / "b.safetensors").exists()
-    resumed = _job(tiny_gpt2, reward, tmp_path / "ckpt-b", tmp_path / "b.safetensors")
-    assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-2000:]
-    a, b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_kill_and_resume_is_exact("ppo_job", [tiny_gpt2, reward], tmp_path, "iter-000002")
 
 
 def test_kl_guard_stops_with_one_line_and_keeps_the_checkpoint(tiny_gpt2, tmp_path):

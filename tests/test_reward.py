@@ -3,17 +3,10 @@ reward models scoring another tokenizer's text, the CLI."""
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -23,9 +16,8 @@ from rlhf_core.reward.losses import bradley_terry_loss
 from rlhf_core.reward.model import build_reward_model, head_of, load_reward_model
 from rlhf_core.reward.pipeline import train_reward
 from rlhf_core.reward.trainer import RewardSettings, RewardTrainer, encode_pairs
-from tests.helpers import demo_frame, demo_rows
+from tests.helpers import assert_kill_and_resume_is_exact, demo_frame, demo_rows
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def sig(x: float) -> float:
@@ -131,27 +123,8 @@ def test_training_raises_validation_accuracy_on_demo_data():
     assert not rm.model.training  # dropout off after training
 
 
-def _job(model_dir, ckpt, out, max_steps=30):
-    code = f"from tests.helpers import reward_job; reward_job({str(model_dir)!r}, {str(ckpt)!r}, {str(out)!r}, {max_steps})"
-    return subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
 def test_killed_reward_training_resumes_to_the_same_weights(tiny_gpt2, tmp_path):
-    straight = _job(tiny_gpt2, tmp_path / "ckpt-a", tmp_path / "a.safetensors")
-    assert straight.wait(timeout=600) == 0, straight.stderr.read().decode()[-2000:]
-    victim = _job(tiny_gpt2, tmp_path / "ckpt-b", tmp_path / "b.safetensors")
-    deadline = time.monotonic() + 600
-    while not list((tmp_path / "ckpt-b").glob("step-00000010")) and time.monotonic() < deadline:
-        if victim.poll() is not None:
-            pytest.fail("the run ended before it could be killed: " + victim.stderr.read().decode()[-2000:])
-        time.sleep(0.05)
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.wait()
-    assert not (tmp_path / "b.safetensors").exists()
-    resumed = _job(tiny_gpt2, tmp_path / "ckpt-b", tmp_path / "b.safetensors")
-    assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-2000:]
-    a, b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_kill_and_resume_is_exact("reward_job", [tiny_gpt2], tmp_path, "step-00000010")
 
 
 def test_encoder_reward_model_scores_text_from_a_policy_with_another_tokenizer(tiny_gpt2, tmp_path):

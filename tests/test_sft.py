@@ -1,24 +1,16 @@
 """SFT: known answers for masking, loss, batching and schedules; learning; exact resume after a kill."""
 
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from rlhf_core.models.chat import ChatFormat
 from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.sft import IGNORE, Example, SFTSettings, SFTTrainer, collate, encode_examples, generate_samples, token_nll
 from rlhf_core.training import length_bucketed_batches, lr_factor
-from tests.helpers import demo_rows
+from tests.helpers import assert_kill_and_resume_is_exact, demo_rows
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_collate_masks_prompt_and_padding():
@@ -128,33 +120,8 @@ def test_early_stopping_keeps_best_weights(tiny_gpt2):
     assert trainer.evaluate()["eval_loss"] == pytest.approx(result.best_eval_loss, rel=1e-5)
 
 
-def _job(model_dir, ckpt, out, max_steps=40):
-    code = (f"from tests.helpers import sft_job; sft_job({str(model_dir)!r}, {str(ckpt)!r}, {str(out)!r}, {max_steps})")
-    return subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
 def test_killed_run_resumes_to_the_same_weights(tiny_gpt2, tmp_path):
-    straight = _job(tiny_gpt2, tmp_path / "ckpt-a", tmp_path / "a.safetensors")
-    assert straight.wait(timeout=600) == 0, straight.stderr.read().decode()[-2000:]
-
-    victim = _job(tiny_gpt2, tmp_path / "ckpt-b", tmp_path / "b.safetensors")
-    deadline = time.monotonic() + 600
-    while not list((tmp_path / "ckpt-b").glob("step-00000015")) and time.monotonic() < deadline:
-        if victim.poll() is not None:
-            pytest.fail("the run ended before it could be killed: " + victim.stderr.read().decode()[-2000:])
-        time.sleep(0.05)
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.wait()
-    assert not (tmp_path / "b.safetensors").exists()
-    done = sorted(p.name for p in (tmp_path / "ckpt-b").glob("step-*"))
-    assert done and done[-1] < "step-00000040"
-
-    resumed = _job(tiny_gpt2, tmp_path / "ckpt-b", tmp_path / "b.safetensors")
-    assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-2000:]
-    a, b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_kill_and_resume_is_exact("sft_job", [tiny_gpt2], tmp_path, "step-00000015")
 
 
 def test_lora_sft_trains_only_the_adapter(tiny_gpt2):

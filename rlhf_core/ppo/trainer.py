@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,7 +25,7 @@ from rlhf_core.ppo.core import (AdaptiveKLController, FixedKLController, entropy
 from rlhf_core.ppo.rollout import Batch, left_pad, response_logits, sample
 from rlhf_core.ppo.value import ValueHead, ValueModel
 from rlhf_core.reward.model import RewardModel
-from rlhf_core.training import untie
+from rlhf_core.training import checkpoint_folder, cpu_copy, latest_checkpoint, untie
 
 
 class PPODiverged(UserError):
@@ -294,28 +292,18 @@ class PPOTrainer:
     def save_checkpoint(self) -> Path | None:
         if not self.checkpoint_dir:
             return None
-        final = self.checkpoint_dir / f"iter-{self.iteration:06d}"
-        tmp = self.checkpoint_dir / f".{final.name}.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(untie({k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.policy.state_dict().items()}),
-                  tmp / "policy.safetensors")
-        save_file(untie({k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.value.state_dict().items()}),
-                  tmp / "value.safetensors")
-        torch.save({"policy_opt": self.policy_opt.state_dict(), "value_opt": self.value_opt.state_dict(),
-                    "sample_gen": self.sample_gen.get_state(), "shuffle_gen": self.shuffle_gen.get_state()}, tmp / "trainer.pt")
-        (tmp / "state.json").write_text(json.dumps({"iteration": self.iteration, "kl_ctl": self.kl_ctl.state_dict(),
-                                                    "history": self.history, "settings": asdict(self.s)}))
-        os.replace(tmp, final)
-        for old in sorted(self.checkpoint_dir.glob("iter-*"))[: -self.s.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
+        name = f"iter-{self.iteration:06d}"
+        with checkpoint_folder(self.checkpoint_dir, name, "iter-", self.s.keep_checkpoints) as tmp:
+            save_file(untie(cpu_copy(self.policy)), tmp / "policy.safetensors")
+            save_file(untie(cpu_copy(self.value)), tmp / "value.safetensors")
+            torch.save({"policy_opt": self.policy_opt.state_dict(), "value_opt": self.value_opt.state_dict(),
+                        "sample_gen": self.sample_gen.get_state(), "shuffle_gen": self.shuffle_gen.get_state()}, tmp / "trainer.pt")
+            (tmp / "state.json").write_text(json.dumps({"iteration": self.iteration, "kl_ctl": self.kl_ctl.state_dict(),
+                                                        "history": self.history, "settings": asdict(self.s)}))
+        return self.checkpoint_dir / name
 
     def latest_checkpoint(self) -> Path | None:
-        if not self.checkpoint_dir or not self.checkpoint_dir.exists():
-            return None
-        done = sorted(p for p in self.checkpoint_dir.glob("iter-*") if (p / "state.json").exists())
-        return done[-1] if done else None
+        return latest_checkpoint(self.checkpoint_dir, "iter-")
 
     def load_checkpoint(self, path: Path) -> None:
         self.policy.load_state_dict(load_file(path / "policy.safetensors", device=str(self.device)), strict=False)
