@@ -9,7 +9,6 @@ import sys
 
 import mlflow
 import pandas as pd
-from prefect import get_run_logger
 
 import rlhf_core.models.chat
 import rlhf_core.models.loading
@@ -22,7 +21,7 @@ from rlhf_core.models.loading import LoraSettings, add_lora, load_causal_lm, sav
 from rlhf_core.models.scratch import build_scratch_model
 from rlhf_core.sft import SFTSettings, SFTTrainer, encode_examples, generate_samples
 from rlhf_core.storage import atomic_dir
-from tasks.stage import code_version, quiet_transformers, stage_dir, stage_task, user_errors_fail_cleanly
+from tasks.stage import code_version, metrics_logger, quiet_transformers, stage_dir, stage_task, user_errors_fail_cleanly
 from tasks.tracking import TrackingContext, stage_run
 
 POLICY_CODE_VERSION = code_version(rlhf_core.models.scratch, rlhf_core.models.loading, sys.modules[__name__])
@@ -83,15 +82,8 @@ def sft(base_model: str, train_file: str, val_file: str, model: ModelConfig, sft
             "truncated_examples": train_stats.truncated, "dropped_examples": train_stats.dropped})
         trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
         mlflow.log_metrics({"trainable_parameters": trainable, "parameters": sum(p.numel() for p in policy.parameters())})
-        logger = get_run_logger()
-
-        def on_log(step: int, metrics: dict) -> None:
-            mlflow.log_metrics(metrics, step=step)
-            # one readable line per log interval: the tqdm bar only shows on a terminal
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("train_loss", "eval_loss", "eval_perplexity", "tokens_per_s"))
-            logger.info(f"sft step {step}/{trainer.total_steps}: {shown}")
-
-        trainer = SFTTrainer(policy, loaded.tokenizer, train, val, settings, checkpoint_dir=checkpoints, on_log=on_log)
+        trainer = SFTTrainer(policy, loaded.tokenizer, train, val, settings, checkpoint_dir=checkpoints)
+        trainer.on_log = metrics_logger("sft step", ("train_loss", "eval_loss", "eval_perplexity", "tokens_per_s"), trainer.total_steps)
         result = trainer.train()
         if result.resumed_from_step is not None:
             mlflow.set_tag("rlhf.resumed_from_step", str(result.resumed_from_step))

@@ -20,7 +20,7 @@ from rlhf_core.models.loading import save_model
 from rlhf_core.plots import curves_plot
 from rlhf_core.ppo.pipeline import build_ppo_trainer
 from rlhf_core.storage import atomic_dir
-from tasks.stage import code_version, quiet_transformers, stage_dir, stage_task, user_errors_fail_cleanly
+from tasks.stage import code_version, metrics_logger, quiet_transformers, stage_dir, stage_task, user_errors_fail_cleanly
 from tasks.tracking import TrackingContext, stage_run
 
 PPO_CODE_VERSION = code_version(rlhf_core.ppo.core, rlhf_core.ppo.rollout, rlhf_core.ppo.value, rlhf_core.ppo.trainer,
@@ -42,7 +42,9 @@ def ppo(policy_dir: str, reward_dir: str, train_file: str, ppo_cfg: PPOConfig, m
             mlflow.log_table(pd.DataFrame(rows), artifact_file="samples/ppo_samples.json")
 
         trainer = build_ppo_trainer(policy_dir, reward_dir, prompts, ppo_cfg, model, seed, checkpoint_dir=checkpoints,
-                                    on_log=lambda it, m: mlflow.log_metrics(m, step=it), on_samples=log_samples)
+                                    on_log=metrics_logger("ppo iteration", ("score", "kl", "entropy", "response_length", "episodes_per_s"),
+                                                          ppo_cfg.iterations, every=max(1, ppo_cfg.iterations // 20)),
+                                    on_samples=log_samples)
         mlflow.log_params({"policy": policy_dir, "reward_model": reward_dir, "prompts": len(prompts),
                            "value_model": type(trainer.value).__name__, "reward_reads_policy_tokens": trainer.rm_reads_policy_tokens,
                            **{k: v for k, v in ppo_cfg.model_dump().items() if not isinstance(v, dict)}})

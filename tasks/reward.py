@@ -25,7 +25,7 @@ from rlhf_core.reward.model import load_reward_model
 from rlhf_core.reward.pipeline import train_reward
 from rlhf_core.reward.trainer import labelled_pairs
 from rlhf_core.storage import atomic_dir
-from tasks.stage import code_version, quiet_transformers, stage_dir, stage_task, user_errors_fail_cleanly
+from tasks.stage import code_version, metrics_logger, quiet_transformers, stage_dir, stage_task, user_errors_fail_cleanly
 from tasks.tracking import TrackingContext, stage_run
 
 REWARD_TRAIN_CODE_VERSION = code_version(rlhf_core.reward.losses, rlhf_core.reward.model, rlhf_core.reward.trainer,
@@ -53,7 +53,8 @@ def train_reward_model(train_file: str, val_file: str, reward: RewardConfig, mod
                            "center_coef": reward.center_coef, "human_weight": reward.human_weight, "ai_weight": reward.ai_weight,
                            "lora": reward.lora.enabled, **{f"train_pairs_{k}": v for k, v in sources.items()}})
         rm, result = train_reward(train_df, val_df, reward, model, backbone, checkpoint_dir=checkpoints,
-                                  policy_dir=policy_dir, seed=seed, on_log=lambda step, m: mlflow.log_metrics(m, step=step))
+                                  policy_dir=policy_dir, seed=seed,
+                                  on_log=metrics_logger("reward step", ("train_loss", "eval_accuracy", "eval_loss", "pairs_per_s")))
         mlflow.log_param("kind", rm.kind)
         if result.resumed_from_step:
             logger.info(f"reward model: resumed from step {result.resumed_from_step}")

@@ -64,6 +64,23 @@ def quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
+def metrics_logger(stage: str, keys: tuple[str, ...], total: int | None = None, every: int = 1):
+    """on_log callback: every metric to the active MLflow run, and a readable line in the stage's
+    log every `every` calls (a tqdm bar only shows on a terminal, not in Prefect's logs)."""
+    import mlflow
+    from prefect import get_run_logger
+
+    logger = get_run_logger()
+
+    def on_log(step: int, metrics: dict) -> None:
+        mlflow.log_metrics(metrics, step=step)
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in keys)
+        if shown and (step % every == 0 or step == total or "eval_loss" in metrics or "eval_accuracy" in metrics):
+            logger.info(f"{stage} {step}{f'/{total}' if total else ''}: {shown}")
+
+    return on_log
+
+
 class _NoEmptyTraceback(logging.Filter):
     """Prefect logs a Failed state returned by a task with exc_info set but no exception,
     which prints 'NoneType: None'; a clean failure should be just its message."""
