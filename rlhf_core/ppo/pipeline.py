@@ -30,7 +30,7 @@ def build_ppo_trainer(policy_dir: str, reward_dir: str, prompts: Sequence[str], 
     if cfg.reference == "copy":
         reference = load_causal_lm(policy_dir, dtype=model.dtype, device=cfg.device, trust_remote_code=model.trust_remote_code).model
     rm = load_reward_model(reward_dir, device=cfg.device, trust_remote_code=model.trust_remote_code)
-    reads_policy_tokens = rm.kind == "causal" and rm.tokenizer.get_vocab() == tokenizer.get_vocab()
+    reads_policy_tokens = rm.reads_tokens_of(tokenizer)
     kind = cfg.value_model if cfg.value_model != "auto" else ("reward" if reads_policy_tokens else "policy")
     if kind == "reward":
         if not reads_policy_tokens:

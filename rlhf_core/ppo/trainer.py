@@ -109,8 +109,7 @@ class PPOTrainer:
         self.prompt_ids = [self.fmt.encode(p)[0][-s.max_prompt_tokens:] for p in self.prompts]
         self.eos_id = tokenizer.eos_token_id if settings.stop_at_eos else None
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.rm_reads_policy_tokens = (reward_model.kind == "causal" and reward_model.tokenizer.get_vocab() == tokenizer.get_vocab()
-                                       and getattr(reward_model.tokenizer, "chat_template", None) == getattr(tokenizer, "chat_template", None))
+        self.rm_reads_policy_tokens = reward_model.reads_tokens_of(tokenizer)
         for m in (policy, value_model, reward_model.model, reference):
             if m is not None:
                 m.eval()  # dropout off everywhere: the ratio must be 1 before the first update
@@ -181,8 +180,7 @@ class PPOTrainer:
                                      eos_id=self.eos_id, pad_id=self.pad_id, generator=self.sample_gen)
             ref_logprobs = logprobs_from_logits(self._reference_logits(batch), batch.responses, s.temperature) * batch.mask
             if self.shared_value:
-                logits, out = response_logits(self.policy, batch, output_hidden_states=True)
-                values = self._values(batch, out)
+                values = self._values(batch, response_logits(self.policy, batch, output_hidden_states=True)[1])
             else:
                 values = self._values(batch)
             raw = self.score(batch, idx)

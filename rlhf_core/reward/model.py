@@ -81,6 +81,12 @@ class RewardModel:
         tok = self.tokenizer
         return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
+    def reads_tokens_of(self, tokenizer) -> bool:
+        """True when this (causal) reward model reads another tokenizer's ids as they are: same vocabulary
+        and chat template, so PPO can pass token ids straight through instead of decoding."""
+        return (self.kind == "causal" and self.tokenizer.get_vocab() == tokenizer.get_vocab()
+                and getattr(self.tokenizer, "chat_template", None) == getattr(tokenizer, "chat_template", None))
+
     # -- text -> ids ---------------------------------------------------------------------------
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Encoded]:
         """Over-long pairs keep the end of the prompt (the latest turn) and the start of the response."""
