@@ -81,6 +81,15 @@ def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
         p = result["ppo"]
         table.add_row("tuned policy", result["tuned_policy"])
         table.add_row("PPO reward", f"{p['score_start']:+.3f} -> {p['score_end']:+.3f} (KL {p['kl_end']:.2f})")
+    if "evaluation" in result:
+        e = result["evaluation"]
+        table.add_row("held-out win rate", f"{e['eval_win_rate']:.1%} (95% CI {e['eval_win_rate_ci_low']:.1%}-{e['eval_win_rate_ci_high']:.1%})")
+        table.add_row("held-out score", f"{e['eval_score_mean_reference']:+.3f} -> {e['eval_score_mean_tuned']:+.3f} "
+                                        f"(KL {e['eval_kl_per_response']:.2f} per response)")
+    if result.get("registry"):
+        g = result["registry"]
+        table.add_row("registered", f"{g['model_name']} v{g['version']} [{', '.join(g.get('aliases') or []) or 'no alias'}]")
+        table.add_row("promotion", g.get("note") or g.get("message", ""))
     table.add_row("MLflow parent run", result["mlflow_run_id"])
     table.add_row("MLflow tracking", cfg.mlflow_tracking_uri)
     out.print(table)

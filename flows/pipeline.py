@@ -13,9 +13,11 @@ from prefect.states import Failed, State
 from rlhf_core.config import PipelineConfig, SourceConfig, stable_hash
 from rlhf_core.storage import source_fingerprint
 from tasks import data as data_tasks
+from tasks import evaluate as evaluate_tasks
 from tasks import labels as label_tasks
 from tasks import models as model_tasks
 from tasks import ppo as ppo_tasks
+from tasks import registry as registry_tasks
 from tasks import reward as reward_tasks
 from tasks.stage import make_stage_key, quiet_clean_failures
 from tasks.tracking import TrackingContext, finish_pipeline_run, log_cached_stage, start_pipeline_run
@@ -54,18 +56,19 @@ def run_stage(task, stage: str, tracking: TrackingContext, **params) -> dict:
     return state.result()
 
 
-def data_sources(cfg: PipelineConfig, tracking: TrackingContext) -> list[SourceConfig]:
+def data_sources(cfg: PipelineConfig, tracking: TrackingContext) -> tuple[list[SourceConfig], str | None]:
+    """The configured sources, or the generated demo set (which comes with its own held-out prompts)."""
     if cfg.data.sources:
-        return cfg.data.sources
+        return cfg.data.sources, None
     demo = run_stage(data_tasks.generate_demo_data, "demo-data", tracking, demo=cfg.data.demo,
                      stage_key=make_stage_key("demo", "", cfg.data.demo.model_dump(), data_tasks.DEMO_CODE_VERSION))
-    return [SourceConfig(path=demo["files"]["preferences"], format="pairwise")]
+    return [SourceConfig(path=demo["files"]["preferences"], format="pairwise")], demo["files"]["heldout_prompts"]
 
 
 def versioned_splits(cfg: PipelineConfig, tracking: TrackingContext) -> tuple[dict, dict]:
     """Sources -> ingest -> validate -> train/val/test split by prompt; each stage keyed on what it reads."""
     data = cfg.data
-    sources = data_sources(cfg, tracking)
+    sources, heldout_file = data_sources(cfg, tracking)
     source_digest = stable_hash([(s.model_dump(), source_fingerprint(s.path, cfg.s3)) for s in sources])
     ingested = run_stage(data_tasks.ingest, "ingest", tracking, sources=sources, chunk_rows=data.chunk_rows, s3=cfg.s3,
                          stage_key=make_stage_key("ingest", source_digest, [s.model_dump() for s in sources], data_tasks.DATA_CODE_VERSION))
@@ -77,7 +80,7 @@ def versioned_splits(cfg: PipelineConfig, tracking: TrackingContext) -> tuple[di
                        stage_key=make_stage_key("split", validated["stage_key"], [data.splits.model_dump(), cfg.run.seed],
                                                 data_tasks.DATA_CODE_VERSION))
     data_tasks.log_splits_to_run(tracking.parent_run_id, splits)
-    return validated, splits
+    return validated, {**splits, "demo_heldout_file": heldout_file}
 
 
 def reference_policy(cfg: PipelineConfig, tracking: TrackingContext, splits: dict) -> dict:
@@ -150,10 +153,43 @@ def tuned_policy(cfg: PipelineConfig, tracking: TrackingContext, splits: dict, p
                                               [cfg.ppo.model_dump(), cfg.model.model_dump(), cfg.run.seed], ppo_tasks.PPO_CODE_VERSION))
 
 
+def evaluation(cfg: PipelineConfig, tracking: TrackingContext, splits: dict, policy: dict, reward: dict, tuned: dict) -> dict:
+    """Tuned vs. reference on held-out prompts: the demo's own, a configured file, or the test split's prompts."""
+    from rlhf_core.judges.constitution import load_constitution
+
+    ev = cfg.evaluate
+    prompts_file = splits["demo_heldout_file"] or splits["files"]["test"]
+    inputs = [tuned["stage_key"], policy["model_dir"], reward["stage_key"], splits["stage_key"]]
+    inputs += [source_fingerprint(p, cfg.s3) for p in (ev.prompts, ev.safety.prompts, prompts_file) if p]
+    sampling = cfg.ppo.model_dump(include={"max_new_tokens", "max_prompt_tokens", "temperature", "top_p"})
+    history = str(Path(tuned["out_dir"]) / "history.json")
+    return run_stage(evaluate_tasks.evaluate_policy, "evaluate", tracking, tuned_dir=tuned["model_dir"], reference_dir=policy["model_dir"],
+                     reward_dir=reward["model_dir"], ppo_history=history, prompts_file=prompts_file,
+                     demo_heldout_file=splits["demo_heldout_file"], val_file=splits["files"]["val"], evaluate=ev, ppo_cfg=cfg.ppo,
+                     judge=cfg.labels.judge, model=cfg.model, seed=cfg.run.seed,
+                     stage_key=make_stage_key("evaluate", stable_hash(inputs),
+                                              [ev.model_dump(), cfg.labels.judge.model_dump(), load_constitution(cfg.labels.judge.constitution).hash,
+                                               sampling, cfg.model.use_chat_template, cfg.run.seed], evaluate_tasks.EVALUATE_CODE_VERSION))
+
+
+def registry(cfg: PipelineConfig, tracking: TrackingContext, splits: dict, evaluated: dict, tuned: dict, reward: dict,
+             reward_evaluated: dict) -> dict | None:
+    """Register the policy (alias challenger) and the reward model; promote to champion only through the gate."""
+    promotion = None
+    if cfg.registry.enabled:
+        state = registry_tasks.register_and_promote(cfg.model_dump(mode="json"), tracking, evaluated, tuned, reward, reward_evaluated,
+                                                    splits["dataset_version"], return_state=True)
+        if not state.is_completed():
+            raise StageFailed(state)
+        promotion = state.result()
+    registry_tasks.publish_evaluation(tracking, evaluated, promotion, str(Path(tuned["out_dir"]) / "history.json"))
+    return promotion
+
+
 @flow(name="rlhf-pipeline", log_prints=True)
 def rlhf_pipeline(config: dict) -> dict | State:
     """Preference data -> versioned splits -> SFT reference policy -> AI labels -> reward model + gate -> PPO
-    (later: evaluation, registry)."""
+    -> evaluation -> registry (champion only through the promotion gate)."""
     quiet_clean_failures()
     cfg = PipelineConfig.model_validate(config)
     tracking = start_pipeline_run(cfg, run_name=f"{cfg.run.name}-{flow_run.get_name() or 'local'}",
@@ -174,16 +210,21 @@ def rlhf_pipeline(config: dict) -> dict | State:
             result["labels"] = labelled["metrics"]
         result["train_file"] = train_file
         if cfg.run.runs("reward") and cfg.reward.enabled:
-            trained, evaluated = reward_model(cfg, tracking, splits, train_file, train_key, policy)
+            trained, evaluated_rm = reward_model(cfg, tracking, splits, train_file, train_key, policy)
             result["reward_model"] = trained["model_dir"]
-            result["reward"] = evaluated["metrics"]
-            reward_gate(cfg, tracking, evaluated)
+            result["reward"] = evaluated_rm["metrics"]
+            reward_gate(cfg, tracking, evaluated_rm)
             if cfg.run.runs("ppo") and cfg.ppo.enabled:
                 if policy is None:
                     raise StageFailed(Failed(message="ppo needs the SFT reference policy: run.until must include sft"))
                 tuned = tuned_policy(cfg, tracking, splits, policy, trained)
                 result["tuned_policy"] = tuned["model_dir"]
                 result["ppo"] = tuned["metrics"]
+                if cfg.run.runs("evaluate") and cfg.evaluate.enabled:
+                    evaluated = evaluation(cfg, tracking, splits, policy, trained, tuned)
+                    result["evaluation"] = evaluated["metrics"]
+                    if cfg.run.until != "evaluate":
+                        result["registry"] = registry(cfg, tracking, splits, evaluated, tuned, trained, evaluated_rm)
         status = "FINISHED"
         return result
     except StageFailed as failed:

@@ -75,3 +75,17 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     centre = (p + z * z / (2 * n)) / denom
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return float(centre - half), float(centre + half)
+
+
+_OPS = {">=": lambda v, t: v >= t, "<=": lambda v, t: v <= t, ">": lambda v, t: v > t, "<": lambda v, t: v < t}
+
+
+def apply_checks(checks: list[dict]) -> list[str]:
+    """Each check {metric, value, op, threshold, config_key} gets 'passed'; returns one line per failure,
+    naming the metric, its value, what it needed and the config key that sets it (NaN always fails)."""
+    failures = []
+    for c in checks:
+        c["passed"] = bool(not np.isnan(c["value"]) and _OPS[c["op"]](c["value"], c["threshold"]))
+        if not c["passed"]:
+            failures.append(f"{c['metric']} = {c['value']:.4f}, needs {c['op']} {c['threshold']:g} ({c['config_key']})")
+    return failures

@@ -57,3 +57,21 @@ def curves_plot(history: list[dict], keys: list[str], path: Path, title: str, x:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def win_rate_plot(rows: dict[str, dict], path: Path, title: str = "Judged win rate") -> Path:
+    """One bar per comparison (name -> {win_rate, ci_low, ci_high}) with its 95% interval; 0.5 = no better."""
+    names = list(rows)
+    fig, ax = plt.subplots(figsize=(6, 1.0 + 0.7 * len(names)))
+    y = np.arange(len(names))
+    rates = np.array([rows[n]["win_rate"] for n in names])
+    err = np.array([[r - rows[n]["ci_low"], rows[n]["ci_high"] - r] for n, r in zip(names, rates)]).T
+    ax.barh(y, rates, xerr=err, capsize=5, color=["tab:green" if lo > 0.5 else "tab:grey" for lo in (rows[n]["ci_low"] for n in names)])
+    ax.axvline(0.5, ls="--", color="black", lw=1)
+    for yi, r in zip(y, rates):
+        ax.annotate(f"{r:.2f}", (r, yi), xytext=(4, 4), textcoords="offset points", fontsize=8)
+    ax.set(xlim=(0, 1), yticks=y, yticklabels=names, xlabel="win rate (ties count half), 95% CI", title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rlhf_core.metrics import accuracy, calibration_curve, expected_calibration_error, roc_auc, wilson_interval
+from rlhf_core.metrics import (accuracy, apply_checks, calibration_curve, expected_calibration_error, roc_auc,
+                              wilson_interval)
 from rlhf_core.plots import histogram_plot, reliability_plot
 from rlhf_core.reward.model import RewardModel
 from rlhf_core.reward.trainer import labelled_pairs
@@ -155,12 +156,7 @@ def check_gate(metrics: dict, min_accuracy: float | None, max_ece: float | None 
     if max_abs_length_corr is not None:
         checks.append({"metric": f"|{split}_length_correlation|", "value": abs(metrics[f"{split}_length_correlation"]), "op": "<=",
                        "threshold": max_abs_length_corr, "config_key": "reward.gate.max_abs_length_corr"})
-    failures = []
-    for c in checks:
-        ok = c["value"] >= c["threshold"] if c["op"] == ">=" else c["value"] <= c["threshold"]
-        c["passed"] = bool(ok and not np.isnan(c["value"]))
-        if not c["passed"]:
-            failures.append(f"{c['metric']} = {c['value']:.4f}, needs {c['op']} {c['threshold']:g} ({c['config_key']})")
+    failures = apply_checks(checks)
     return GateResult(not failures, failures, checks)
 
 
