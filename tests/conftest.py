@@ -85,3 +85,24 @@ def tiny_llama(tmp_path_factory) -> Path:
     from tests.helpers import tiny_model_dir
 
     return tiny_model_dir(tmp_path_factory.mktemp("models"), "llama")
+
+
+@pytest.fixture(scope="session")
+def demo_policy_and_reward(tiny_gpt2, tmp_path_factory):
+    """A briefly fine-tuned tiny policy and a MiniLM reward model trained on the demo pairs (its own tokenizer)."""
+    from rlhf_core.config import ModelConfig, RewardConfig
+    from rlhf_core.models.chat import ChatFormat
+    from rlhf_core.models.loading import load_causal_lm, save_model
+    from rlhf_core.reward.pipeline import train_reward
+    from rlhf_core.sft import SFTSettings, SFTTrainer, encode_examples
+    from tests.helpers import demo_frame, demo_rows
+
+    root = tmp_path_factory.mktemp("ppo-learn")
+    lm = load_causal_lm(str(tiny_gpt2), device="cpu", eval_mode=False)
+    train, _ = encode_examples([(r["prompt"], r["chosen"]) for r in demo_rows()[:500]], ChatFormat(lm.tokenizer), 128)
+    SFTTrainer(lm.model, lm.tokenizer, train, [], SFTSettings(max_steps=150, batch_size=16, lr=3e-3), progress=False).train(resume=False)
+    save_model(lm.model, lm.tokenizer, root / "sft")
+    cfg = RewardConfig(max_steps=40, batch_size=16, lr=1e-4, max_length=128, device="cpu", norm_prompts=32, norm_max_new_tokens=24)
+    rm, _ = train_reward(demo_frame(0, 600), None, cfg, ModelConfig(), "minilm", policy_dir=str(root / "sft"), progress=False)
+    rm.save(root / "rm")
+    return root / "sft", root / "rm"

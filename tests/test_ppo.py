@@ -4,33 +4,15 @@
 import pytest
 import torch
 
-from rlhf_core.config import ModelConfig, PPOConfig, RewardConfig
-from rlhf_core.models.loading import load_causal_lm, save_model
+from rlhf_core.config import ModelConfig, PPOConfig
+from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.ppo.core import logprobs_from_logits
 from rlhf_core.ppo.pipeline import build_ppo_trainer
 from rlhf_core.ppo.rollout import left_pad, response_logits, sample
 from rlhf_core.ppo.trainer import PPODiverged
-from tests.helpers import assert_kill_and_resume_is_exact, demo_frame, demo_rows, untrained_reward_dir
+from tests.helpers import assert_kill_and_resume_is_exact, demo_rows, untrained_reward_dir
 
 PROMPTS = [r["prompt"] for r in demo_rows()[:600]]
-
-
-@pytest.fixture(scope="session")
-def demo_policy_and_reward(tiny_gpt2, tmp_path_factory):
-    """A briefly fine-tuned tiny policy and a MiniLM reward model trained on the demo pairs (its own tokenizer)."""
-    from rlhf_core.models.chat import ChatFormat
-    from rlhf_core.reward.pipeline import train_reward
-    from rlhf_core.sft import SFTSettings, SFTTrainer, encode_examples
-
-    root = tmp_path_factory.mktemp("ppo-learn")
-    lm = load_causal_lm(str(tiny_gpt2), device="cpu", eval_mode=False)
-    train, _ = encode_examples([(r["prompt"], r["chosen"]) for r in demo_rows()[:500]], ChatFormat(lm.tokenizer), 128)
-    SFTTrainer(lm.model, lm.tokenizer, train, [], SFTSettings(max_steps=150, batch_size=16, lr=3e-3), progress=False).train(resume=False)
-    save_model(lm.model, lm.tokenizer, root / "sft")
-    cfg = RewardConfig(max_steps=40, batch_size=16, lr=1e-4, max_length=128, device="cpu", norm_prompts=32, norm_max_new_tokens=24)
-    rm, _ = train_reward(demo_frame(0, 600), None, cfg, ModelConfig(), "minilm", policy_dir=str(root / "sft"), progress=False)
-    rm.save(root / "rm")
-    return root / "sft", root / "rm"
 
 
 def test_sampling_logprobs_match_a_full_forward_pass(tiny_gpt2):
