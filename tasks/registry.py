@@ -80,7 +80,7 @@ def register_reward_model(client: MlflowClient, tracking: TrackingContext, name:
     info = mlflow.pyfunc.log_model(name="reward_model", python_model=str(code / "reward" / "pyfunc_model.py"),
                                    artifacts={serving.RewardModelPyfunc.ARTIFACT: trained["model_dir"]}, code_paths=[str(code)],
                                    pip_requirements=pinned(REWARD_REQUIREMENTS), signature=serving.signature(), input_example=example)
-    metrics = {k: v for k, v in evaluated["metrics"].items() if k.startswith("test_")}
+    metrics = {k: v for k, v in evaluated["metrics"].items() if k in ("test_accuracy", "test_auc", "test_ece", "test_length_correlation")}
     version = client.create_model_version(name, info.model_uri, run_id=mlflow.active_run().info.run_id,
                                           tags=version_tags(tracking, dataset_version, trained["stage_key"], metrics))
     return str(version.version)

@@ -222,9 +222,12 @@ def test_label_stage_rlaif(prefect_harness, tmp_path):
     assert set(pd.read_parquet(again.result()["train_file"])["label_source"]) == {"human"}
 
 
-def test_reward_gate_then_ppo(prefect_harness, tmp_path):
-    cfg = make_cfg(tmp_path, until="ppo")
+def test_reward_gate_ppo_evaluation_and_registry(prefect_harness, tmp_path):
+    """The whole pipeline on the tiny demo: reward gate, PPO, evaluation, registry; then re-runs."""
+    cfg = make_cfg(tmp_path, until=None)
     cfg = cfg.model_copy(update={
+        "evaluate": cfg.evaluate.model_validate({"max_prompts": 12, "perplexity_examples": 16, "safety": {"max_prompts": 4}}),
+        "registry": cfg.registry.model_validate({"gate": {"min_win_rate": 0.0, "min_score_gain": None, "max_unsafe_increase": None}}),
         "labels": cfg.labels.model_copy(update={"max_pairs": 160}),
         "reward": cfg.reward.model_validate({"max_steps": 16, "batch_size": 8, "lr": 1e-4, "max_length": 128, "eval_every": 8,
                                              "norm_prompts": 8, "norm_max_new_tokens": 8, "gate": {"min_accuracy": 0.6}}),
@@ -262,13 +265,62 @@ def test_reward_gate_then_ppo(prefect_harness, tmp_path):
     stage_out = Path(result["tuned_policy"]).parent
     assert not stage_out.with_name(stage_out.name + ".checkpoints").exists()  # cleaned after success
 
+    # evaluation: tuned vs. reference on the demo's held-out prompts, in the stage run and on the parent run
+    ev_run = stages["evaluate"]
+    assert ev_run.data.params["n_prompts"] == "12" and ev_run.data.params["safety_prompts"] == "demo held-out (harmful)"
+    expected = {"eval_win_rate", "eval_win_rate_ci_low", "eval_score_gain", "eval_kl_per_token", "eval_kl_per_response",
+                "eval_unsafe_rate_tuned", "eval_perplexity_reference", "eval_distinct_2_tuned", "eval_eos_rate_tuned"}
+    assert expected <= set(ev_run.data.metrics) and expected <= set(parent.data.metrics)
+    assert parent.data.metrics["registry_promoted"] == 1.0
+    report_files = {a.path for a in client.list_artifacts(parent.info.run_id, "evaluation")}
+    assert {"evaluation/report.md", "evaluation/report.json", "evaluation/plots"} <= report_files
+    assert len(client.list_artifacts(parent.info.run_id, "evaluation/plots")) == 4
+    report = Path(client.download_artifacts(parent.info.run_id, "evaluation/report.md", str(tmp_path))).read_text()
+    assert "### Registry: rlhf-policy v1" in report and "**champion**" in report
+
+    # registry: version 1 of both models, tagged, with the aliases; the champion loads and generates
+    import mlflow
+    import pandas as pd
+
+    reg = result["registry"]
+    assert (reg["version"], reg["promoted"], sorted(reg["aliases"])) == ("1", True, ["challenger", "champion"])
+    version = client.get_model_version("rlhf-policy", "1")
+    assert version.tags["rlhf.dataset_version"] == result["dataset_version"] and version.tags["rlhf.config_hash"] == cfg.config_hash()
+    assert version.tags["rlhf.git_commit"] and float(version.tags["rlhf.eval_win_rate"]) == pytest.approx(result["evaluation"]["eval_win_rate"], rel=1e-4)
+    assert str(client.get_model_version_by_alias("rlhf-reward-model", "champion").version) == "1"
+    mlflow.set_tracking_uri(cfg.mlflow_tracking_uri)
+    pipe = mlflow.transformers.load_model("models:/rlhf-policy@champion")
+    prompt = "\n\nHuman: How do I make a cup of tea?\n\nAssistant:"
+    generated = pipe(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)[0]["generated_text"]
+    assert generated.startswith(prompt) and len(generated) > len(prompt)
+    assert isinstance(mlflow.pyfunc.load_model("models:/rlhf-policy@champion").predict(["How do I make a cup of tea?"])[0], str)
+    scores = mlflow.pyfunc.load_model("models:/rlhf-reward-model@champion").predict(
+        pd.DataFrame({"prompt": ["How do I make tea?"] * 2, "response": ["Boil water, steep the tea for three minutes.", "No."]}))
+    assert list(scores.columns) == ["score", "raw_score"] and scores["score"].notna().all()
+
+    # the same config again: every stage cached, no new version
+    again = run_flow(cfg).result()
+    assert again["registry"]["version"] == "1" and "already registered" in again["registry"]["note"]
+    assert len(client.search_model_versions("name = 'rlhf-policy'")) == 1
+    assert len(client.search_model_versions("name = 'rlhf-reward-model'")) == 1
+
+    # a new policy under a strict gate: version 2 is the challenger, compared with champion v1, not promoted
+    stricter = cfg.model_copy(update={"ppo": cfg.ppo.model_copy(update={"iterations": 4}),
+                                      "registry": cfg.registry.model_validate({"gate": {"min_win_rate": 0.99}})})
+    third = run_flow(stricter).result()["registry"]
+    assert (third["version"], third["promoted"], third["champion"]["version"]) == ("2", False, "1")
+    assert "registry.gate.min_win_rate" in third["message"] and any(c["metric"] == "win_rate_vs_champion_v1" for c in third["checks"])
+    assert str(client.get_model_version_by_alias("rlhf-policy", "champion").version) == "1"
+    assert str(client.get_model_version_by_alias("rlhf-policy", "challenger").version) == "2"
+    assert len(client.search_model_versions("name = 'rlhf-reward-model'")) == 1  # same reward model: registered once
+
     # a stricter gate: same (cached) reward model, the flow stops with the metric and threshold named
     strict = cfg.model_copy(update={"reward": cfg.reward.model_copy(update={"gate": cfg.reward.gate.model_copy(update={"max_ece": 0.0})})})
     failed = run_flow(strict)
     assert failed.is_failed()
     assert failed.message.startswith("reward model gate failed: test_ece = ") and "(reward.gate.max_ece)" in failed.message
     runs = client.search_runs([parent.info.experiment_id], filter_string="tags.`rlhf.stage` = 'reward-train'")
-    assert sorted(r.info.run_name for r in runs) == ["reward-train", "reward-train (cached)"]
+    assert sorted(r.info.run_name for r in runs) == ["reward-train"] + ["reward-train (cached)"] * 3  # trained once, 4 runs
     failed_parent = client.search_runs([parent.info.experiment_id], filter_string="attributes.status = 'FAILED'")
     assert failed_parent and failed_parent[0].data.metrics["reward_gate_passed"] == 0.0
     assert "ppo" not in stage_runs(client, failed_parent[0].info.run_id)  # PPO never started on the failed model
