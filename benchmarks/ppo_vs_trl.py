@@ -1,7 +1,7 @@
 """PPO throughput: TRL 1.12's trl.experimental.ppo.PPOTrainer against our engine (rlhf_core.ppo), side by side in one process.
 
     python benchmarks/ppo_vs_trl.py [--setup tiny|small|both] [--iterations N] [--warmup 2] [--threads 1]
-                                    [--trl-gc-frozen freeze|noop] [--profile] [--json]
+                                    [--trl-gc-frozen freeze|noop] [--precision fp32|bf16] [--profile] [--json]
 
 Three runs per setup, each from the same initial weights, on the same prompts in the same order:
   * "trl"        TRL's PPOTrainer as shipped: its two gc.collect() calls per update run (they are timed through a thin
@@ -40,7 +40,11 @@ Same for both trainers:
     lr 1e-5 constant (TRL lr_scheduler_type="constant"), weight decay 0, one optimiser over policy + value on TRL's side,
     two (policy, value) stepping together on ours. TRL does no gradient clipping; ours runs clip_grad_norm_ with
     max_grad_norm=1e9 (the norm is still computed - a little extra work on our side - but never clips);
-  * no gradient checkpointing, no bf16 (bf16=False, use_cpu=True), no checkpoints (save_strategy="no" / no
+  * precision: fp32 by default (TRL bf16=False; ours mixed_precision "no"); --precision bf16 runs both with bf16
+    autocast on the CPU (TRL bf16=True, i.e. accelerate's autocast around every model forward; ours mixed_precision
+    "bf16": autocast around every forward, old log-probabilities from a full forward pass) and measures the peak
+    with bf16 matmuls;
+  * no gradient checkpointing, use_cpu=True, no checkpoints (save_strategy="no" / no
     checkpoint_dir), no sample generations (num_sample_generations=0 / on_samples=None), report_to="none".
   Known remaining differences (not work-changing): TRL samples from the global torch RNG, ours from its own generator, so
   the sampled tokens differ; TRL treats a *sampled* <|pad|> token as padding (masks it out of the losses), ours does not.
@@ -193,11 +197,11 @@ def iteration_flops(shape: tuple[int, int, int], epochs: int, pc: dict) -> float
     return float(B * per_row)
 
 
-def measure_peak(reps: int = 4) -> dict:
-    """Best fp32 torch.mm rate at the current thread count, GFLOP/s."""
+def measure_peak(reps: int = 4, dtype: torch.dtype = torch.float32) -> dict:
+    """Best torch.mm rate in `dtype` at the current thread count, GFLOP/s."""
     out = {}
     for n in (1024, 2048):
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         torch.mm(a, b)  # warm-up
         best = float("inf")
         for _ in range(reps):
@@ -292,7 +296,7 @@ def run_trl(policy_t, reward_t, tok, setup: Setup, order: list[list[int]], promp
         response_length=setup.new_tokens, temperature=1.0, stop_token=None, stop_token_id=None, missing_eos_penalty=None,
         kl_coef=0.05, kl_estimator="k1", cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95,
         whiten_rewards=False, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        optim=args.trl_optim, bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False,
+        optim=args.trl_optim, bf16=args.precision == "bf16", fp16=False, use_cpu=True, gradient_checkpointing=False,
         num_sample_generations=0, save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
         logging_steps=1, seed=args.seed, dataloader_num_workers=0, dataloader_pin_memory=False,
     )
@@ -369,7 +373,7 @@ def run_trl(policy_t, reward_t, tok, setup: Setup, order: list[list[int]], promp
 
 
 # -- ours -----------------------------------------------------------------------------------------
-def our_settings(setup: Setup, iterations: int, seed: int) -> PPOSettings:
+def our_settings(setup: Setup, iterations: int, seed: int, precision: str = "fp32") -> PPOSettings:
     B = setup.batch
     return PPOSettings(
         iterations=iterations, batch_size=B, generation_batch_size=B, mini_batch_size=B, micro_batch_size=B,
@@ -378,16 +382,17 @@ def our_settings(setup: Setup, iterations: int, seed: int) -> PPOSettings:
         kl_estimator="k1", adaptive_kl=False, kl_hard_limit=None, gamma=1.0, lam=0.95, cliprange=0.2,
         cliprange_value=0.2, vf_coef=0.1, entropy_coef=0.0, max_grad_norm=1e9, whiten_advantages=True,
         normalise_reward=False, reward_clip=None, missing_eos_penalty=None, checkpoint_every=10**9, sample_every=0,
-        seed=seed)
+        mixed_precision="bf16" if precision == "bf16" else "no", seed=seed)
 
 
-def make_ours(policy_t, reward_t, tok, prompts: list[str], setup: Setup, iterations: int, seed: int, on_log=None):
+def make_ours(policy_t, reward_t, tok, prompts: list[str], setup: Setup, iterations: int, seed: int, on_log=None,
+              precision: str = "fp32"):
     torch.manual_seed(seed)
     policy, ref = copy.deepcopy(policy_t), copy.deepcopy(policy_t)
     reward = copy.deepcopy(reward_t)
     value = value_from_reward_model(copy.deepcopy(reward_t))
     rm = RewardModel(reward, tok, kind="causal", max_length=N_POSITIONS, normalisation=None)
-    trainer = PPOTrainer(policy, tok, rm, prompts, our_settings(setup, iterations, seed), reference=ref, value_model=value,
+    trainer = PPOTrainer(policy, tok, rm, prompts, our_settings(setup, iterations, seed, precision), reference=ref, value_model=value,
                          on_log=on_log, progress=False)
     if not trainer.rm_reads_policy_tokens:
         raise SystemExit("our reward model would decode and re-tokenise (rm_reads_policy_tokens is False)")
@@ -448,7 +453,7 @@ def run_ours(trainer: PPOTrainer) -> dict:
 def profile_ours(policy_t, reward_t, tok, prompts, setup: Setup, args, top: int = 20) -> dict:
     """cProfile over --profile-iterations of our iterations, after --warmup unprofiled ones."""
     warm = max(1, args.warmup)
-    trainer = make_ours(policy_t, reward_t, tok, prompts, setup, warm, args.seed)
+    trainer = make_ours(policy_t, reward_t, tok, prompts, setup, warm, args.seed, precision=args.precision)
     trainer.train(resume=False)
     trainer.s.iterations = warm + args.profile_iterations
     prof = cProfile.Profile()
@@ -480,7 +485,7 @@ def run_setup(setup: Setup, tok, prompts: list[str], prompt_ids: list[list[int]]
     policy_t, reward_t = build_templates(tok, setup, args.seed)
     pc = param_counts(policy_t, reward_t)
 
-    ours_trainer = make_ours(policy_t, reward_t, tok, prompts, setup, iterations, args.seed)
+    ours_trainer = make_ours(policy_t, reward_t, tok, prompts, setup, iterations, args.seed, precision=args.precision)
     if ours_trainer.prompt_ids != prompt_ids:
         raise SystemExit("our trainer tokenised the prompts differently from the ids given to TRL")
     order = [ours_trainer.prompt_indices(it) for it in range(iterations)]
@@ -594,6 +599,7 @@ def main() -> None:
     ap.add_argument("--profile-iterations", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast on both sides (CPU bf16 units)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.warmup < 0:
@@ -611,7 +617,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     load_start = os.getloadavg()[0]
-    peak = measure_peak()
+    peak_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    peak = measure_peak(dtype=peak_dtype)
 
     rows = generate_demo_pairs(N_PROMPTS, seed=0)
     prompts = [r["prompt"] for r in rows]
@@ -627,7 +634,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ppo-vs-trl-") as tmp:
         for name in names:
             results[name] = run_setup(SETUPS[name], tok, prompts, prompt_ids, args, peak["peak_gflops"], tmp)
-    peak_end = measure_peak(reps=2)
+    peak_end = measure_peak(reps=2, dtype=peak_dtype)
 
     threads = torch.get_num_threads()
     min_cpu = min(res[k]["cpu_per_wall"] for res in results.values() for k in ("trl", "trl-nogc", "ours"))
@@ -637,7 +644,7 @@ def main() -> None:
                **peak, "peak_gflops_end": peak_end["peak_gflops"], "tokenizer_vocab": len(tok),
                "prompt_tokens": {"max_prompt_tokens": MAX_PROMPT_TOKENS,
                                  "mean": sum(map(len, prompt_ids)) / len(prompt_ids), "max": max(map(len, prompt_ids))},
-               "trl_gc_frozen": args.trl_gc_frozen, "trl_optim": args.trl_optim, "lr": LR,
+               "precision": args.precision, "trl_gc_frozen": args.trl_gc_frozen, "trl_optim": args.trl_optim, "lr": LR,
                "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}}
     if args.json:
         for res in results.values():
@@ -645,9 +652,9 @@ def main() -> None:
                 res[k]["iteration_s"] = [round(x, 4) for x in res[k]["iteration_s"]]
         print(json.dumps(_rounded({"machine": machine, **results})))
         return
-    print(f"PPO throughput, ours vs TRL {trl.__version__} experimental PPOTrainer; fp32 CPU, {threads} threads, "
+    print(f"PPO throughput, ours vs TRL {trl.__version__} experimental PPOTrainer; {args.precision} CPU, {threads} threads, "
           f"torch {torch.__version__}, transformers {transformers.__version__}")
-    print(f"fp32 matmul peak: {peak['peak_gflops']:.1f} GFLOP/s (mm1024 {peak['mm1024_gflops']:.1f}, "
+    print(f"{args.precision} matmul peak: {peak['peak_gflops']:.1f} GFLOP/s (mm1024 {peak['mm1024_gflops']:.1f}, "
           f"mm2048 {peak['mm2048_gflops']:.1f}; {peak_end['peak_gflops']:.1f} at the end); "
           f"trl-nogc = {args.trl_gc_frozen}; TRL optim {args.trl_optim}; timing excludes the first {args.warmup} iterations")
     for res in results.values():

@@ -277,6 +277,7 @@ class PPOConfig(Section):
     reward_clip: float | None = Field(None, gt=0)
     missing_eos_penalty: float | None = Field(None, ge=0)
     # auto: a copy of the reward model when it reads the policy's tokens, else a critic from the reference policy
+    mixed_precision: Literal["auto", "bf16", "no"] = "auto"  # auto: bf16 autocast on a GPU that supports it; bf16 also on CPU
     value_model: Literal["auto", "reward", "policy", "shared"] = "auto"
     reference: Literal["copy", "adapter"] = "copy"  # adapter: LoRA policy, reference = adapter disabled (no second copy)
     lora: LoraSection = Field(default_factory=LoraSection)
@@ -325,9 +326,11 @@ class EvaluateConfig(Section):
 
 class PromotionGateConfig(Section):
     min_win_rate: float | None = Field(0.5, ge=0, le=1)
+    min_win_rate_ci_low: float | None = Field(None, ge=0, le=1)  # require significance: the interval's lower end above this
     min_score_gain: float | None = 0.0
     max_kl_per_response: float | None = Field(15.0, gt=0)
     max_unsafe_increase: float | None = Field(0.05, ge=0, le=1)
+    safety_not_worse: bool = True  # harmful prompts: tuned not judged significantly worse than the reference
     beat_champion: bool = True
 
 

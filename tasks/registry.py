@@ -165,8 +165,7 @@ def register_and_promote(config: dict, tracking: TrackingContext, evaluated: dic
             versus = compare_with_champion(cfg, evaluated, reward_trained["model_dir"], champion)
             mlflow.log_metrics({"champion_win_rate": versus["win_rate"], "champion_score_gain": versus["score_gain"]})
         g = reg.gate
-        decision = decide(evaluated["metrics"], PromotionGate(g.min_win_rate, g.min_score_gain, g.max_kl_per_response,
-                                                              g.max_unsafe_increase, g.beat_champion), versus)
+        decision = decide(evaluated["metrics"], PromotionGate(**g.model_dump()), versus)
         if decision.promote:
             client.set_registered_model_alias(reg.policy_name, CHAMPION, version)
             client.set_registered_model_alias(reg.reward_model_name, CHAMPION, reward_version)

@@ -1,5 +1,6 @@
 """The PPO engine: sampling mechanics, learning on the demo task, exact resume after a kill, guards."""
 
+import math
 
 import pytest
 import torch
@@ -91,6 +92,22 @@ def test_lora_policy_with_adapter_reference_and_shared_value_head(tiny_gpt2, tmp
     assert result.iterations == 2 and result.history[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # adapter starts at zero
     after = trainer.policy.state_dict()
     assert all(torch.equal(base[k], after[k]) for k in base)  # only the adapter (and the value head) trained
+
+
+def test_bf16_autocast_starts_every_update_at_ratio_one(tiny_gpt2, tmp_path):
+    """With bf16 autocast (opt-in on CPU) the old log-probabilities come from a full forward pass like the
+    update's, so the first PPO epoch starts exactly on-policy: no clipping, approx KL ~ 0; weights stay fp32."""
+    reward = untrained_reward_dir(tmp_path, str(tiny_gpt2))
+    cfg = PPOConfig(iterations=2, batch_size=8, mini_batch_size=8, micro_batch_size=4, ppo_epochs=1, max_new_tokens=10, device="cpu",
+                    mixed_precision="bf16")
+    trainer = build_ppo_trainer(str(tiny_gpt2), str(reward), PROMPTS[:20], cfg, ModelConfig(), progress=False)
+    assert trainer.autocast == torch.bfloat16
+    history = trainer.train().history
+    for h in history:  # one mini-batch, one epoch: the only update is at the rollout's own weights
+        assert h["clipfrac"] == 0.0 and abs(h["approx_kl"]) < 1e-4 and math.isfinite(h["policy_loss"])
+    assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())
+    assert build_ppo_trainer(str(tiny_gpt2), str(reward), PROMPTS[:4], cfg.model_copy(update={"mixed_precision": "auto"}),
+                             ModelConfig(), progress=False).autocast is None  # auto: only on a GPU with bf16
 
 
 def test_batch_sizes_must_divide():

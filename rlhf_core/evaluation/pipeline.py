@@ -62,5 +62,8 @@ def evaluate_tuned(evaluator: PolicyEvaluator, tuned_dir: str, reference_dir: st
     t = evaluator.measure(tuned.model, tuned.tokenizer, "tuned")
     r = evaluator.measure(reference.model, reference.tokenizer, "reference")
     win, p = evaluator.compare(t, r)
+    safety_win = None
+    if t.safety is not None:  # paired, on the harmful prompts: is the tuned policy judged worse there?
+        safety_win, _ = evaluator.compare_texts(t.safety.prompts, t.safety.texts, r.safety.texts)
     kl = evaluator.kl(tuned.model, reference.model, t.held_out)
-    return build_report(t, r, win, p, kl, n_samples), t, r
+    return build_report(t, r, win, p, kl, n_samples, safety_win), t, r

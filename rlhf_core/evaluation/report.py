@@ -17,7 +17,7 @@ PER_POLICY = ("score_mean", "score_std", "raw_score_mean", "length_mean", "eos_r
 
 
 def build_report(tuned: PolicyResult, reference: PolicyResult, win: WinRate, p_tuned_better: np.ndarray, kl: dict,
-                 n_samples: int = 10) -> dict:
+                 n_samples: int = 10, safety_win: WinRate | None = None) -> dict:
     t, r = tuned.held_out, reference.held_out
     report = {
         "n_prompts": len(t.prompts),
@@ -31,6 +31,8 @@ def build_report(tuned: PolicyResult, reference: PolicyResult, win: WinRate, p_t
                      "reference_score": float(reference.scores[i]), "tuned_score": float(tuned.scores[i]),
                      "p_tuned_better": float(p_tuned_better[i])} for i in range(min(n_samples, len(t.prompts)))],
     }
+    if safety_win is not None:
+        report["safety_win_rate"] = safety_win.as_dict()
     if tuned.safety is not None:
         report["safety_samples"] = [{"prompt": tuned.safety.prompts[i], "reference": reference.safety.texts[i],
                                      "tuned": tuned.safety.texts[i], "reference_unsafe": bool(reference.unsafe[i]),
@@ -46,6 +48,9 @@ def headline_metrics(report: dict) -> dict[str, float]:
            "eval_tie_rate": win["ties"] / max(win["n"], 1),
            "eval_score_gain": pol["tuned"]["score_mean"] - pol["reference"]["score_mean"],
            "eval_kl_per_token": kl["per_token"], "eval_kl_per_response": kl["per_response"]}
+    if "safety_win_rate" in report:
+        sw = report["safety_win_rate"]
+        out.update(eval_safety_win_rate=sw["win_rate"], eval_safety_win_rate_ci_low=sw["ci_low"], eval_safety_win_rate_ci_high=sw["ci_high"])
     for name in POLICIES:
         for key in PER_POLICY:
             if key in pol[name]:
@@ -96,6 +101,11 @@ def markdown_report(report: dict, promotion: dict | None = None, run_link: str |
                   f"(95% CI {win['ci_low']:.3f}-{win['ci_high']:.3f}; {win['wins']} wins, {win['ties']} ties, {win['losses']} losses)",
               f"- **Score gain**: {m['eval_score_gain']:+.4f} (normalised reward-model units)",
               f"- **KL(tuned ‖ reference)**: {m['eval_kl_per_token']:.4f} per token, {m['eval_kl_per_response']:.3f} per response"]
+    if "safety_win_rate" in report:
+        sw = report["safety_win_rate"]
+        lines.append(f"- **Safety prompts**, tuned vs. reference (judge): win rate {sw['win_rate']:.3f} (95% CI {sw['ci_low']:.3f}-"
+                     f"{sw['ci_high']:.3f}, {sw['n']} prompts); unsafe rate {pol['reference'].get('unsafe_rate', float('nan')):.3f} -> "
+                     f"{pol['tuned'].get('unsafe_rate', float('nan')):.3f}")
     if promotion:
         champ = promotion.get("champion")
         if champ:

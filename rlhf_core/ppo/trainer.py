@@ -6,6 +6,7 @@ iteration index): a checkpoint holds exactly those, so a killed run resumes to t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -25,7 +26,7 @@ from rlhf_core.ppo.core import (AdaptiveKLController, FixedKLController, entropy
 from rlhf_core.ppo.rollout import Batch, left_pad, response_logits, sample
 from rlhf_core.ppo.value import ValueHead, ValueModel
 from rlhf_core.reward.model import RewardModel
-from rlhf_core.training import checkpoint_folder, cpu_copy, latest_checkpoint, untie
+from rlhf_core.training import autocast_dtype, checkpoint_folder, cpu_copy, latest_checkpoint, untie
 
 
 class PPODiverged(UserError):
@@ -65,6 +66,7 @@ class PPOSettings:
     normalise_reward: bool = True  # with the reward model's stored statistics
     reward_clip: float | None = None
     missing_eos_penalty: float | None = None
+    mixed_precision: str = "no"  # auto: bf16 autocast on GPUs that support it; bf16: also on CPU; no: fp32
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
     sample_every: int = 10
@@ -104,6 +106,7 @@ class PPOTrainer:
         if reference is None and not hasattr(policy, "disable_adapter"):
             raise ValueError("no reference model and the policy has no adapter to disable")
         self.device = next(policy.parameters()).device
+        self.autocast = autocast_dtype(s.mixed_precision, self.device)
         self.fmt = ChatFormat(tokenizer, use_chat_template=use_chat_template)
         self.prompts = list(prompts)
         self.prompt_ids = [self.fmt.encode(p)[0][-s.max_prompt_tokens:] for p in self.prompts]
@@ -129,6 +132,10 @@ class PPOTrainer:
         self.progress = progress
         self.iteration = 0
         self.history: list[dict] = []
+
+    def amp(self):
+        """bf16 autocast for every forward pass when configured; losses, log-probs and optimiser stay fp32."""
+        return torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
 
     # -- data ---------------------------------------------------------------------------------
     def prompt_indices(self, iteration: int) -> list[int]:
@@ -176,14 +183,18 @@ class PPOTrainer:
         for start in range(0, len(prompt_idx), s.generation_batch_size):
             idx = prompt_idx[start:start + s.generation_batch_size]
             queries, qmask = left_pad([self.prompt_ids[i] for i in idx], self.pad_id, self.device)
-            batch, logprobs = sample(self.policy, queries, qmask, s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                                     eos_id=self.eos_id, pad_id=self.pad_id, generator=self.sample_gen)
-            ref_logprobs = logprobs_from_logits(self._reference_logits(batch), batch.responses, s.temperature) * batch.mask
-            if self.shared_value:
-                values = self._values(batch, response_logits(self.policy, batch, output_hidden_states=True)[1])
-            else:
-                values = self._values(batch)
-            raw = self.score(batch, idx)
+            with self.amp():
+                batch, logprobs = sample(self.policy, queries, qmask, s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                                         eos_id=self.eos_id, pad_id=self.pad_id, generator=self.sample_gen)
+                ref_logprobs = logprobs_from_logits(self._reference_logits(batch), batch.responses, s.temperature) * batch.mask
+                policy_out = None
+                if self.shared_value or self.autocast:
+                    logits, policy_out = response_logits(self.policy, batch, output_hidden_states=self.shared_value)
+                    if self.autocast:  # in bf16, cached decoding and a full forward round differently: the
+                        # update's ratio must start at 1, so old log-probs come from the same kind of pass
+                        logprobs = logprobs_from_logits(logits, batch.responses, s.temperature) * batch.mask
+                values = self._values(batch, policy_out).float()
+                raw = self.score(batch, idx)
             chunks.append({"batch": batch, "logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values * batch.mask,
                            "raw_scores": raw})
         return _concat_rollouts(chunks, self.pad_id)
@@ -258,7 +269,9 @@ class PPOTrainer:
                 for mc_start in range(0, len(mini), s.micro_batch_size):
                     idx = mini[mc_start:mc_start + s.micro_batch_size].to(self.device)
                     mb = batch.select(idx)
-                    logits, logprobs, values = self._forward_train(mb)
+                    with self.amp():
+                        logits, logprobs, values = self._forward_train(mb)
+                    values = values.float()
                     m = mb.mask
                     pg, pg_stats = policy_loss(logprobs, old_logprobs[idx], advantages[idx], m, s.cliprange)
                     vf, vf_stats = value_loss(values, old_values[idx], returns[idx], m, s.cliprange_value)
