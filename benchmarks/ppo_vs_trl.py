@@ -277,6 +277,20 @@ class _TimedGC:
             self.seconds += time.perf_counter() - t
 
 
+@contextlib.contextmanager
+def patched_env(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run_trl(policy_t, reward_t, tok, setup: Setup, order: list[list[int]], prompt_ids: list[list[int]], args,
             gc_mode: str, out_dir: str) -> dict:
     """gc_mode: shipped | freeze | noop."""
@@ -312,7 +326,10 @@ def run_trl(policy_t, reward_t, tok, setup: Setup, order: list[list[int]], promp
     torch.manual_seed(args.seed)
     policy, ref = copy.deepcopy(policy_t), copy.deepcopy(policy_t)
     reward, value = copy.deepcopy(reward_t), copy.deepcopy(reward_t)
-    with contextlib.redirect_stdout(sys.stderr):  # accelerator.print("===training policy===") would break --json
+    # TRL's PPOTrainer builds its own Accelerator without a mixed_precision argument, so bf16=True alone leaves it in
+    # fp32; accelerate reads this variable instead (checked below through trainer.accelerator.mixed_precision)
+    precision_env = {"ACCELERATE_MIXED_PRECISION": "bf16"} if args.precision == "bf16" else {}
+    with contextlib.redirect_stdout(sys.stderr), patched_env(precision_env):  # accelerator.print would break --json
         trainer = TRLPPOTrainer(args=config, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
                                 train_dataset=dataset, value_model=value, eval_dataset=None, callbacks=[Timing()])
     trainer.remove_callback(PrinterCallback)  # disable_tqdm=True would print every log line
@@ -486,6 +503,8 @@ def run_setup(setup: Setup, tok, prompts: list[str], prompt_ids: list[list[int]]
     pc = param_counts(policy_t, reward_t)
 
     ours_trainer = make_ours(policy_t, reward_t, tok, prompts, setup, iterations, args.seed, precision=args.precision)
+    if args.precision == "bf16" and ours_trainer.autocast != torch.bfloat16:
+        raise SystemExit("our trainer is not in bf16 autocast")
     if ours_trainer.prompt_ids != prompt_ids:
         raise SystemExit("our trainer tokenised the prompts differently from the ids given to TRL")
     order = [ours_trainer.prompt_indices(it) for it in range(iterations)]
