@@ -27,6 +27,9 @@ data_app = typer.Typer(help="Ingest, validate and generate preference data.", no
 app.add_typer(data_app, name="data")
 reward_app = typer.Typer(help="Train and evaluate reward models.", no_args_is_help=True)
 app.add_typer(reward_app, name="reward")
+stack_app = typer.Typer(help="The real servers on this machine, no Docker: S3 store, MLflow, Prefect server and worker.",
+                        no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
 out = Console()
 err = Console(stderr=True)
 
@@ -275,3 +278,52 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _stack(config: Optional[Path], set_: Optional[list[str]]):
+    from rlhf_core.stack import Stack, StackSettings
+
+    cfg = load_config(config, set_ or [])
+    st = cfg.stack
+    return Stack(StackSettings(root=cfg.work_dir / "stack", s3_port=st.s3_port, mlflow_port=st.mlflow_port,
+                               prefect_port=st.prefect_port, bucket=st.bucket, work_pool=st.work_pool,
+                               startup_timeout_s=st.startup_timeout_s))
+
+
+def _health_table(health: dict) -> bool:
+    table = Table(title="rlhf stack")
+    for col in ("service", "health", "url", "detail"):
+        table.add_column(col)
+    for name, (ok, url, detail) in health.items():
+        table.add_row(name, "[green]healthy[/]" if ok else "[red]down[/]", url, detail)
+    out.print(table)
+    return all(ok for ok, _, _ in health.values())
+
+
+@stack_app.command("up")
+@user_errors()
+def stack_up(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Start the S3 store, MLflow server, Prefect server and a process worker on 127.0.0.1; returns when all are healthy."""
+    stack = _stack(config, set_)
+    health = stack.up(echo=lambda line: err.print(line, highlight=False))
+    _health_table(health)
+    env = stack.s.client_env()
+    out.print("Use it from this shell:\n" + "\n".join(f"  export {k}={v}" for k, v in env.items()), highlight=False)
+
+
+@stack_app.command("down")
+@user_errors()
+def stack_down(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Stop what `rlhf stack up` started (by PID), nothing else."""
+    stopped = _stack(config, set_).down(echo=lambda line: err.print(line, highlight=False))
+    if not stopped:
+        out.print("nothing to stop")
+
+
+@stack_app.command("status")
+@user_errors()
+def stack_status(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Health and URL of each service; exit 0 only when all are healthy."""
+    if not _health_table(_stack(config, set_).health()):
+        raise typer.Exit(1)
+

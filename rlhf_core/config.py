@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,7 +42,7 @@ class RunConfig(Section):
 class TrackingConfig(Section):
     # None -> embedded defaults under work_dir: sqlite:///<work_dir>/mlflow.db, <work_dir>/artifacts
     mlflow_tracking_uri: str | None = None
-    mlflow_artifact_location: str | None = None
+    mlflow_artifact_location: str | None = None  # None: <work_dir>/artifacts, or the server's default with an MLflow server
     experiment_name: str = "rlhf"
     # None -> Prefect's ephemeral mode with PREFECT_HOME=<work_dir>/prefect
     prefect_api_url: str | None = None
@@ -51,7 +52,7 @@ class TrackingConfig(Section):
 
 
 class S3Config(Section):
-    endpoint_url: str | None = None  # e.g. http://127.0.0.1:8333 for SeaweedFS; None -> AWS
+    endpoint_url: str | None = None  # e.g. http://127.0.0.1:8333 for SeaweedFS; None -> $RLHF_S3_ENDPOINT_URL, else AWS
     region: str | None = None
     # Credentials come from the environment (AWS_ACCESS_KEY_ID, ...) and are never logged.
 
@@ -344,6 +345,17 @@ class RegistryConfig(Section):
     gate: PromotionGateConfig = Field(default_factory=PromotionGateConfig)
 
 
+class StackConfig(Section):
+    """`rlhf stack up|down|status`: local servers on 127.0.0.1, state and logs under <work_dir>/stack."""
+
+    s3_port: int = Field(8333, ge=1, le=65535)
+    mlflow_port: int = Field(5000, ge=1, le=65535)
+    prefect_port: int = Field(4200, ge=1, le=65535)
+    bucket: str = "rlhf"
+    work_pool: str = "rlhf"
+    startup_timeout_s: float = Field(180.0, gt=0)
+
+
 class PipelineConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -356,6 +368,7 @@ class PipelineConfig(Section):
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    stack: StackConfig = Field(default_factory=StackConfig)
 
     # -- derived locations -------------------------------------------------------------
     @property
@@ -364,11 +377,19 @@ class PipelineConfig(Section):
 
     @property
     def mlflow_tracking_uri(self) -> str:
-        return self.tracking.mlflow_tracking_uri or f"sqlite:///{self.work_dir / 'mlflow.db'}"
+        """The configured URI, else an exported MLFLOW_TRACKING_URI (e.g. from `rlhf stack up`), else SQLite in the work dir."""
+        return (self.tracking.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                or f"sqlite:///{self.work_dir / 'mlflow.db'}")
 
     @property
-    def mlflow_artifact_location(self) -> str:
-        return self.tracking.mlflow_artifact_location or (self.work_dir / "artifacts").as_uri()
+    def mlflow_artifact_location(self) -> str | None:
+        """Artifact root of a new experiment: configured, else the server's own (proxied, e.g. to S3) when
+        tracking goes to an MLflow server, else a folder in the work dir."""
+        if self.tracking.mlflow_artifact_location:
+            return self.tracking.mlflow_artifact_location
+        if self.mlflow_tracking_uri.startswith(("http://", "https://")):
+            return None
+        return (self.work_dir / "artifacts").as_uri()
 
     @property
     def prefect_home(self) -> Path:

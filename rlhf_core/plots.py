@@ -31,6 +31,11 @@ def reliability_plot(curve: list[dict], path: Path, title: str = "Calibration", 
 def histogram_plot(series: dict[str, np.ndarray], path: Path, title: str, xlabel: str, bins: int = 30,
                    value_range: tuple[float, float] | None = None) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.8))
+    finite = [v for v in (np.asarray(x, float) for x in series.values()) if len(v)]
+    if value_range is None and finite:  # the same bins for every series, so the bars compare
+        allv = np.concatenate(finite)
+        allv = allv[np.isfinite(allv)]
+        value_range = (float(allv.min()), float(allv.max())) if len(allv) and allv.min() < allv.max() else None
     for name, values in series.items():
         ax.hist(np.asarray(values, float), bins=bins, range=value_range, alpha=0.55, label=name)
     ax.set(title=title, xlabel=xlabel, ylabel="count")

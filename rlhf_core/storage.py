@@ -70,7 +70,7 @@ def s3_client(cfg: S3Config):
     from botocore.config import Config
 
     return boto3.client(
-        "s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        "s3", endpoint_url=cfg.endpoint_url or os.environ.get("RLHF_S3_ENDPOINT_URL") or None, region_name=cfg.region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
         config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60),
     )
 

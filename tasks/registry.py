@@ -81,7 +81,7 @@ def register_reward_model(client: MlflowClient, tracking: TrackingContext, name:
                                    artifacts={serving.RewardModelPyfunc.ARTIFACT: trained["model_dir"]}, code_paths=[str(code)],
                                    pip_requirements=pinned(REWARD_REQUIREMENTS), signature=serving.signature(), input_example=example)
     metrics = {k: v for k, v in evaluated["metrics"].items() if k in ("test_accuracy", "test_auc", "test_ece", "test_length_correlation")}
-    version = client.create_model_version(name, info.model_uri, run_id=mlflow.active_run().info.run_id,
+    version = client.create_model_version(name, info.model_uri, run_id=mlflow.active_run().info.run_id, model_id=info.model_id,
                                           tags=version_tags(tracking, dataset_version, trained["stage_key"], metrics))
     return str(version.version)
 
@@ -104,7 +104,7 @@ def register_policy(client: MlflowClient, tracking: TrackingContext, name: str, 
                                          pip_requirements=pinned(MODEL_REQUIREMENTS), prompt_template=template, model_card=card,
                                          model_config={"max_new_tokens": 64, "do_sample": True, "top_p": 0.95})
     tags = version_tags(tracking, dataset_version, evaluated["stage_key"], {k: m[k] for k in TAGGED_METRICS if k in m})
-    version = client.create_model_version(name, info.model_uri, run_id=mlflow.active_run().info.run_id, tags=tags)
+    version = client.create_model_version(name, info.model_uri, run_id=mlflow.active_run().info.run_id, model_id=info.model_id, tags=tags)
     return str(version.version)
 
 

@@ -17,7 +17,10 @@ os.environ["PREFECT_TELEMETRY_ENABLE_RESOURCE_METRICS"] = "false"
 os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(_SESSION_HOME / "results")
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
 os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
-os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_HOME / 'mlflow-default.db'}"
+# An exported tracking URI or S3 endpoint (say, from `rlhf stack up`) would redirect every test's pipeline
+# run: each test's config names its own SQLite file under its work dir instead.
+for _var in ("MLFLOW_TRACKING_URI", "RLHF_S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"):
+    os.environ.pop(_var, None)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.pop("PREFECT_API_URL", None)

@@ -1,0 +1,292 @@
+"""`rlhf stack`: the real servers on this machine without Docker, on 127.0.0.1.
+
+SeaweedFS (S3), an MLflow tracking server (SQLite backend, artifacts proxied to S3), a Prefect server
+and a Prefect worker for a `process` work pool. Each runs in its own session (process group) with its
+log under the stack folder; `stack.json` there records what `up` started (PID and the kernel's start
+time of that PID, so `down` never signals a recycled PID) and `down` stops exactly that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rlhf_core.errors import UserError
+from rlhf_core.services import port_is_free, weed_binary
+
+HOST = "127.0.0.1"
+STATE_FILE = "stack.json"
+
+
+@dataclass
+class StackSettings:
+    root: Path  # logs, PIDs, data
+    s3_port: int = 8333
+    mlflow_port: int = 5000
+    prefect_port: int = 4200
+    bucket: str = "rlhf"
+    work_pool: str = "rlhf"
+    startup_timeout_s: float = 180.0
+
+    @property
+    def s3_url(self) -> str:
+        return f"http://{HOST}:{self.s3_port}"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://{HOST}:{self.mlflow_port}"
+
+    @property
+    def prefect_url(self) -> str:
+        return f"http://{HOST}:{self.prefect_port}/api"
+
+    @property
+    def prefect_ui(self) -> str:
+        return f"http://{HOST}:{self.prefect_port}"
+
+    def client_env(self) -> dict[str, str]:
+        """What a client of the stack (a pipeline run, the worker, a test) sets."""
+        return {"PREFECT_API_URL": self.prefect_url, "MLFLOW_TRACKING_URI": self.mlflow_url, "RLHF_S3_ENDPOINT_URL": self.s3_url}
+
+
+@dataclass
+class Started:
+    name: str
+    pid: int
+    start_ticks: int  # /proc/<pid>/stat field 22: tells this process from a later one with the same PID
+    url: str
+    log: str
+    cmd: list[str]
+
+
+def _start_ticks(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def is_ours(s: Started) -> bool:
+    """The recorded process is still alive (a zombie is not: its parent has gone, and only init may reap it)."""
+    return _start_ticks(s.pid) == s.start_ticks and not _zombie(s.pid)
+
+
+def credentials() -> tuple[str, str]:
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if not key or not secret:
+        raise UserError("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY: the S3 store is started with them, and clients use them")
+    return key, secret
+
+
+def _http_ok(url: str, method: str = "GET", body: dict | None = None, timeout: float = 3.0) -> tuple[bool, object]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            text = resp.read().decode()
+            try:
+                return 200 <= resp.status < 300, json.loads(text)
+            except json.JSONDecodeError:
+                return 200 <= resp.status < 300, text
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return False, str(exc)
+
+
+class Stack:
+    ORDER = ("s3", "mlflow", "prefect", "worker")
+
+    def __init__(self, settings: StackSettings):
+        self.s = settings
+        self.root = Path(settings.root)
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def state_path(self) -> Path:
+        return self.root / STATE_FILE
+
+    def started(self) -> dict[str, Started]:
+        if not self.state_path.exists():
+            return {}
+        raw = json.loads(self.state_path.read_text())
+        return {k: Started(**v) for k, v in raw.get("services", {}).items()}
+
+    def _save(self, started: dict[str, Started]) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"services": {k: asdict(v) for k, v in started.items()}, "settings": {
+            k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.s).items()}}, indent=2))
+        os.replace(tmp, self.state_path)
+
+    # -- health --------------------------------------------------------------------------------
+    def health(self) -> dict[str, tuple[bool, str, str]]:
+        """name -> (healthy, url, detail)."""
+        s = self.s
+        out = {}
+        ok, detail = self._s3_health()
+        out["s3"] = (ok, s.s3_url, detail)
+        ok, body = _http_ok(f"{s.mlflow_url}/health")
+        out["mlflow"] = (ok, s.mlflow_url, "ok" if ok else str(body))
+        ok, body = _http_ok(f"{s.prefect_url}/health")
+        out["prefect"] = (ok, s.prefect_ui, "ok" if ok else str(body))
+        ok, detail = self._worker_health() if out["prefect"][0] else (False, "prefect server down")
+        out["worker"] = (ok, f"{s.prefect_ui}/work-pools/work-pool/{s.work_pool}", detail)
+        return out
+
+    def _s3_health(self) -> tuple[bool, str]:
+        try:
+            import boto3
+            from botocore.config import Config
+
+            key, secret = os.environ.get("AWS_ACCESS_KEY_ID", ""), os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+            client = boto3.client("s3", endpoint_url=self.s.s3_url, aws_access_key_id=key, aws_secret_access_key=secret,
+                                  region_name="us-east-1", config=Config(connect_timeout=2, read_timeout=3, retries={"max_attempts": 1}))
+            client.head_bucket(Bucket=self.s.bucket)
+            return True, f"bucket {self.s.bucket}"
+        except Exception as exc:  # noqa: BLE001 - any failure is "not healthy", with its reason
+            return False, str(exc).splitlines()[0][:200]
+
+    def _worker_health(self) -> tuple[bool, str]:
+        ok, body = _http_ok(f"{self.s.prefect_url}/work_pools/{self.s.work_pool}/workers/filter", "POST", {})
+        if not ok:
+            return False, f"work pool {self.s.work_pool}: {body}"
+        online = [w for w in body if w.get("status") == "ONLINE"]
+        return (True, f"{len(online)} online in pool {self.s.work_pool}") if online else (False, f"no online worker in pool {self.s.work_pool}")
+
+    # -- up / down -----------------------------------------------------------------------------
+    def _commands(self) -> dict[str, tuple[list[str], dict[str, str], Callable[[], bool]]]:
+        s, key_secret = self.s, credentials()
+        bin_dir = Path(sys.executable).parent
+        data = self.root / "data"
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+        s3_env = {**base, "AWS_ACCESS_KEY_ID": key_secret[0], "AWS_SECRET_ACCESS_KEY": key_secret[1]}
+        prefect_env = {**base, "PREFECT_HOME": str(self.root / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                       "PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY": "false", "PREFECT_UI_API_URL": s.prefect_url}
+        from rlhf_core.services import free_ports
+
+        master, volume, filer, admin = free_ports(4, with_grpc=True, start=30000, stop=40000)
+        return {
+            "s3": ([weed_binary(), "mini", f"-dir={data / 'seaweedfs'}", f"-ip={HOST}", f"-ip.bind={HOST}", f"-s3.port={s.s3_port}",
+                    f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", f"-admin.port={admin}",
+                    "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", f"-bucket={s.bucket}"],
+                   s3_env, lambda: self._s3_health()[0]),
+            # the server alone talks to S3 (proxied artifacts): clients need no S3 credentials for MLflow
+            "mlflow": ([str(bin_dir / "mlflow"), "server", "--host", HOST, "--port", str(s.mlflow_port), "--workers", "1",
+                        "--backend-store-uri", f"sqlite:///{data / 'mlflow.db'}", "--serve-artifacts",
+                        "--artifacts-destination", f"s3://{s.bucket}/mlflow"],
+                       {**s3_env, "MLFLOW_S3_ENDPOINT_URL": s.s3_url}, lambda: _http_ok(f"{s.mlflow_url}/health")[0]),
+            "prefect": ([str(bin_dir / "prefect"), "server", "start", "--host", HOST, "--port", str(s.prefect_port), "--analytics-off"],
+                        prefect_env, lambda: _http_ok(f"{s.prefect_url}/health")[0]),
+            "worker": ([str(bin_dir / "prefect"), "worker", "start", "--pool", s.work_pool, "--type", "process",
+                        "--name", f"rlhf-worker-{s.prefect_port}"],
+                       {**prefect_env, **s3_env, "PREFECT_API_URL": s.prefect_url, "MLFLOW_TRACKING_URI": s.mlflow_url,
+                        "RLHF_S3_ENDPOINT_URL": s.s3_url}, lambda: self._worker_health()[0]),
+        }
+
+    def up(self, echo: Callable[[str], None] = print) -> dict[str, tuple[bool, str, str]]:
+        """Start what is not running; return once every service is healthy (or raise, stopping what this call started)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "logs").mkdir(exist_ok=True)
+        started = {k: v for k, v in self.started().items() if is_ours(v)}
+        health = self.health()
+        ports = {"s3": self.s.s3_port, "mlflow": self.s.mlflow_port, "prefect": self.s.prefect_port}
+        for name, port in ports.items():
+            if name not in started and not health[name][0] and not port_is_free(port):
+                raise UserError(f"port {port} on {HOST} is taken by another program (stack.{name}_port)")
+        commands = self._commands()
+        new: list[str] = []
+        try:
+            for name in self.ORDER:
+                if name in started and health[name][0]:
+                    echo(f"{name}: already running (pid {started[name].pid})")
+                    continue
+                if name in started:  # ours but unhealthy: restart it
+                    self._stop_one(started.pop(name))
+                cmd, env, healthy = commands[name]
+                log = self.root / "logs" / f"{name}.log"
+                with open(log, "ab") as fh:
+                    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=self.root,
+                                            start_new_session=True)
+                started[name] = Started(name, proc.pid, _start_ticks(proc.pid) or -1, self.health_url(name), str(log), cmd)
+                new.append(name)
+                self._save(started)
+                self._wait(name, proc, healthy, log)
+                echo(f"{name}: started (pid {proc.pid}), {self.health_url(name)}")
+        except BaseException:
+            for name in reversed(new):
+                self._stop_one(started.pop(name))
+            self._save(started)
+            raise
+        return self.health()
+
+    def health_url(self, name: str) -> str:
+        s = self.s
+        return {"s3": s.s3_url, "mlflow": s.mlflow_url, "prefect": s.prefect_ui,
+                "worker": f"{s.prefect_ui}/work-pools/work-pool/{s.work_pool}"}[name]
+
+    def _wait(self, name: str, proc: subprocess.Popen, healthy: Callable[[], bool], log: Path) -> None:
+        deadline = time.monotonic() + self.s.startup_timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise UserError(f"{name} exited with code {proc.returncode} while starting; see {log}")
+            if healthy():
+                return
+            time.sleep(0.5)
+        raise UserError(f"{name} not healthy after {self.s.startup_timeout_s:.0f}s; see {log}")
+
+    def _stop_one(self, s: Started, timeout: float = 20.0) -> bool:
+        if not is_ours(s):
+            return False
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(s.pid, sig)
+            except ProcessLookupError:
+                return True
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                if not is_ours(s):
+                    _reap(s.pid)
+                    return True
+                time.sleep(0.2)
+        return not is_ours(s)
+
+    def down(self, echo: Callable[[str], None] = print) -> list[str]:
+        started = self.started()
+        stopped = []
+        for name in reversed(self.ORDER):
+            s = started.get(name)
+            if s is None:
+                continue
+            if self._stop_one(s):
+                echo(f"{name}: stopped (pid {s.pid})")
+                stopped.append(name)
+            else:
+                echo(f"{name}: pid {s.pid} is no longer ours; left alone")
+            started.pop(name)
+            self._save(started)
+        if self.state_path.exists() and not started:
+            self.state_path.unlink()
+        return stopped
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
