@@ -327,3 +327,24 @@ def stack_status(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     if not _health_table(_stack(config, set_).health()):
         raise typer.Exit(1)
 
+
+@app.command("deploy")
+@user_errors()
+def deploy_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Apply the deployments to the running Prefect server: the pipeline (nightly, one run at a time) and, with
+    deploy.watch_prefix, the S3 data sensor and the trigger that runs the pipeline on each new file."""
+    cfg = load_config(config, set_ or [])
+    from flows.runtime import configure_environment
+
+    configure_environment(cfg)
+    from flows.deploy import deploy
+
+    result = deploy(cfg)
+    p = result["pipeline"]
+    out.print(f"deployment {p['name']} on work pool {p['work_pool']}: schedule {p['cron'] or 'none'} ({p['timezone']}), "
+              f"at most {p['concurrency_limit']} run(s) at once", highlight=False)
+    if "sensor" in result:
+        sn = result["sensor"]
+        out.print(f"deployment {sn['name']}: every {sn['interval_s']}s lists {sn['prefix']} ({sn['already_there']} file(s) already there, "
+                  "not run); each new file starts a run of the pipeline on it", highlight=False)
+

@@ -187,11 +187,13 @@ def registry(cfg: PipelineConfig, tracking: TrackingContext, splits: dict, evalu
 
 
 @flow(name="rlhf-pipeline", log_prints=True)
-def rlhf_pipeline(config: dict) -> dict | State:
+def rlhf_pipeline(config: dict, data_path: str | None = None) -> dict | State:
     """Preference data -> versioned splits -> SFT reference policy -> AI labels -> reward model + gate -> PPO
     -> evaluation -> registry (champion only through the promotion gate)."""
     quiet_clean_failures()
     cfg = PipelineConfig.model_validate(config)
+    if data_path:  # a run for one file (e.g. started by the data-arrival trigger): it replaces the configured sources
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"sources": [SourceConfig(path=data_path)]})})
     tracking = start_pipeline_run(cfg, run_name=f"{cfg.run.name}-{flow_run.get_name() or 'local'}",
                                   tags={"prefect.flow_run_id": str(flow_run.get_id() or "")})
     status = "FAILED"

@@ -356,6 +356,24 @@ class StackConfig(Section):
     startup_timeout_s: float = Field(180.0, gt=0)
 
 
+class DeployConfig(Section):
+    """`rlhf deploy`: the pipeline as a Prefect deployment on a work pool."""
+
+    name: str = "nightly"
+    work_pool: str | None = None  # None: stack.work_pool
+    cron: str | None = "0 2 * * *"  # nightly; None: no schedule
+    timezone: str = "UTC"
+    concurrency_limit: int = Field(1, ge=1)  # runs of the pipeline deployment at once (the rest wait their turn)
+    watch_prefix: str | None = None  # s3://bucket/prefix/: each new preference file there starts a run on it
+    sensor_interval_s: int = Field(30, ge=5)
+
+    @model_validator(mode="after")
+    def _prefix_is_s3(self) -> DeployConfig:
+        if self.watch_prefix and not self.watch_prefix.startswith("s3://"):
+            raise ValueError(f"watch_prefix must be an s3:// URI, got {self.watch_prefix!r}")
+        return self
+
+
 class PipelineConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -369,6 +387,7 @@ class PipelineConfig(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     stack: StackConfig = Field(default_factory=StackConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
 
     # -- derived locations -------------------------------------------------------------
     @property

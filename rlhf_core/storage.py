@@ -132,3 +132,36 @@ def source_fingerprint(path: str, cfg: S3Config) -> str:
             h.update(file_digest(f).encode())
         return h.hexdigest()
     raise UnusableInputError(f"{path}: no such file")
+
+
+DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet", ".jsonl.gz", ".ndjson.gz", ".json.gz", ".csv.gz")
+
+
+def new_s3_objects(prefix_uri: str, cfg: S3Config, state: dict | None) -> tuple[list[str], dict]:
+    """Preference files under an S3 prefix that are newer than `state` (what an earlier call returned):
+    (their s3:// URIs, oldest first; the new state). State = the newest LastModified seen and the keys
+    seen at that instant, so it stays small however many objects the prefix holds."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, prefix = split_s3_uri(prefix_uri)
+    since = state.get("since") if state else None
+    seen_at_since = set(state.get("keys_at_since", [])) if state else set()
+    found = []
+    try:
+        for page in s3_client(cfg).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                key = obj["Key"]
+                if not key.lower().endswith(DATA_SUFFIXES) or "/." in f"/{key}":
+                    continue  # not a data file, or a hidden/partial upload
+                found.append((obj["LastModified"].isoformat(), key))
+    except (ClientError, BotoCoreError) as exc:
+        raise _s3_error(prefix_uri, exc) from None
+    new = sorted((t, k) for t, k in found if since is None or t > since or (t == since and k not in seen_at_since))
+    if not found:
+        return [], dict(state or {"since": None, "keys_at_since": []})
+    newest = max(t for t, _ in found)
+    if since is not None and newest < since:
+        newest = since
+    keys_at = sorted({k for t, k in found if t == newest} | (seen_at_since if newest == since else set()))
+    return [f"s3://{bucket}/{k}" for _, k in new], {"since": newest, "keys_at_since": keys_at}
+

@@ -4,11 +4,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from rlhf_core.data.demo import generate_demo_pairs
 from rlhf_core.services import free_ports
 from rlhf_core.stack import Started, _http_ok, is_ours
 
@@ -30,7 +32,22 @@ def rlhf(*args: str, env: dict, timeout: float = 400) -> subprocess.CompletedPro
     return subprocess.run([RLHF, *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
-def test_stack_up_status_down(tmp_path):
+def wait_for_run(api: str, data_path: str, timeout: float) -> dict:
+    """The pipeline run started for data_path, once it is in a final state."""
+    deadline = time.monotonic() + timeout
+    body = {"flow_runs": {"state": {"type": {"any_": ["COMPLETED", "FAILED", "CRASHED", "CANCELLED"]}}}}
+    while time.monotonic() < deadline:
+        ok, runs = _http_ok(f"{api}/flow_runs/filter", "POST", body)
+        found = [r for r in runs if r["parameters"].get("data_path") == data_path] if ok else []
+        if found:
+            return found[0]
+        time.sleep(5)
+    raise AssertionError(f"no finished pipeline run for {data_path} after {timeout:.0f}s")
+
+
+def test_stack_deploy_and_a_data_arrival_run(tmp_path):
+    """The issue's integration test: stack up, deploy, upload a preference file, the trigger's run completes on the
+    worker; Prefect, MLflow (through its server) and S3 hold the results; stack down leaves nothing behind."""
     s3, mlflow_port, prefect_port = free_ports(3, with_grpc=True)
     sets = ["--set", f"run.work_dir={tmp_path / 'work'}", "--set", f"stack.s3_port={s3}", "--set", f"stack.mlflow_port={mlflow_port}",
             "--set", f"stack.prefect_port={prefect_port}", "--set", "stack.work_pool=test-pool"]
@@ -69,25 +86,43 @@ def test_stack_up_status_down(tmp_path):
         keys = [o["Key"] for o in s3c.list_objects_v2(Bucket="rlhf", Prefix="mlflow/").get("Contents", [])]
         assert any(k.endswith("/artifacts/x.txt") for k in keys), keys
 
-        # the whole pipeline (tiny) against the stack: Prefect server, MLflow server, artifacts and models in S3
+        # deploy; a preference file lands under the watched prefix; the sensor's event starts a pipeline run for it
+        # on the worker, which completes against the stack's servers
         config = tmp_path / "tiny.yaml"
         config.write_text(yaml.safe_dump(TINY_PIPELINE | {"run": {"name": "stack", "work_dir": str(tmp_path / "pipeline")}}))
         run_env = {**env, "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
                    "RLHF_S3_ENDPOINT_URL": f"http://127.0.0.1:{s3}"}
-        run = rlhf("run", "--config", str(config), env=run_env, timeout=900)
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-        assert "temporary server" not in run.stdout + run.stderr  # the stack's Prefect server, not ephemeral mode
-        ok, flow_runs = _http_ok(f"http://127.0.0.1:{prefect_port}/api/flow_runs/filter", "POST", {})
-        assert ok and [r["state_type"] for r in flow_runs] == ["COMPLETED"]
-        keys = [o["Key"] for page in s3c.get_paginator("list_objects_v2").paginate(Bucket="rlhf", Prefix="mlflow/")
-                for o in page.get("Contents", [])]
-        assert any(k.endswith("/artifacts/evaluation/report.md") for k in keys)
-        assert any(k.endswith("/artifacts/MLmodel") and "/models/" in k for k in keys)  # the registered models' files
+        deployed = rlhf("deploy", "--config", str(config), *sets, "--set", "deploy.watch_prefix=s3://rlhf/incoming/",
+                        "--set", "deploy.sensor_interval_s=10", env=run_env, timeout=300)
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        api = f"http://127.0.0.1:{prefect_port}/api"
+        ok, deployments = _http_ok(f"{api}/deployments/filter", "POST", {})
+        nightly = next(d for d in deployments if d["name"] == "nightly")
+        assert nightly["schedules"][0]["schedule"]["cron"] == "0 2 * * *" and nightly["global_concurrency_limit"]["limit"] == 1
+        assert nightly["work_pool_name"] == "test-pool"
+
+        uri = "s3://rlhf/incoming/batch-001.jsonl"
+        rows = generate_demo_pairs(300, seed=7)
+        s3c.put_object(Bucket="rlhf", Key="incoming/batch-001.jsonl",
+                       Body="\n".join(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) for r in rows).encode())
+        run = wait_for_run(api, uri, timeout=600)
+        assert run["state_type"] == "COMPLETED", run["state"]
+        assert run["deployment_id"] == nightly["id"]
+
         import mlflow
 
         client = mlflow.MlflowClient(f"http://127.0.0.1:{mlflow_port}")
+        experiment = client.get_experiment_by_name("stack-test")
+        stages = {r.data.tags.get("rlhf.stage") for r in client.search_runs([experiment.experiment_id])}
+        assert {"ingest", "validate", "split", "sft", "label", "reward-train", "reward-eval", "ppo", "evaluate", "register"} <= stages
+        parent = client.search_runs([experiment.experiment_id], "tags.`rlhf.kind` = 'pipeline'")[0]
+        assert parent.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied through the server
+        keys = [o["Key"] for page in s3c.get_paginator("list_objects_v2").paginate(Bucket="rlhf", Prefix="mlflow/")
+                for o in page.get("Contents", [])]
+        assert any(k.endswith(f"{parent.info.run_id}/artifacts/evaluation/report.md") for k in keys)
+        assert any(k.endswith("/artifacts/MLmodel") and "/models/" in k for k in keys)  # the registered models' files
         assert [str(v.version) for v in client.search_model_versions("name = 'rlhf-policy'")] == ["1"]
-        assert not (tmp_path / "pipeline" / "artifacts").exists()  # nothing went to the local artifact folder
+        assert not (tmp_path / "pipeline" / "artifacts").exists()  # nothing went to a local artifact folder
     finally:
         down = rlhf("stack", "down", *sets, env=env)
     assert down.returncode == 0, down.stdout + down.stderr
