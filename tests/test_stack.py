@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,6 +27,21 @@ TINY_PIPELINE = {
     "ppo": {"iterations": 2, "batch_size": 4, "mini_batch_size": 4, "micro_batch_size": 4, "max_new_tokens": 6, "checkpoint_every": 2},
     "evaluate": {"max_prompts": 8, "perplexity_examples": 8, "safety": {"max_prompts": 2}},
 }
+
+
+ARTIFACTS = Path(os.environ.get("RLHF_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
+
+
+def browse(url: str, png: Path) -> str:
+    """Load a page in headless Chromium (Debian's package; `make test` installs it): save a screenshot, return the DOM."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.fail("headless Chromium not found: apt-get install chromium (make test installs it when it can)")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    flags = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,900",
+             "--virtual-time-budget=20000"]
+    subprocess.run([*flags, f"--screenshot={png}", url], capture_output=True, timeout=120, check=True)
+    return subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True).stdout
 
 
 def rlhf(*args: str, env: dict, timeout: float = 400) -> subprocess.CompletedProcess:
@@ -123,6 +139,16 @@ def test_stack_deploy_and_a_data_arrival_run(tmp_path):
         assert any(k.endswith("/artifacts/MLmodel") and "/models/" in k for k in keys)  # the registered models' files
         assert [str(v.version) for v in client.search_model_versions("name = 'rlhf-policy'")] == ["1"]
         assert not (tmp_path / "pipeline" / "artifacts").exists()  # nothing went to a local artifact folder
+
+        # what a person sees: the flow run in the Prefect UI and the pipeline run in the MLflow UI (headless Chromium)
+        pages = {"prefect-flow-run": (f"http://127.0.0.1:{prefect_port}/runs/flow-run/{run['id']}", run["name"]),
+                 "mlflow-run": (f"http://127.0.0.1:{mlflow_port}/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}",
+                                parent.info.run_name)}
+        for name, (url, expected_text) in pages.items():
+            png = ARTIFACTS / f"{name}.png"
+            dom = browse(url, png)
+            assert expected_text in dom, f"{url} does not show {expected_text!r}"
+            assert png.stat().st_size > 20_000  # a rendered page, not a blank one
     finally:
         down = rlhf("stack", "down", *sets, env=env)
     assert down.returncode == 0, down.stdout + down.stderr
