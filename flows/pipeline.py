@@ -30,9 +30,20 @@ class StageFailed(Exception):
 
 
 @functools.cache
-def result_storage_block(basepath: str) -> str:
-    """Prefect wants result storage as a saved block: one per configured location."""
-    name = f"rlhf-results-{stable_hash(basepath, 10)}"
+def result_storage_block(basepath: str, s3_endpoint: str | None = None) -> str:
+    """Prefect wants result storage as a saved block: one per configured location, a folder or s3://bucket/prefix.
+    S3 credentials stay in the environment (the block stores only the endpoint)."""
+    name = f"rlhf-results-{stable_hash([basepath, s3_endpoint], 10)}"
+    if basepath.startswith("s3://"):
+        from prefect_aws import AwsCredentials, S3Bucket
+        from prefect_aws.client_parameters import AwsClientParameters
+
+        from rlhf_core.storage import split_s3_uri
+
+        bucket, prefix = split_s3_uri(basepath)
+        creds = AwsCredentials(aws_client_parameters=AwsClientParameters(endpoint_url=s3_endpoint) if s3_endpoint else AwsClientParameters())
+        S3Bucket(bucket_name=bucket, bucket_folder=prefix.rstrip("/"), credentials=creds).save(name, overwrite=True)
+        return f"s3-bucket/{name}"
     LocalFileSystem(basepath=basepath).save(name, overwrite=True)
     return f"local-file-system/{name}"
 
@@ -41,7 +52,7 @@ def run_stage(task, stage: str, tracking: TrackingContext, **params) -> dict:
     """Run a stage task (served from cache when its key matches), and keep MLflow complete either way."""
     # Outputs live in the work dir, so the cache key names it too.
     params["stage_key"] = f"{params['stage_key']}-{stable_hash(tracking.work_dir, 6)}"
-    task = task.with_options(result_storage=result_storage_block(tracking.result_storage))
+    task = task.with_options(result_storage=result_storage_block(tracking.result_storage, tracking.s3_endpoint))
     state = task(tracking=tracking, **params, return_state=True)
     if state.is_completed() and state.name == "Cached":
         result = state.result()

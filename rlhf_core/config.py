@@ -48,7 +48,7 @@ class TrackingConfig(Section):
     prefect_api_url: str | None = None
     prefect_home: str | None = None
     # None -> <work_dir>/results (local); may be an s3:// URI once S3 result storage is configured
-    result_storage: str | None = None
+    result_storage: str | None = None  # a folder, or s3://bucket/prefix (endpoint from s3.*, credentials from the environment)
 
 
 class S3Config(Section):

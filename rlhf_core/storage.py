@@ -69,7 +69,8 @@ def s3_client(cfg: S3Config):
     import boto3
     from botocore.config import Config
 
-    return boto3.client(
+    # A fresh session reads the credentials from the environment now (boto3's default session keeps the first ones).
+    return boto3.session.Session().client(
         "s3", endpoint_url=cfg.endpoint_url or os.environ.get("RLHF_S3_ENDPOINT_URL") or None, region_name=cfg.region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
         config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60),
     )

@@ -6,6 +6,7 @@ import contextlib
 import importlib.metadata
 import json
 import logging
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ class TrackingContext(BaseModel):
     config_hash: str
     work_dir: str
     result_storage: str
+    s3_endpoint: str | None = None
 
 
 def package_versions() -> dict[str, str]:
@@ -87,7 +89,8 @@ def start_pipeline_run(cfg: PipelineConfig, run_name: str, tags: dict[str, str] 
     client.log_dict(rid, {"config_hash": config_hash, "git_commit": git_commit(), "packages": package_versions()},
                     "config/environment.json")
     return TrackingContext(tracking_uri=cfg.mlflow_tracking_uri, experiment_id=experiment_id, parent_run_id=rid,
-                           config_hash=config_hash, work_dir=str(cfg.work_dir), result_storage=cfg.result_storage)
+                           config_hash=config_hash, work_dir=str(cfg.work_dir), result_storage=cfg.result_storage,
+                           s3_endpoint=cfg.s3.endpoint_url or os.environ.get("RLHF_S3_ENDPOINT_URL"))
 
 
 def finish_pipeline_run(ctx: TrackingContext, status: str) -> None:

@@ -105,7 +105,9 @@ def test_stack_deploy_and_a_data_arrival_run(tmp_path):
         # deploy; a preference file lands under the watched prefix; the sensor's event starts a pipeline run for it
         # on the worker, which completes against the stack's servers
         config = tmp_path / "tiny.yaml"
-        config.write_text(yaml.safe_dump(TINY_PIPELINE | {"run": {"name": "stack", "work_dir": str(tmp_path / "pipeline")}}))
+        config.write_text(yaml.safe_dump(TINY_PIPELINE | {"run": {"name": "stack", "work_dir": str(tmp_path / "pipeline")},
+                                                          "tracking": {"experiment_name": "stack-test",
+                                                                       "result_storage": "s3://rlhf/prefect-results"}}))
         run_env = {**env, "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
                    "RLHF_S3_ENDPOINT_URL": f"http://127.0.0.1:{s3}"}
         deployed = rlhf("deploy", "--config", str(config), *sets, "--set", "deploy.watch_prefix=s3://rlhf/incoming/",
@@ -139,6 +141,9 @@ def test_stack_deploy_and_a_data_arrival_run(tmp_path):
         assert any(k.endswith("/artifacts/MLmodel") and "/models/" in k for k in keys)  # the registered models' files
         assert [str(v.version) for v in client.search_model_versions("name = 'rlhf-policy'")] == ["1"]
         assert not (tmp_path / "pipeline" / "artifacts").exists()  # nothing went to a local artifact folder
+        results = s3c.list_objects_v2(Bucket="rlhf", Prefix="prefect-results/").get("KeyCount", 0)
+        assert results >= 10  # every stage's cached result (tracking.result_storage: s3://...)
+        assert not (tmp_path / "pipeline" / "results").exists()
 
         # what a person sees: the flow run in the Prefect UI and the pipeline run in the MLflow UI (headless Chromium)
         pages = {"prefect-flow-run": (f"http://127.0.0.1:{prefect_port}/runs/flow-run/{run['id']}", run["name"]),
