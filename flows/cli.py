@@ -276,10 +276,6 @@ def main() -> None:
     app()
 
 
-if __name__ == "__main__":
-    main()
-
-
 def _stack(config: Optional[Path], set_: Optional[list[str]]):
     from rlhf_core.stack import Stack, StackSettings
 
@@ -348,3 +344,6 @@ def deploy_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
         out.print(f"deployment {sn['name']}: every {sn['interval_s']}s lists {sn['prefix']} ({sn['already_there']} file(s) already there, "
                   "not run); each new file starts a run of the pipeline on it", highlight=False)
 
+
+if __name__ == "__main__":
+    main()

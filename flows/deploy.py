@@ -37,7 +37,11 @@ def deploy(cfg: PipelineConfig) -> dict:
                         "or set tracking.prefect_api_url")
     d = cfg.deploy
     pool = d.work_pool or cfg.stack.work_pool
-    ensure_work_pool(pool)
+    try:
+        ensure_work_pool(pool)
+    except Exception as exc:  # noqa: BLE001 - httpx/OS errors: the server is not there
+        api = cfg.tracking.prefect_api_url or os.environ.get("PREFECT_API_URL")
+        raise UserError(f"cannot reach the Prefect server at {api} ({type(exc).__name__}); is `rlhf stack up` running?") from None
     source = str(PROJECT_ROOT)
     triggers = []
     if d.watch_prefix:

@@ -154,12 +154,24 @@ class Stack:
         except Exception as exc:  # noqa: BLE001 - any failure is "not healthy", with its reason
             return False, str(exc).splitlines()[0][:200]
 
-    def _worker_health(self) -> tuple[bool, str]:
+    @property
+    def worker_name(self) -> str:
+        return f"rlhf-worker-{self.s.prefect_port}"
+
+    def _worker_health(self, heartbeat_after: float | None = None) -> tuple[bool, str]:
+        """Our worker is ONLINE (and, when starting it, has sent a heartbeat since it was launched: the server keeps a
+        stopped worker ONLINE for a while after its last heartbeat)."""
+        from datetime import datetime
+
         ok, body = _http_ok(f"{self.s.prefect_url}/work_pools/{self.s.work_pool}/workers/filter", "POST", {})
         if not ok:
             return False, f"work pool {self.s.work_pool}: {body}"
-        online = [w for w in body if w.get("status") == "ONLINE"]
-        return (True, f"{len(online)} online in pool {self.s.work_pool}") if online else (False, f"no online worker in pool {self.s.work_pool}")
+        ours = [w for w in body if w.get("name") == self.worker_name and w.get("status") == "ONLINE"]
+        if heartbeat_after is not None:
+            ours = [w for w in ours if w.get("last_heartbeat_time")
+                    and datetime.fromisoformat(w["last_heartbeat_time"].replace("Z", "+00:00")).timestamp() >= heartbeat_after]
+        return (True, f"{self.worker_name} online in pool {self.s.work_pool}") if ours else (
+            False, f"{self.worker_name} not online in pool {self.s.work_pool}")
 
     # -- up / down -----------------------------------------------------------------------------
     def _commands(self) -> dict[str, tuple[list[str], dict[str, str], Callable[[], bool]]]:
@@ -173,6 +185,7 @@ class Stack:
         from rlhf_core.services import free_ports
 
         master, volume, filer, admin = free_ports(4, with_grpc=True, start=30000, stop=40000)
+        launched = time.time() - 1.0
         return {
             "s3": ([weed_binary(), "mini", f"-dir={data / 'seaweedfs'}", f"-ip={HOST}", f"-ip.bind={HOST}", f"-s3.port={s.s3_port}",
                     f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", f"-admin.port={admin}",
@@ -186,9 +199,9 @@ class Stack:
             "prefect": ([str(bin_dir / "prefect"), "server", "start", "--host", HOST, "--port", str(s.prefect_port), "--analytics-off"],
                         prefect_env, lambda: _http_ok(f"{s.prefect_url}/health")[0]),
             "worker": ([str(bin_dir / "prefect"), "worker", "start", "--pool", s.work_pool, "--type", "process",
-                        "--name", f"rlhf-worker-{s.prefect_port}"],
+                        "--name", self.worker_name],
                        {**prefect_env, **s3_env, "PREFECT_API_URL": s.prefect_url, "MLFLOW_TRACKING_URI": s.mlflow_url,
-                        "RLHF_S3_ENDPOINT_URL": s.s3_url}, lambda: self._worker_health()[0]),
+                        "RLHF_S3_ENDPOINT_URL": s.s3_url}, lambda: self._worker_health(launched)[0]),
         }
 
     def up(self, echo: Callable[[str], None] = print) -> dict[str, tuple[bool, str, str]]:
@@ -199,9 +212,15 @@ class Stack:
         health = self.health()
         ports = {"s3": self.s.s3_port, "mlflow": self.s.mlflow_port, "prefect": self.s.prefect_port}
         for name, port in ports.items():
-            if name not in started and not health[name][0] and not port_is_free(port):
-                raise UserError(f"port {port} on {HOST} is taken by another program (stack.{name}_port)")
-        commands = self._commands()
+            if name not in started and not port_is_free(port):
+                raise UserError(f"port {port} on {HOST} is taken by a program this stack did not start (stack.{name}_port)")
+        try:
+            commands = self._commands()
+        except RuntimeError as exc:  # e.g. no `weed` binary
+            raise UserError(str(exc)) from None
+        for name, (cmd, _, _) in commands.items():
+            if not Path(cmd[0]).exists():
+                raise UserError(f"{cmd[0]}: not found ({name}); install the project with `make install`")
         new: list[str] = []
         try:
             for name in self.ORDER:
@@ -243,6 +262,8 @@ class Stack:
         raise UserError(f"{name} not healthy after {self.s.startup_timeout_s:.0f}s; see {log}")
 
     def _stop_one(self, s: Started, timeout: float = 20.0) -> bool:
+        """SIGTERM the process group `up` started, then SIGKILL whatever of it is left (children such as
+        the MLflow server's uvicorn workers included). False when the PID is no longer the one we started."""
         if not is_ours(s):
             return False
         for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
@@ -252,11 +273,11 @@ class Stack:
                 return True
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:
-                if not is_ours(s):
-                    _reap(s.pid)
+                _reap(s.pid)
+                if not _group_alive(s.pid):
                     return True
                 time.sleep(0.2)
-        return not is_ours(s)
+        return not _group_alive(s.pid)
 
     def down(self, echo: Callable[[str], None] = print) -> list[str]:
         started = self.started()
@@ -289,4 +310,16 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
+
+
+def _group_alive(pgid: int) -> bool:
+    """Any live (non-zombie) process left in the group."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 

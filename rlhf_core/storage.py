@@ -138,15 +138,17 @@ def source_fingerprint(path: str, cfg: S3Config) -> str:
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet", ".jsonl.gz", ".ndjson.gz", ".json.gz", ".csv.gz")
 
 
-def new_s3_objects(prefix_uri: str, cfg: S3Config, state: dict | None) -> tuple[list[str], dict]:
-    """Preference files under an S3 prefix that are newer than `state` (what an earlier call returned):
-    (their s3:// URIs, oldest first; the new state). State = the newest LastModified seen and the keys
-    seen at that instant, so it stays small however many objects the prefix holds."""
+def new_s3_objects(prefix_uri: str, cfg: S3Config, state: dict | None, lookback_s: float = 3600.0) -> tuple[list[str], dict]:
+    """Preference files under an S3 prefix that are new since `state` (what the previous call returned):
+    (their s3:// URIs, oldest first; the new state). An object is identified by key and ETag, so a file
+    uploaded again with other content counts as new. The state keeps the newest LastModified seen and
+    the objects modified within `lookback_s` before it: S3 dates a multipart upload by its start, so a
+    slow upload may appear after a newer one and still be caught; the state stays small."""
+    from datetime import datetime, timedelta
+
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, prefix = split_s3_uri(prefix_uri)
-    since = state.get("since") if state else None
-    seen_at_since = set(state.get("keys_at_since", [])) if state else set()
     found = []
     try:
         for page in s3_client(cfg).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
@@ -154,15 +156,13 @@ def new_s3_objects(prefix_uri: str, cfg: S3Config, state: dict | None) -> tuple[
                 key = obj["Key"]
                 if not key.lower().endswith(DATA_SUFFIXES) or "/." in f"/{key}":
                     continue  # not a data file, or a hidden/partial upload
-                found.append((obj["LastModified"].isoformat(), key))
+                found.append((obj["LastModified"], key, f"{key}#{obj.get('ETag', '').strip(chr(34))}"))
     except (ClientError, BotoCoreError) as exc:
         raise _s3_error(prefix_uri, exc) from None
-    new = sorted((t, k) for t, k in found if since is None or t > since or (t == since and k not in seen_at_since))
-    if not found:
-        return [], dict(state or {"since": None, "keys_at_since": []})
-    newest = max(t for t, _ in found)
-    if since is not None and newest < since:
-        newest = since
-    keys_at = sorted({k for t, k in found if t == newest} | (seen_at_since if newest == since else set()))
-    return [f"s3://{bucket}/{k}" for _, k in new], {"since": newest, "keys_at_since": keys_at}
-
+    window = timedelta(seconds=lookback_s)
+    since = datetime.fromisoformat(state["since"]) if state and state.get("since") else None
+    recent = set(state.get("recent", [])) if state else set()
+    new = sorted((t, k) for t, k, ident in found if ident not in recent and (since is None or t >= since - window))
+    newest = max([t for t, _, _ in found] + ([since] if since else []), default=None)
+    keep = sorted(ident for t, _, ident in found if newest is not None and t >= newest - window)
+    return [f"s3://{bucket}/{k}" for _, k in new], {"since": newest.isoformat() if newest else None, "recent": keep}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -61,7 +62,7 @@ def evaluate_policy(tuned_dir: str, reference_dir: str, reward_dir: str, ppo_his
         report, tuned, reference = evaluate_tuned(evaluator, tuned_dir, reference_dir, evaluate.device, evaluate.n_samples)
         report["settings"] = {"prompts_source": evaluate.prompts or prompts_file, "safety_source": harmful_source,
                               "judge": evaluator.judge.label_version, "sampling": vars(settings)}
-        history = json.loads(open(ppo_history).read()) if ppo_history else None
+        history = json.loads(Path(ppo_history).read_text()) if ppo_history and Path(ppo_history).exists() else None
         generations = pd.DataFrame({"prompt": tuned.held_out.prompts, "reference": reference.held_out.texts,
                                     "tuned": tuned.held_out.texts, "reference_score": reference.scores, "tuned_score": tuned.scores})
         with atomic_dir(out) as staging:

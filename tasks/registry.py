@@ -145,37 +145,40 @@ def register_and_promote(config: dict, tracking: TrackingContext, evaluated: dic
     ensure_registered_model(client, reg.policy_name, "Policies tuned by the RLHF pipeline (PPO); `champion` is the one to serve.")
     ensure_registered_model(client, reg.reward_model_name, "Reward models trained by the RLHF pipeline (Bradley-Terry).")
     existing = find_version(client, reg.policy_name, evaluated["stage_key"])
-    if existing is not None:
+    if existing is not None and existing.tags.get("rlhf.promoted") is not None:  # registered and gated by an earlier run
         aliases = list(client.get_model_version(reg.policy_name, existing.version).aliases)
-        promotion = json.loads(existing.tags.get("rlhf.promotion", "{}")) or {"promoted": CHAMPION in aliases, "checks": []}
-        promotion.update(model_name=reg.policy_name, version=str(existing.version), aliases=aliases,
-                         note=f"already registered as version {existing.version} by an earlier run of the same stages: no new version")
         reward_version = find_version(client, reg.reward_model_name, reward_trained["stage_key"])
-        promotion["reward_model_version"] = str(reward_version.version) if reward_version else None
         logger.info(f"registry: {reg.policy_name} v{existing.version} already registered (aliases: {', '.join(aliases) or 'none'})")
-        return promotion
+        return {"model_name": reg.policy_name, "version": str(existing.version), "promoted": existing.tags["rlhf.promoted"] == "true",
+                "message": existing.tags.get("rlhf.decision", ""), "checks": [], "aliases": aliases,
+                "reward_model_version": str(reward_version.version) if reward_version else None,
+                "note": f"already registered as version {existing.version} by an earlier run of the same stages: no new version"}
     with stage_run(tracking, "register", evaluated["stage_key"]):
         reward_version = register_reward_model(client, tracking, reg.reward_model_name, reward_trained, reward_evaluated, dataset_version)
-        version = register_policy(client, tracking, reg.policy_name, tuned, evaluated, dataset_version, cfg.model.use_chat_template)
+        if existing is None:
+            version = register_policy(client, tracking, reg.policy_name, tuned, evaluated, dataset_version, cfg.model.use_chat_template)
+        else:  # registered by a run that stopped before its gate: finish that version instead of making another
+            version = str(existing.version)
         client.set_registered_model_alias(reg.policy_name, CHALLENGER, version)
         champion = alias_version(client, reg.policy_name, CHAMPION)
+        if champion is not None and str(champion.version) == version:
+            champion = None
         versus = None
         if champion is not None and reg.gate.beat_champion:
             logger.info(f"registry: evaluating champion v{champion.version} on the same held-out prompts")
             versus = compare_with_champion(cfg, evaluated, reward_trained["model_dir"], champion)
             mlflow.log_metrics({"champion_win_rate": versus["win_rate"], "champion_score_gain": versus["score_gain"]})
-        g = reg.gate
-        decision = decide(evaluated["metrics"], PromotionGate(**g.model_dump()), versus)
+        decision = decide(evaluated["metrics"], PromotionGate(**reg.gate.model_dump()), versus)
         if decision.promote:
             client.set_registered_model_alias(reg.policy_name, CHAMPION, version)
             client.set_registered_model_alias(reg.reward_model_name, CHAMPION, reward_version)
         promotion = {"model_name": reg.policy_name, "version": version, "promoted": decision.promote, "message": decision.message,
                      "checks": decision.checks, "champion": versus, "previous_champion": str(champion.version) if champion else None,
                      "reward_model_version": reward_version}
-        client.set_model_version_tag(reg.policy_name, version, "rlhf.promoted", str(decision.promote).lower())
-        client.set_model_version_tag(reg.policy_name, version, "rlhf.promotion", json.dumps(promotion)[:4900])
         mlflow.log_dict(promotion, "promotion.json")
         mlflow.log_metric("promoted", float(decision.promote))
+        client.set_model_version_tag(reg.policy_name, version, "rlhf.decision", decision.message[:4900])
+        client.set_model_version_tag(reg.policy_name, version, "rlhf.promoted", str(decision.promote).lower())  # last: marks it done
         promotion["aliases"] = list(client.get_model_version(reg.policy_name, version).aliases)
     (logger.info if decision.promote else logger.warning)(f"registry: {reg.policy_name} v{version}: {decision.message}")
     return promotion

@@ -50,4 +50,7 @@ def test_new_objects_since_the_last_look(s3_env):
     later, state = new_s3_objects("s3://prefs/watch/", cfg, state)
     assert sorted(later) == ["s3://prefs/watch/c.csv.gz", "s3://prefs/watch/sub/d.parquet"]
     assert new_s3_objects("s3://prefs/watch/", cfg, state)[0] == []
-    assert len(state["keys_at_since"]) <= 3  # the state stays small
+    client.put_object(Bucket="prefs", Key="watch/a.jsonl", Body=b'{"new": 1}\n')  # the same file again, other content
+    assert new_s3_objects("s3://prefs/watch/", cfg, state)[0] == ["s3://prefs/watch/a.jsonl"]
+    _, narrow = new_s3_objects("s3://prefs/watch/", cfg, state, lookback_s=0)
+    assert len(narrow["recent"]) <= 3  # only what is inside the look-back window is remembered

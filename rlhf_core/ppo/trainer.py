@@ -194,7 +194,7 @@ class PPOTrainer:
                         # update's ratio must start at 1, so old log-probs come from the same kind of pass
                         logprobs = logprobs_from_logits(logits, batch.responses, s.temperature) * batch.mask
                 values = self._values(batch, policy_out).float()
-                raw = self.score(batch, idx)
+            raw = self.score(batch, idx)  # rewards in fp32, as in evaluation
             chunks.append({"batch": batch, "logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values * batch.mask,
                            "raw_scores": raw})
         return _concat_rollouts(chunks, self.pad_id)
