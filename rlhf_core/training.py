@@ -80,6 +80,11 @@ def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     raise ValueError(f"mixed_precision {mode!r}: expected auto, bf16 or no")
 
 
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to `dtype` on `device` for the forward passes, or nothing when dtype is None."""
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
 def untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses tensors that share memory (tied embeddings): store independent copies."""
     seen: dict[int, str] = {}
@@ -177,7 +182,7 @@ class TrainLoop:
         raise NotImplementedError
 
     def amp(self):
-        return torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
+        return autocast_context(self.device, self.autocast)
 
     # -- checkpoints --------------------------------------------------------------------------
     def _weights(self) -> dict[str, torch.Tensor]:

@@ -6,7 +6,6 @@ iteration index): a checkpoint holds exactly those, so a killed run resumes to t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -26,7 +25,7 @@ from rlhf_core.ppo.core import (AdaptiveKLController, FixedKLController, entropy
 from rlhf_core.ppo.rollout import Batch, left_pad, response_logits, sample
 from rlhf_core.ppo.value import ValueHead, ValueModel
 from rlhf_core.reward.model import RewardModel
-from rlhf_core.training import autocast_dtype, checkpoint_folder, cpu_copy, latest_checkpoint, untie
+from rlhf_core.training import autocast_context, autocast_dtype, checkpoint_folder, cpu_copy, latest_checkpoint, untie
 
 
 class PPODiverged(UserError):
@@ -135,7 +134,7 @@ class PPOTrainer:
 
     def amp(self):
         """bf16 autocast for every forward pass when configured; losses, log-probs and optimiser stay fp32."""
-        return torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
+        return autocast_context(self.device, self.autocast)
 
     # -- data ---------------------------------------------------------------------------------
     def prompt_indices(self, iteration: int) -> list[int]:
