@@ -280,6 +280,7 @@ class PPOConfig(Section):
     # auto: a copy of the reward model when it reads the policy's tokens, else a critic from the reference policy
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"  # auto: bf16 autocast on a GPU that supports it; bf16 also on CPU
     value_model: Literal["auto", "reward", "policy", "shared"] = "auto"
+    fuse_activations: bool = True  # GPT-2's seven-op tanh-GELU as PyTorch's one fused kernel (same function, faster)
     reference: Literal["copy", "adapter"] = "copy"  # adapter: LoRA policy, reference = adapter disabled (no second copy)
     lora: LoraSection = Field(default_factory=LoraSection)
     device: str = "auto"

@@ -9,7 +9,7 @@ from rlhf_core.config import ModelConfig, PPOConfig
 from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.ppo.core import logprobs_from_logits
 from rlhf_core.ppo.pipeline import build_ppo_trainer
-from rlhf_core.ppo.rollout import left_pad, response_logits, sample
+from rlhf_core.ppo.rollout import draw, left_pad, response_logits, sample
 from rlhf_core.ppo.trainer import PPODiverged
 from tests.helpers import assert_kill_and_resume_is_exact, demo_rows, untrained_reward_dir
 
@@ -32,6 +32,10 @@ def test_sampling_logprobs_match_a_full_forward_pass(tiny_gpt2):
                              pad_id=tok.pad_token_id, generator=g)
     with torch.no_grad():
         full = logprobs_from_logits(response_logits(lm.model, batch)[0], batch.responses, 0.7)
+        # the LM head on response positions only (logits_to_keep) gives what slicing every position's logits gives
+        every = lm.model(input_ids=batch.input_ids.masked_fill(~batch.attention_mask, 0), attention_mask=batch.attention_mask,
+                         position_ids=batch.position_ids).logits[:, queries.size(1) - 1:-1]
+    assert torch.allclose(response_logits(lm.model, batch)[0], every, atol=1e-5)
     assert torch.allclose(full * batch.mask, logprobs, atol=1e-4)
     for row, m in zip(batch.responses, batch.mask):
         kept = row[m].tolist()
@@ -44,6 +48,51 @@ def test_sampling_logprobs_match_a_full_forward_pass(tiny_gpt2):
     g2 = torch.Generator().manual_seed(5)
     padded, _ = sample(lm.model, queries, qmask, 8, temperature=1e-4, eos_id=None, pad_id=tok.pad_token_id, generator=g2)
     assert single.responses[0].tolist() == padded.responses[0].tolist()
+
+
+def test_draw_follows_the_tempered_top_p_distribution():
+    """Known answer: token frequencies over 200k draws equal softmax(logits / T) renormalised over the top-p nucleus;
+    tokens outside the nucleus are never drawn; the returned log-probs are the full tempered ones."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    T, top_p, n = 0.7, 0.8, 200_000
+    p = torch.softmax(logits / T, -1)
+    nucleus = (p.cumsum(-1) - p) < top_p  # sorted already: tokens whose preceding mass is below top_p
+    expected = torch.where(nucleus, p, 0.0) / p[nucleus].sum()
+    g = torch.Generator().manual_seed(0)
+    tokens, logp = draw(logits.expand(n, -1), T, top_p, g)
+    freq = torch.bincount(tokens, minlength=6).double() / n
+    assert torch.allclose(logp[0], torch.log_softmax(logits / T, -1))
+    assert freq[~nucleus].sum() == 0
+    assert torch.allclose(freq, expected.double(), atol=4 * math.sqrt(0.25 / n))  # 4 sigma
+    same, _ = draw(logits.expand(8, -1), T, top_p, torch.Generator().manual_seed(1))
+    again, _ = draw(logits.expand(8, -1), T, top_p, torch.Generator().manual_seed(1))
+    assert torch.equal(same, again)  # the seeded generator alone decides
+
+
+def test_fused_gelu_is_the_same_function_and_leaves_the_saved_model_alone(tiny_gpt2, tmp_path):
+    from transformers.activations import GELUTanh
+
+    from rlhf_core.models.fused import fuse_activations
+    from rlhf_core.models.loading import save_model
+
+    lm = load_causal_lm(str(tiny_gpt2), device="cpu")
+    model = lm.model
+    assert model.config.activation_function == "gelu_new"
+    ids = torch.randint(0, len(lm.tokenizer) - 1, (3, 17))
+    before = model(input_ids=ids).logits
+    model(input_ids=ids).logits.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    assert fuse_activations(model) == model.config.n_layer
+    assert all(isinstance(b.mlp.act, GELUTanh) for b in model.transformer.h)
+    assert fuse_activations(model) == 0  # idempotent
+    assert torch.allclose(model(input_ids=ids).logits, before, atol=1e-5)
+    model(input_ids=ids).logits.sum().backward()
+    assert all(torch.allclose(p.grad, g, atol=1e-4, rtol=1e-4) for p, g in zip(model.parameters(), grads))
+    save_model(model, lm.tokenizer, tmp_path / "saved")
+    reloaded = load_causal_lm(str(tmp_path / "saved"), device="cpu").model
+    assert reloaded.config.activation_function == "gelu_new"
+    assert torch.allclose(reloaded(input_ids=ids).logits, before, atol=1e-5)
 
 
 def test_ppo_raises_the_reward_with_bounded_kl(demo_policy_and_reward):

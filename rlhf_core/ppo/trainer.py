@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from rlhf_core.errors import UserError
 from rlhf_core.models.chat import ChatFormat
+from rlhf_core.models.fused import fuse_activations
 from rlhf_core.ppo.core import (AdaptiveKLController, FixedKLController, entropy_from_logits, explained_variance, gae,
                                 kl_estimate, logprobs_from_logits, masked_mean, masked_whiten, policy_loss, token_rewards,
                                 value_loss)
@@ -66,6 +67,7 @@ class PPOSettings:
     reward_clip: float | None = None
     missing_eos_penalty: float | None = None
     mixed_precision: str = "no"  # auto: bf16 autocast on GPUs that support it; bf16: also on CPU; no: fp32
+    fuse_activations: bool = True  # GPT-2's seven-op tanh-GELU as PyTorch's one fused kernel (same function)
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
     sample_every: int = 10
@@ -115,6 +117,8 @@ class PPOTrainer:
         for m in (policy, value_model, reward_model.model, reference):
             if m is not None:
                 m.eval()  # dropout off everywhere: the ratio must be 1 before the first update
+                if s.fuse_activations:
+                    fuse_activations(m)
         if reference is not None:
             reference.requires_grad_(False)
         reward_model.model.requires_grad_(False)
