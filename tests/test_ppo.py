@@ -9,7 +9,7 @@ from rlhf_core.config import ModelConfig, PPOConfig
 from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.ppo.core import logprobs_from_logits
 from rlhf_core.ppo.pipeline import build_ppo_trainer
-from rlhf_core.ppo.rollout import draw, left_pad, response_logits, sample
+from rlhf_core.ppo.rollout import left_pad, response_logits, sample
 from rlhf_core.ppo.trainer import PPODiverged
 from tests.helpers import assert_kill_and_resume_is_exact, demo_rows, untrained_reward_dir
 
@@ -50,23 +50,37 @@ def test_sampling_logprobs_match_a_full_forward_pass(tiny_gpt2):
     assert single.responses[0].tolist() == padded.responses[0].tolist()
 
 
-def test_draw_follows_the_tempered_top_p_distribution():
-    """Known answer: token frequencies over 200k draws equal softmax(logits / T) renormalised over the top-p nucleus;
-    tokens outside the nucleus are never drawn; the returned log-probs are the full tempered ones."""
-    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
-    T, top_p, n = 0.7, 0.8, 200_000
-    p = torch.softmax(logits / T, -1)
-    nucleus = (p.cumsum(-1) - p) < top_p  # sorted already: tokens whose preceding mass is below top_p
-    expected = torch.where(nucleus, p, 0.0) / p[nucleus].sum()
-    g = torch.Generator().manual_seed(0)
-    tokens, logp = draw(logits.expand(n, -1), T, top_p, g)
-    freq = torch.bincount(tokens, minlength=6).double() / n
-    assert torch.allclose(logp[0], torch.log_softmax(logits / T, -1))
-    assert freq[~nucleus].sum() == 0
-    assert torch.allclose(freq, expected.double(), atol=4 * math.sqrt(0.25 / n))  # 4 sigma
-    same, _ = draw(logits.expand(8, -1), T, top_p, torch.Generator().manual_seed(1))
-    again, _ = draw(logits.expand(8, -1), T, top_p, torch.Generator().manual_seed(1))
-    assert torch.equal(same, again)  # the seeded generator alone decides
+def test_compiled_decoding_samples_what_eager_decoding_samples(tiny_gpt2):
+    """The torch.compile'd decode step (static cache) gives the eager loop's tokens and log-probs, still after the
+    weights change in place (no stale compiled constants); a failing compiled step falls back to eager decoding
+    from the same random state, with one warning."""
+    from rlhf_core.models.chat import ChatFormat
+    from rlhf_core.ppo.rollout import CompiledDecoding
+
+    lm = load_causal_lm(str(tiny_gpt2), device="cpu")
+    tok, model = lm.tokenizer, lm.model
+    fmt = ChatFormat(tok)
+    queries, qmask = left_pad([fmt.encode(p)[0] for p in PROMPTS[:5]], tok.pad_token_id, torch.device("cpu"))
+    compiled = CompiledDecoding(model, queries.size(1) + 12)
+
+    def run(seed, with_compiled):
+        return sample(model, queries, qmask, 12, temperature=0.8, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                      generator=torch.Generator().manual_seed(seed), compiled=compiled if with_compiled else None)
+
+    for step in range(2):
+        (eager, lp_eager), (comp, lp_comp) = run(step, False), run(step, True)
+        assert compiled.failure is None
+        assert torch.equal(eager.responses, comp.responses) and torch.equal(eager.mask, comp.mask)
+        assert torch.allclose(lp_eager, lp_comp, atol=1e-5)
+        with torch.no_grad():  # an optimiser step, in place
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 0.05)
+    compiled.step = lambda **kw: (_ for _ in ()).throw(RuntimeError("no C++ compiler\nmore"))
+    with pytest.warns(UserWarning, match="compiled decoding is off for this run.*no C.. compiler"):
+        fallback, lp_fallback = run(3, True)
+    eager, lp_eager = run(3, False)
+    assert compiled.failure == "RuntimeError: no C++ compiler"
+    assert torch.equal(fallback.responses, eager.responses) and torch.allclose(lp_fallback, lp_eager)
 
 
 def test_fused_gelu_is_the_same_function_and_leaves_the_saved_model_alone(tiny_gpt2, tmp_path):

@@ -33,16 +33,30 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     return out if shift_mean else out + mean
 
 
+def _tempered_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = logits.float()
+    return F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+
+
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log p(token) under softmax(logits / temperature): the distribution the tokens were sampled from."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return _tempered_log_softmax(logits, temperature).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    logits = logits.float() / temperature
-    logp = F.log_softmax(logits, dim=-1)
+    logp = _tempered_log_softmax(logits, temperature)
     return -(logp.exp() * logp).sum(-1)
+
+
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                         entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both from one log-softmax over the vocabulary; the entropy carries gradients only when asked (a bonus)."""
+    logp = _tempered_log_softmax(logits, temperature)
+    chosen = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        lp = logp if entropy_grad else logp.detach()
+        entropy = -(lp.exp() * lp).sum(-1)
+    return chosen, entropy
 
 
 def response_mask(responses: torch.Tensor, eos_id: int | None) -> torch.Tensor:

@@ -106,22 +106,70 @@ def _accepts_logits_to_keep(model) -> bool:
     return _KEEPS_LOGITS[kind]
 
 
+class CompiledDecoding:
+    """The decode step (one token per row against a static KV cache) compiled once with torch.compile.
+
+    Eager decoding spends most of a small model's step in Python and transformers' per-layer bookkeeping;
+    compiled, those go (on this 2-core CPU: 1.1 -> 0.6 ms a step for a 2 x 128 GPT-2, at ~10 s of compilation
+    per run). Shapes are fixed by the batch size and `max_len` (prompt + new tokens), so the weights can change
+    between calls without recompiling; the prompt prefill stays eager (its width varies). If compilation or a
+    compiled call fails (no C++ compiler, a model torch.compile cannot take), decoding falls back to eager for
+    the rest of the run, with one warning."""
+
+    def __init__(self, model, max_len: int):
+        self.model, self.max_len = model, max_len
+        self.step = torch.compile(model, dynamic=False)
+        self.failure: str | None = None
+
+    def disable(self, error: BaseException) -> None:
+        import warnings
+
+        self.failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        warnings.warn(f"compiled decoding is off for this run, decoding eagerly instead ({self.failure})", stacklevel=3)
+
+
 @torch.no_grad()
 def sample(model, queries: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-           top_p: float = 1.0, eos_id: int | None, pad_id: int, generator: torch.Generator | None = None) -> tuple[Batch, torch.Tensor]:
+           top_p: float = 1.0, eos_id: int | None, pad_id: int, generator: torch.Generator | None = None,
+           compiled: CompiledDecoding | None = None) -> tuple[Batch, torch.Tensor]:
     """Sample up to max_new_tokens per prompt (stopping a row at EOS); returns the batch and the
     behaviour log-probabilities log softmax(logits / temperature)[token] (0 after EOS).
 
     Each token is drawn by inverting the CDF (`draw`): the same distribution as torch.multinomial at a
-    fraction of its CPU cost."""
-    from transformers import DynamicCache
+    fraction of its CPU cost. With `compiled` (and prompt + new tokens within its max_len) the decode
+    steps run compiled against a static cache; the tokens and log-probabilities are the same up to float
+    rounding."""
+    args = (model, queries, query_mask, max_new_tokens, temperature, top_p, eos_id, pad_id, generator)
+    if compiled is not None and compiled.failure is None and queries.size(1) + max_new_tokens <= compiled.max_len:
+        state = generator.get_state() if generator is not None else None
+        try:
+            return _sample(*args, compiled)
+        except Exception as error:  # noqa: BLE001 - any compile/runtime failure: decode eagerly from the same state
+            compiled.disable(error)
+            if generator is not None:
+                generator.set_state(state)
+    return _sample(*args, None)
 
-    B = queries.size(0)
+
+def _sample(model, queries, query_mask, max_new_tokens, temperature, top_p, eos_id, pad_id, generator,
+            compiled: CompiledDecoding | None) -> tuple[Batch, torch.Tensor]:
+    from transformers import DynamicCache, StaticCache
+
+    B, P = queries.shape
     device = queries.device
-    attn = query_mask.long()
     keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}  # no LM head over the whole prompt
-    out = model(input_ids=queries.masked_fill(~query_mask, 0), attention_mask=attn, position_ids=positions(query_mask),
-                past_key_values=DynamicCache(), use_cache=True, **keep)
+    if compiled is None:
+        attn = query_mask.long()
+        cache = DynamicCache()
+        prefill_mask = attn
+    else:  # the mask spans the whole static cache; positions not yet written stay 0
+        attn = torch.zeros((B, compiled.max_len), dtype=torch.long, device=device)
+        attn[:, :P] = query_mask.long()
+        cache = StaticCache(config=model.config, max_cache_len=compiled.max_len)
+        prefill_mask = attn[:, :P]
+        keep["cache_position"] = torch.arange(P, device=device)
+    out = model(input_ids=queries.masked_fill(~query_mask, 0), attention_mask=prefill_mask, position_ids=positions(query_mask),
+                past_key_values=cache, use_cache=True, **keep)
     next_pos = query_mask.long().sum(1, keepdim=True)
     logits = out.logits[:, -1]
     tokens, logps = [], []
@@ -136,9 +184,14 @@ def sample(model, queries: torch.Tensor, query_mask: torch.Tensor, max_new_token
             done = done | (tok == eos_id)
         if step == max_new_tokens - 1 or bool(done.all()):
             break  # no forward pass for a token that will never be sampled
-        attn = torch.cat([attn, valid.long().unsqueeze(1)], 1)
-        out = model(input_ids=tok.unsqueeze(1), attention_mask=attn, position_ids=next_pos, past_key_values=out.past_key_values,
-                    use_cache=True)
+        if compiled is None:
+            attn = torch.cat([attn, valid.long().unsqueeze(1)], 1)
+            out = model(input_ids=tok.unsqueeze(1), attention_mask=attn, position_ids=next_pos, past_key_values=cache,
+                        use_cache=True)
+        else:
+            attn[:, P + step] = valid.long()
+            out = compiled.step(input_ids=tok.unsqueeze(1), attention_mask=attn, position_ids=next_pos, past_key_values=cache,
+                                use_cache=True, cache_position=torch.full((1,), P + step, device=device))
         next_pos = next_pos + 1
         logits = out.logits[:, -1]
     responses = torch.stack(tokens, 1)
