@@ -1,7 +1,8 @@
 """PPO throughput: TRL 1.12's trl.experimental.ppo.PPOTrainer against our engine (rlhf_core.ppo), side by side in one process.
 
     python benchmarks/ppo_vs_trl.py [--setup tiny|small|both] [--iterations N] [--warmup 2] [--threads 1]
-                                    [--trl-gc-frozen freeze|noop] [--precision fp32|bf16] [--profile] [--json]
+                                    [--trl-gc-frozen freeze|noop] [--precision fp32|bf16] [--repeats N] [--no-compiled]
+                                    [--profile] [--json]
 
 Three runs per setup, each from the same initial weights, on the same prompts in the same order:
   * "trl"        TRL's PPOTrainer as shipped: its two gc.collect() calls per update run (they are timed through a thin
@@ -13,7 +14,11 @@ Three runs per setup, each from the same initial weights, on the same prompts in
                  seen by trl.experimental.ppo.ppo_trainer with a stub whose collect() does nothing (automatic
                  collections stay on, as in our run). Both are undone after the run (gc.enable(); gc.unfreeze() /
                  the real module put back);
-  * "ours"       rlhf_core.ppo.PPOTrainer.
+  * "ours"       rlhf_core.ppo.PPOTrainer, as configured by default (eager decoding);
+  * "ours-compiled" the same with ppo.compile_generation (torch.compile'd decode step against a static KV cache; its
+                 first iteration pays the compilation, reported as first_iteration_extra_s); --no-compiled skips it.
+--repeats N runs all of them N times, interleaved (the order reversed every other round); each run reports its median
+round and every round's episodes/s, and the ratios per round against trl-nogc are listed too.
 
 Setups (GPT-2 from config, no downloads; resid/embd/attn dropout 0 in every model, so dropout is moot on both sides):
   tiny:  2 layers x 128 wide, 4 heads, vocab 2000, 8 prompts per iteration, 32 new tokens, 1 PPO epoch  (default 12 it.)
@@ -506,24 +511,27 @@ def run_setup(setup: Setup, tok, prompts: list[str], prompt_ids: list[list[int]]
     policy_t, reward_t = build_templates(tok, setup, args.seed)
     pc = param_counts(policy_t, reward_t)
 
-    ours_trainer = make_ours(policy_t, reward_t, tok, prompts, setup, iterations, args.seed, precision=args.precision)
+    ours_trainer: PPOTrainer | None = make_ours(policy_t, reward_t, tok, prompts, setup, iterations, args.seed,
+                                                precision=args.precision)
     if args.precision == "bf16" and ours_trainer.autocast != torch.bfloat16:
         raise SystemExit("our trainer is not in bf16 autocast")
     if ours_trainer.prompt_ids != prompt_ids:
         raise SystemExit("our trainer tokenised the prompts differently from the ids given to TRL")
     order = [ours_trainer.prompt_indices(it) for it in range(iterations)]
 
-    raw = {}
-    for name, mode in (("trl", "shipped"), ("trl-nogc", args.trl_gc_frozen)):
-        raw[name] = run_trl(policy_t, reward_t, tok, setup, order, prompt_ids, args, mode, str(Path(tmp) / name))
-    raw["ours"] = run_ours(ours_trainer)
-    del ours_trainer
-    if args.compiled:  # the same engine with ppo.compile_generation: the first iteration pays the compilation
-        raw["ours-compiled"] = run_ours(make_ours(policy_t, reward_t, tok, prompts, setup, iterations, args.seed,
-                                                  precision=args.precision, compile_generation=True))
+    def run(name: str) -> dict:
+        nonlocal ours_trainer
+        if name.startswith("trl"):
+            mode = "shipped" if name == "trl" else args.trl_gc_frozen
+            return run_trl(policy_t, reward_t, tok, setup, order, prompt_ids, args, mode, str(Path(tmp) / name))
+        if name == "ours" and ours_trainer is not None:
+            trainer, ours_trainer = ours_trainer, None
+        else:  # ours-compiled: the same engine with ppo.compile_generation (its first iteration pays the compilation)
+            trainer = make_ours(policy_t, reward_t, tok, prompts, setup, iterations, args.seed, precision=args.precision,
+                                compile_generation=name == "ours-compiled")
+        return run_ours(trainer)
 
-    summary = {}
-    for name, r in raw.items():
+    def summarised(name: str, r: dict) -> dict:
         s = summarise(r["stamps"], r["shapes"], args.warmup, setup.ppo_epochs, pc, peak, r["gc_timer"])
         s.update(train_s=r["train_s"], optimizer_steps=r["optimizer_steps"], config_check=r["config_check"],
                  generated_tokens_per_iteration=sorted({b * resp for b, _, resp in r["shapes"]}))
@@ -537,7 +545,25 @@ def run_setup(setup: Setup, tok, prompts: list[str], prompt_ids: list[list[int]]
             later = sorted(s["iteration_s"][args.warmup:])
             s["first_iteration_extra_s"] = s["iteration_s"][0] - later[len(later) // 2]  # compilation, for ours-compiled
             s["compiled_decoding"] = r["config_check"]["compiled_decoding"]
-        summary[name] = s
+        return s
+
+    names = ["trl", "trl-nogc", "ours"] + (["ours-compiled"] if args.compiled else [])
+    raws: dict[str, list[dict]] = {n: [] for n in names}
+    for rep in range(args.repeats):  # interleaved, the order reversed every other round, so drift hits every run alike
+        for name in (names if rep % 2 == 0 else names[::-1]):
+            r = run(name)
+            raws[name].append({**r, "summary": summarised(name, r)})
+            for k in ("queries", "history"):  # keep the first round's for the work check only
+                if len(raws[name]) > 1:
+                    r.pop(k, None)
+    summary, raw = {}, {}
+    for name, reps in raws.items():  # the median round (by episodes/s) stands for the run; every round's rate is kept
+        ranked = sorted(reps, key=lambda r: r["summary"]["episodes_per_s"])
+        summary[name] = {**ranked[len(ranked) // 2]["summary"],
+                         "episodes_per_s_rounds": [r["summary"]["episodes_per_s"] for r in reps]}
+        raw[name] = reps[0]
+    rounds_ratio = {n: [o["summary"]["episodes_per_s"] / t["summary"]["episodes_per_s"]
+                        for o, t in zip(raws[n], raws["trl-nogc"])] for n in names if n.startswith("ours")}
 
     ref_shapes, ref_queries = raw["ours"]["shapes"], raw["ours"]["queries"]
     work = {
@@ -562,6 +588,7 @@ def run_setup(setup: Setup, tok, prompts: list[str], prompt_ids: list[list[int]]
         ratios[f"{key}_over_trl_nogc"] = eps / summary["trl-nogc"]["episodes_per_s"]
         targets[f"{key}_over_trl>=3"] = ratios[f"{key}_over_trl"] >= TARGET_SHIPPED
         targets[f"{key}_over_trl_nogc>=1.3"] = ratios[f"{key}_over_trl_nogc"] >= TARGET_NOGC
+        ratios[f"{key}_over_trl_nogc_per_round"] = rounds_ratio[name]
     out = {"setup": {**setup.__dict__, "iterations": iterations, "warmup": args.warmup, **pc},
            "work_check": work, **summary, "ratios": ratios, "targets_met": targets}
     if args.profile:
@@ -600,6 +627,9 @@ def print_setup(res: dict, peak: float, args) -> None:
         print(f"{name:<10}{s['episodes_per_s']:>11.2f}{s['mean_iteration_s']:>8.3f}{s['timed_s']:>9.2f}"
               f"{s['model_gflop_per_iteration']:>10.2f}{s['achieved_gflops']:>9.2f}{100 * s['mfu']:>7.2f}%"
               f"{s['cpu_per_wall']:>10.2f}{gcs}{split}")
+    if len(res["ours"]["episodes_per_s_rounds"]) > 1:
+        print("episodes/s per round (the table shows each run's median round): " + "; ".join(
+            f"{n} {', '.join(f'{x:.2f}' for x in res[n]['episodes_per_s_rounds'])}" for n in runs))
     r, t = res["ratios"], res["targets_met"]
     for name in (k for k in runs if k.startswith("ours")):
         key = name.replace("-", "_")
@@ -640,6 +670,8 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast on both sides (CPU bf16 units)")
     ap.add_argument("--no-compiled", dest="compiled", action="store_false",
                     help="skip the fourth run, ours with ppo.compile_generation (torch.compile'd decode step)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="rounds of all runs, interleaved; each run reports its median round (a 2-core VM drifts by ~10%%)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.warmup < 0:
