@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from rlhf_core.models.fused import fuse_activations
+
 
 @dataclass
 class LoopSettings:
@@ -150,6 +152,7 @@ class TrainLoop:
         if not len(lengths):
             raise ValueError("no training examples")
         self.model, self.s = model, settings
+        fuse_activations(model)  # the same function as one kernel (GPT-2's tanh-GELU): ~10% off forward+backward on CPU
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.on_log = on_log or (lambda step, metrics: None)
         self.progress = progress

@@ -157,14 +157,17 @@ def test_lora_policy_with_adapter_reference_and_shared_value_head(tiny_gpt2, tmp
     assert all(torch.equal(base[k], after[k]) for k in base)  # only the adapter (and the value head) trained
 
 
-def test_bf16_autocast_starts_every_update_at_ratio_one(tiny_gpt2, tmp_path):
-    """With bf16 autocast (opt-in on CPU) the old log-probabilities come from a full forward pass like the
-    update's, so the first PPO epoch starts exactly on-policy: no clipping, approx KL ~ 0; weights stay fp32."""
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_every_update_starts_at_ratio_one(tiny_gpt2, tmp_path, precision):
+    """The first PPO epoch starts exactly on-policy: no clipping, approx KL ~ 0. In fp32 the sampling pass's
+    log-probs (cached decoding, LM head on the last position) equal the update's full forward (LM head on
+    response positions, fused GELU); with bf16 autocast (opt-in on CPU) the old log-probabilities come from a
+    full forward pass like the update's. Weights stay fp32."""
     reward = untrained_reward_dir(tmp_path, str(tiny_gpt2))
     cfg = PPOConfig(iterations=2, batch_size=8, mini_batch_size=8, micro_batch_size=4, ppo_epochs=1, max_new_tokens=10, device="cpu",
-                    mixed_precision="bf16")
+                    mixed_precision=precision)
     trainer = build_ppo_trainer(str(tiny_gpt2), str(reward), PROMPTS[:20], cfg, ModelConfig(), progress=False)
-    assert trainer.autocast == torch.bfloat16
+    assert trainer.autocast == (torch.bfloat16 if precision == "bf16" else None)
     history = trainer.train().history
     for h in history:  # one mini-batch, one epoch: the only update is at the rollout's own weights
         assert h["clipfrac"] == 0.0 and abs(h["approx_kl"]) < 1e-4 and math.isfinite(h["policy_loss"])

@@ -17,6 +17,7 @@ from rlhf_core.evaluation.metrics import WinRate, distinct_n, duplicate_rate, re
 from rlhf_core.judges.base import Judge
 from rlhf_core.judges.labeling import label_pairs
 from rlhf_core.models.chat import ChatFormat
+from rlhf_core.models.fused import fuse_activations
 from rlhf_core.ppo.rollout import Batch, left_pad, response_logits, sample
 from rlhf_core.reward.model import RewardModel
 from rlhf_core.sft import collate, encode_examples, token_nll
@@ -100,6 +101,7 @@ class PolicyEvaluator:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         was_training = model.training
         model.eval()
+        fuse_activations(model)  # the same function, one kernel
         texts, lengths, eos, batches = [], [], [], []
         for start in range(0, len(prompts), s.batch_size):
             chunk = prompts[start:start + s.batch_size]
