@@ -49,8 +49,11 @@ def test_whole_prompt_space_is_injective_and_split() -> None:
     # The maxima are computed as products, which is only right if no two combinations collide.
     spaces = {}
     for split in ("train", "heldout"):
-        prompts = [demo._prompt(kind, *demo._decode(kind, split, i))
-                   for kind in demo._KINDS for i in range(demo._space(kind, split))]
+        prompts = [
+            demo._prompt(kind, *demo._decode(kind, split, i))
+            for kind in demo._KINDS
+            for i in range(demo._space(kind, split))
+        ]
         spaces[split] = set(prompts)
         assert len(spaces[split]) == len(prompts)
     assert len(spaces["train"]) == demo.MAX_DEMO_PROMPTS >= 20000
@@ -137,8 +140,11 @@ def test_chosen_mentions_prompt_topic(rows: list[dict]) -> None:
             continue
         doc_freq = Counter(w for r in group for w in set(WORD.findall(r["prompt"].lower())))
         for r in group:
-            topic_words = {w for w in WORD.findall(r["prompt"].lower())
-                           if len(w) >= 4 and doc_freq[w] <= 0.1 * len(group)}
+            topic_words = {
+                w
+                for w in WORD.findall(r["prompt"].lower())
+                if len(w) >= 4 and doc_freq[w] <= 0.1 * len(group)
+            }
             total += 1
             hits += bool(topic_words & set(WORD.findall(r["chosen"].lower())))
     assert total > 0 and hits / total > 0.9
@@ -152,8 +158,13 @@ def test_write_demo(tmp_path) -> None:
     assert paths["heldout_prompts"] == out / "heldout_prompts.jsonl"
     assert sorted(p.name for p in out.iterdir()) == ["heldout_prompts.jsonl", "preferences.jsonl"]
 
-    prefs = [json.loads(line) for line in paths["preferences"].read_text(encoding="utf-8").splitlines()]
-    held = [json.loads(line) for line in paths["heldout_prompts"].read_text(encoding="utf-8").splitlines()]
+    prefs = [
+        json.loads(line) for line in paths["preferences"].read_text(encoding="utf-8").splitlines()
+    ]
+    held = [
+        json.loads(line)
+        for line in paths["heldout_prompts"].read_text(encoding="utf-8").splitlines()
+    ]
     assert len(prefs) == 300 and len(held) == 40
     assert all(set(p) == {"prompt", "chosen", "rejected", "kind"} for p in prefs)
     assert all(set(h) == {"prompt", "kind"} for h in held)
@@ -172,3 +183,9 @@ def test_write_demo_bad_request_leaves_nothing(tmp_path) -> None:
     with pytest.raises(ValueError):
         write_demo(out, n_prompts=demo.MAX_DEMO_PROMPTS + 1)
     assert not out.exists()
+
+
+def test_tables_load_as_tuples() -> None:
+    # JSON gives lists; the frozen _Kind must still hold tuples so it stays hashable.
+    hash(demo._KINDS)
+    assert all(isinstance(m, tuple) for k in demo._KINDS for m in k.modifiers + k.topics)
