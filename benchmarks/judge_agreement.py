@@ -10,17 +10,16 @@ come from this script.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import common  # first: puts the repository root on sys.path
+from common import HH_FILE, ROOT, SHARED_DATA, log_numeric_metrics, mlflow_run
+
+common.env_defaults(HF_HUB_OFFLINE="1")
 
 import numpy as np  # noqa: E402
 
@@ -29,7 +28,7 @@ from rlhf_core.judges.constitution import load_constitution  # noqa: E402
 from rlhf_core.judges.labeling import agreement_report, label_pairs  # noqa: E402
 from rlhf_core.plots import reliability_plot  # noqa: E402
 
-DEFAULT_DATA = Path(os.environ.get("RLHF_SHARED_DATA", ROOT.parent / "shared" / "data")) / "hh-rlhf-harmless-base.sample.jsonl.gz"
+DEFAULT_DATA = SHARED_DATA / HH_FILE
 
 
 def load_hh(path: Path, limit: int | None) -> tuple[list[str], list[str], list[str]]:
@@ -45,12 +44,12 @@ def load_hh(path: Path, limit: int | None) -> tuple[list[str], list[str], list[s
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = common.make_parser(__doc__)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--hf-model", help="a local causal LM folder to measure as the 'hf' judge")
     ap.add_argument("--limit", type=int)
     ap.add_argument("--tracking-uri", default=f"sqlite:///{ROOT / '.rlhf' / 'mlflow.db'}")
-    ap.add_argument("--json", action="store_true")
+    common.add_common_args(ap)
     args = ap.parse_args()
     if not args.data.exists():
         sys.exit(f"error: {args.data}: no such file (set RLHF_SHARED_DATA or --data)")
@@ -61,11 +60,10 @@ def main() -> None:
     from rlhf_core.judges.embedding import EmbeddingJudge
     from rlhf_core.judges.hf import HFJudge
 
-    Path(ROOT / ".rlhf").mkdir(exist_ok=True)
-    mlflow.set_tracking_uri(args.tracking_uri)
-    mlflow.set_experiment("judge-agreement")
-    setups = [("embedding", "constitution-harmless.yaml", {"relevance_weight": 0.0}),
-              ("embedding", "constitution.yaml", {})]
+    setups = [
+        ("embedding", "constitution-harmless.yaml", {"relevance_weight": 0.0}),
+        ("embedding", "constitution.yaml", {}),
+    ]
     if args.hf_model:
         setups.append(("hf", "constitution-harmless.yaml", {"model_path": args.hf_model}))
     results = []
@@ -77,23 +75,47 @@ def main() -> None:
             judge = HFJudge(constitution, options["model_path"], device="cpu", batch_size=16)
         outcome = label_pairs(judge, prompts, chosen, rejected)
         report = agreement_report(outcome.p, np.ones(len(prompts)))
-        row = {"judge": backend, "constitution": constitution_file, "n_pairs": report["n_pairs"],
-               "accuracy": round(report["accuracy"], 4), "cohen_kappa": round(report["cohen_kappa"], 4), "ece": round(report["ece"], 4),
-               "position_consistency": outcome.position_consistency, "pairs_per_s": round(outcome.pairs_per_s, 1)}
+        row = {
+            "judge": backend,
+            "constitution": constitution_file,
+            "n_pairs": report["n_pairs"],
+            "accuracy": round(report["accuracy"], 4),
+            "cohen_kappa": round(report["cohen_kappa"], 4),
+            "ece": round(report["ece"], 4),
+            "position_consistency": outcome.position_consistency,
+            "pairs_per_s": round(outcome.pairs_per_s, 1),
+        }
         results.append(row)
-        with mlflow.start_run(run_name=f"{backend}-{constitution_file.removesuffix('.yaml')}"):
-            mlflow.log_params({"judge": judge.label_version, "data": str(args.data), "constitution": constitution_file, **options})
-            mlflow.log_metrics({k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and v is not None})
+        run_name = f"{backend}-{constitution_file.removesuffix('.yaml')}"
+        with mlflow_run(args.tracking_uri, "judge-agreement", run_name):
+            mlflow.log_params(
+                {
+                    "judge": judge.label_version,
+                    "data": str(args.data),
+                    "constitution": constitution_file,
+                    **options,
+                }
+            )
+            log_numeric_metrics(row)
             with tempfile.TemporaryDirectory() as tmp:
-                mlflow.log_artifact(str(reliability_plot(report["calibration"], Path(tmp) / "calibration.png",
-                                                         f"{backend} judge vs HH-RLHF human labels")))
+                mlflow.log_artifact(
+                    str(
+                        reliability_plot(
+                            report["calibration"],
+                            Path(tmp) / "calibration.png",
+                            f"{backend} judge vs HH-RLHF human labels",
+                        )
+                    )
+                )
     if args.json:
         print(json.dumps(results))
     else:
         for r in results:
-            print(f"{r['judge']:>9} {r['constitution']:<28} n={r['n_pairs']}  agreement {r['accuracy']:.1%}  kappa {r['cohen_kappa']:+.3f}  "
-                  f"ECE {r['ece']:.3f}  consistency {r['position_consistency'] if r['position_consistency'] is not None else 'n/a'}  "
-                  f"{r['pairs_per_s']} pairs/s")
+            print(
+                f"{r['judge']:>9} {r['constitution']:<28} n={r['n_pairs']}  agreement {r['accuracy']:.1%}  kappa {r['cohen_kappa']:+.3f}  "
+                f"ECE {r['ece']:.3f}  consistency {r['position_consistency'] if r['position_consistency'] is not None else 'n/a'}  "
+                f"{r['pairs_per_s']} pairs/s"
+            )
 
 
 if __name__ == "__main__":

@@ -41,55 +41,91 @@ column shows it, and a warning is printed when it drops. --threads 1 is far less
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
-import json
-import os
-import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common  # first: puts the repository root on sys.path
+from common import (
+    HH_FILE,
+    SHARED_DATA,
+    add_common_args,
+    add_trainer_args,
+    best_run,
+    check_warmup_steps,
+    drop_printer,
+    dropout_ps,
+    key_values,
+    lib_versions,
+    loss_stats,
+    machine_state,
+    prepare_run,
+    print_json,
+    print_runs,
+    print_table,
+    run_order,
+    step_logger,
+    timed_window,
+    timing_callback,
+    timing_notes,
+    trl_config_check,
+    trl_losses,
+    trl_train_kwargs,
+    unwrapped_optimizer,
+    warn_if_busy,
+)
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+common.env_defaults(TOKENIZERS_PARALLELISM="false")
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from rlhf_core.config import RewardConfig  # noqa: E402
 from rlhf_core.reward.model import RewardModel, build_reward_model  # noqa: E402
-from rlhf_core.reward.trainer import PairSet, RewardSettings, RewardTrainer, encode_pairs  # noqa: E402
+from rlhf_core.reward.trainer import PairSet, RewardTrainer, encode_pairs  # noqa: E402
 from rlhf_core.training import length_bucketed_batches  # noqa: E402
-
-LOSS_WINDOW = 10
-SHARED = Path(os.environ.get("RLHF_SHARED_DATA", Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
-HH_FILE = "hh-rlhf-harmless-base.sample.jsonl.gz"
 
 
 # -- shared setup ---------------------------------------------------------------------------------
-def our_settings(args) -> RewardSettings:
+def our_settings(args) -> RewardConfig:
     # log_every=1: per-step loss and a per-step timestamp through on_log (TRL logs every step too); no evaluation,
     # no checkpoints; mixed_precision="no": fp32 (on CPU "auto" is fp32 as well, but say it).
-    return RewardSettings(max_steps=args.steps, batch_size=args.batch_size, grad_accum=1, lr=args.lr, weight_decay=0.01,
-                          warmup_ratio=args.lr_warmup_ratio, schedule="linear", max_grad_norm=1.0, log_every=1,
-                          eval_every=10**9, checkpoint_every=10**9, early_stopping_patience=None,
-                          bucket_factor=50 if args.ours_batches == "bucketed" else 1, mixed_precision="no",
-                          center_coef=0.0, seed=args.seed)
+    return RewardConfig(
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        grad_accum=1,
+        lr=args.lr,
+        weight_decay=0.01,
+        warmup_ratio=args.lr_warmup_ratio,
+        schedule="linear",
+        max_grad_norm=1.0,
+        log_every=1,
+        eval_every=10**9,
+        checkpoint_every=10**9,
+        early_stopping_patience=None,
+        bucket_factor=50 if args.ours_batches == "bucketed" else 1,
+        mixed_precision="no",
+        center_coef=0.0,
+    )
 
 
 def pair_lengths(pairs: PairSet) -> list[int]:
-    return [max(len(c), len(r)) for c, r in zip(pairs.chosen, pairs.rejected)]  # what RewardTrainer buckets by
+    return [
+        max(len(c), len(r)) for c, r in zip(pairs.chosen, pairs.rejected)
+    ]  # what RewardTrainer buckets by
 
 
-def our_batch_order(pairs: PairSet, settings: RewardSettings) -> list[list[int]]:
+def our_batch_order(pairs: PairSet, settings: RewardConfig, seed: int) -> list[list[int]]:
     """The pair indices of each optimiser step of our loop (grad_accum=1), replaying its deterministic order."""
     lengths = pair_lengths(pairs)
     out, epoch = [], 0
     while len(out) < settings.max_steps:
-        out += length_bucketed_batches(lengths, settings.batch_size, settings.bucket_factor, settings.seed, epoch)
+        out += length_bucketed_batches(
+            lengths, settings.batch_size, settings.bucket_factor, seed, epoch
+        )
         epoch += 1
     return out[: settings.max_steps]
 
@@ -106,34 +142,33 @@ def disable_dropout(model: torch.nn.Module) -> None:
             m.p = 0.0
 
 
-def dropout_ps(model: torch.nn.Module) -> list[float]:
-    return sorted({float(m.p) for m in model.modules() if isinstance(m, torch.nn.Dropout)})
-
-
-def stamp() -> tuple[float, float]:
-    """(wall clock, CPU time of this process): CPU/wall well under the thread count means other processes got
-    the cores (on 2 cores, one busy neighbour can slow a 2-thread OpenMP run several-fold)."""
-    return time.perf_counter(), time.process_time()
-
-
-def summarise(name: str, step_times: list[tuple[float, float]], counts: list[tuple[int, int, int]], losses: list[float],
-              warmup: int, train_s: float) -> dict:
-    n = len(step_times)
-    if n <= warmup:
-        raise SystemExit(f"{name}: only {n} steps recorded, need more than --warmup-steps={warmup}")
-    window = step_times[-1][0] - step_times[warmup - 1][0]
-    cpu = step_times[-1][1] - step_times[warmup - 1][1]
+def summarise(
+    name: str,
+    step_times: list[tuple[float, float]],
+    counts: list[tuple[int, int, int]],
+    losses: list[float],
+    warmup: int,
+    train_s: float,
+) -> dict:
+    n, window, cpu = timed_window(name, step_times, warmup)
     timed = counts[warmup:n]
     pairs = sum(c[0] for c in timed)
     tokens = sum(c[1] for c in timed)
     padded = sum(c[2] for c in timed)
     return {
-        "pairs_per_s": pairs / window, "tokens_per_s": tokens / window, "steps_per_s": len(timed) / window,
-        "timed_s": window, "timed_steps": len(timed), "timed_pairs": pairs, "timed_tokens": tokens,
-        "steps": n, "total_pairs": sum(c[0] for c in counts[:n]), "train_s": train_s,
-        "padding_fraction": 1.0 - tokens / max(1, padded), "cpu_per_wall": cpu / window,
-        "first_loss": losses[0] if losses else None,
-        "final_loss": statistics.fmean(losses[-LOSS_WINDOW:]) if losses else None,
+        "pairs_per_s": pairs / window,
+        "tokens_per_s": tokens / window,
+        "steps_per_s": len(timed) / window,
+        "timed_s": window,
+        "timed_steps": len(timed),
+        "timed_pairs": pairs,
+        "timed_tokens": tokens,
+        "steps": n,
+        "total_pairs": sum(c[0] for c in counts[:n]),
+        "train_s": train_s,
+        "padding_fraction": 1.0 - tokens / max(1, padded),
+        "cpu_per_wall": cpu / window,
+        **loss_stats(losses),
     }
 
 
@@ -146,28 +181,44 @@ def run_ours(template: RewardModel, pairs: PairSet, args) -> dict:
     settings = our_settings(args)
     stamps: list[tuple[float, float]] = []
     losses: list[float] = []
-
-    def on_log(step: int, metrics: dict) -> None:
-        if "train_loss" in metrics:
-            stamps.append(stamp())
-            losses.append(metrics["train_loss"])
-
-    trainer = RewardTrainer(rm, pairs, None, settings, checkpoint_dir=None, on_log=on_log, progress=False)
+    on_log = step_logger(stamps, losses)
+    trainer = RewardTrainer(
+        rm,
+        pairs,
+        None,
+        settings,
+        seed=args.seed,
+        checkpoint_dir=None,
+        on_log=on_log,
+        progress=False,
+    )
     t0 = time.perf_counter()
     result = trainer.train(resume=False)
     train_s = time.perf_counter() - t0
-    order = our_batch_order(pairs, settings)
+    order = our_batch_order(pairs, settings, args.seed)
     counts = [batch_counts(pairs, b) for b in order]
     assert result.steps == len(stamps) == len(counts), (result.steps, len(stamps), len(counts))
-    assert result.train_units == sum(c[0] for c in counts), (result.train_units, sum(c[0] for c in counts))
+    assert result.train_units == sum(c[0] for c in counts), (
+        result.train_units,
+        sum(c[0] for c in counts),
+    )
     out = summarise("ours", stamps, counts, losses, args.warmup_steps, train_s)
-    out["batches"] = "length-bucketed (bucket_factor=50)" if args.ours_batches == "bucketed" else \
-        "random (bucket_factor=1: no length sorting across batches)"
-    out["loop_pairs_per_s_incl_first_steps"] = result.units_per_s  # our loop's own figure, over all steps
-    out["config_check"] = {"optimizer": type(trainer.optimizer).__name__,
-                           "optimizer_fused": bool(trainer.optimizer.param_groups[0].get("fused")),
-                           "autocast": str(trainer.autocast), "param_dtype": str(next(rm.model.parameters()).dtype),
-                           "dropout_p": dropout_ps(rm.model), "torch_threads": torch.get_num_threads()}
+    out["batches"] = (
+        "length-bucketed (bucket_factor=50)"
+        if args.ours_batches == "bucketed"
+        else "random (bucket_factor=1: no length sorting across batches)"
+    )
+    out["loop_pairs_per_s_incl_first_steps"] = (
+        result.units_per_s
+    )  # our loop's own figure, over all steps
+    out["config_check"] = {
+        "optimizer": type(trainer.optimizer).__name__,
+        "optimizer_fused": bool(trainer.optimizer.param_groups[0].get("fused")),
+        "autocast": str(trainer.autocast),
+        "param_dtype": str(next(rm.model.parameters()).dtype),
+        "dropout_p": dropout_ps(rm.model),
+        "torch_threads": torch.get_num_threads(),
+    }
     out["per_step_counts"] = counts
     return out
 
@@ -183,10 +234,12 @@ class _Collator:
     def __call__(self, features):
         batch = self.inner(features)
         if self.token_types:
-            types = [f["chosen_token_type_ids"] for f in features] + [f["rejected_token_type_ids"] for f in features]
+            types = [f["chosen_token_type_ids"] for f in features] + [
+                f["rejected_token_type_ids"] for f in features
+            ]
             tt = torch.zeros_like(batch["input_ids"])
             for i, t in enumerate(types):
-                tt[i, :len(t)] = torch.as_tensor(t)
+                tt[i, : len(t)] = torch.as_tensor(t)
             batch["token_type_ids"] = tt
         mask = batch["attention_mask"]
         self.counts.append((len(features), int(mask.sum()), int(mask.numel())))
@@ -202,8 +255,10 @@ def trl_dataset(pairs: PairSet, rows: list[int], token_types: bool):
     rejected_input_ids are renamed with a FutureWarning); a `margin` column only when our data has margins."""
     from datasets import Dataset
 
-    cols = {"chosen_ids": [pairs.chosen[i].input_ids for i in rows],
-            "rejected_ids": [pairs.rejected[i].input_ids for i in rows]}
+    cols = {
+        "chosen_ids": [pairs.chosen[i].input_ids for i in rows],
+        "rejected_ids": [pairs.rejected[i].input_ids for i in rows],
+    }
     if token_types:
         cols["chosen_token_type_ids"] = [pairs.chosen[i].token_type_ids for i in rows]
         cols["rejected_token_type_ids"] = [pairs.rejected[i].token_type_ids for i in rows]
@@ -213,43 +268,40 @@ def trl_dataset(pairs: PairSet, rows: list[int], token_types: bool):
 
 
 def run_trl(template: RewardModel, pairs: PairSet, args, out_dir: str) -> dict:
-    from transformers import PrinterCallback, TrainerCallback
     from trl import RewardConfig
     from trl import RewardTrainer as TRLRewardTrainer
 
-    order = our_batch_order(pairs, our_settings(args)) if args.trl_order == "same" else None
+    order = (
+        our_batch_order(pairs, our_settings(args), args.seed) if args.trl_order == "same" else None
+    )
     rows = trl_rows(pairs, order)
     token_types = args.trl_token_types == "ours" and pairs.chosen[0].token_type_ids is not None
     dataset = trl_dataset(pairs, rows, token_types)
 
     stamps: list[tuple[float, float]] = []
-
-    class Timing(TrainerCallback):
-        def on_step_end(self, a, state, control, **kw):
-            stamps.append(stamp())
-
     settings = our_settings(args)
     config = RewardConfig(
-        output_dir=out_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=1, learning_rate=args.lr, lr_scheduler_type="linear",
-        warmup_steps=int(settings.warmup_ratio * args.steps),  # an int: ours is int(ratio * total); a float would be ceil
-        optim="adamw_torch", weight_decay=0.01, max_grad_norm=1.0,
-        bf16=False, fp16=False, activation_checkpointing=False, use_cpu=True,  # (gradient_checkpointing: old alias)
-        disable_dropout=args.dropout == "off", center_rewards_coefficient=None,
-        max_length=args.max_length,  # TRL *drops* longer pairs (no truncation); ours are already <= max_length
-        # our extra token-type columns must survive to the collator (TRL keeps only chosen_ids/rejected_ids/margin)
+        **trl_train_kwargs(args, out_dir, sequential=order is not None),
+        lr_scheduler_type="linear",
+        warmup_steps=int(
+            settings.warmup_ratio * args.steps
+        ),  # an int: ours is int(ratio * total); a float would be ceil
+        disable_dropout=args.dropout == "off",
+        center_rewards_coefficient=None,
+        # TRL *drops* longer pairs (no truncation); ours are already <= max_length
+        max_length=args.max_length,
+        # our extra token-type columns must survive to the collator (TRL keeps only
+        # chosen_ids/rejected_ids/margin)
         remove_unused_columns=not token_types,
-        train_sampling_strategy="sequential" if order is not None else "random",
-        dataloader_num_workers=0, dataloader_pin_memory=False,
-        report_to="none", save_strategy="no", eval_strategy="no", logging_strategy="steps", logging_steps=1,
-        disable_tqdm=True, seed=args.seed, data_seed=args.seed,
     )
     torch.manual_seed(args.seed)
     model = copy.deepcopy(template.model)
     tokenizer = copy.deepcopy(template.tokenizer)  # TRL sets pad_token on it
-    trainer = TRLRewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
-    trainer.remove_callback(PrinterCallback)  # disable_tqdm=True would print every log line
-    trainer.add_callback(Timing())
+    trainer = TRLRewardTrainer(
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer
+    )
+    drop_printer(trainer)
+    trainer.add_callback(timing_callback(stamps))
     collator = _Collator(trainer.data_collator, token_types)
     trainer.data_collator = collator
 
@@ -257,33 +309,37 @@ def run_trl(template: RewardModel, pairs: PairSet, args, out_dir: str) -> dict:
     prepared = trainer.train_dataset
     ids_match = len(prepared) == len(rows) and all(
         c == pairs.chosen[i].input_ids and r == pairs.rejected[i].input_ids
-        for c, r, i in zip(prepared["chosen_ids"], prepared["rejected_ids"], rows))
+        for c, r, i in zip(prepared["chosen_ids"], prepared["rejected_ids"], rows)
+    )
 
     t0 = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t0
-    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
-    trl_decay = {n for n, p in trainer.model.named_parameters()
-                 if any(p is q for g in optimizer.param_groups if g["weight_decay"] > 0 for q in g["params"])}
+    optimizer = unwrapped_optimizer(trainer)
+    trl_decay = {
+        n
+        for n, p in trainer.model.named_parameters()
+        if any(p is q for g in optimizer.param_groups if g["weight_decay"] > 0 for q in g["params"])
+    }
     ours_decay = {n for n, p in trainer.model.named_parameters() if p.requires_grad and p.ndim >= 2}
-    checks = {"optimizer": type(optimizer).__name__,
-              "optimizer_fused": bool(optimizer.param_groups[0].get("fused")),
-              "mixed_precision": str(trainer.accelerator.mixed_precision),
-              "activation_checkpointing": bool(getattr(trainer.model, "is_activation_checkpointing",
-                                                       getattr(trainer.model, "is_gradient_checkpointing", False))),
-              "param_dtype": str(next(trainer.model.parameters()).dtype),
-              "lr_scheduler": type(trainer.lr_scheduler).__name__,
-              "warmup_steps": config.warmup_steps,
-              "dropout_p": dropout_ps(trainer.model),
-              "weight_decay_params_match_ours": trl_decay == ours_decay,
-              "token_type_ids": "ours (collator wrapper)" if token_types else "none (TRL collator as shipped)",
-              "sampler": config.train_sampling_strategy,
-              "torch_threads": torch.get_num_threads()}
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+    checks = {
+        **trl_config_check(trainer),
+        "warmup_steps": config.warmup_steps,
+        "dropout_p": dropout_ps(trainer.model),
+        "weight_decay_params_match_ours": trl_decay == ours_decay,
+        "token_type_ids": "ours (collator wrapper)"
+        if token_types
+        else "none (TRL collator as shipped)",
+        "sampler": config.train_sampling_strategy,
+        "torch_threads": torch.get_num_threads(),
+    }
+    losses = trl_losses(trainer)
     counts = collator.counts[: len(stamps)]  # the dataloader may have built one batch ahead
     out = summarise("trl", stamps, counts, losses, args.warmup_steps, train_s)
     out["token_ids_identical_to_ours"] = ids_match
-    out["batches"] = "our batch sequence (sequential sampler)" if order is not None else "TRL random sampler"
+    out["batches"] = (
+        "our batch sequence (sequential sampler)" if order is not None else "TRL random sampler"
+    )
     out["config_check"] = checks
     out["per_step_counts"] = counts
     return out
@@ -293,9 +349,9 @@ def run_trl(template: RewardModel, pairs: PairSet, args, out_dir: str) -> dict:
 def load_frame(args) -> tuple[pd.DataFrame, str]:
     if args.data == "hh":
         from rlhf_core.config import DataConfig
-        from rlhf_core.data.pipeline import read_valid_pairs
+        from rlhf_core.data.dataset import read_valid_pairs
 
-        path = SHARED / HH_FILE
+        path = SHARED_DATA / HH_FILE
         frame, _ = read_valid_pairs(str(path), DataConfig())
         return frame, str(path)
     from rlhf_core.data.demo import generate_demo_pairs
@@ -305,156 +361,195 @@ def load_frame(args) -> tuple[pd.DataFrame, str]:
 
 
 def trim(pairs: PairSet, n: int) -> PairSet:
-    return PairSet(pairs.chosen[:n], pairs.rejected[:n], pairs.p_chosen[:n], pairs.margin[:n], pairs.weight[:n],
-                   pairs.label_source[:n])
+    return PairSet(
+        pairs.chosen[:n],
+        pairs.rejected[:n],
+        pairs.p_chosen[:n],
+        pairs.margin[:n],
+        pairs.weight[:n],
+        pairs.label_source[:n],
+    )
 
 
 # -- driver ---------------------------------------------------------------------------------------
-def best_run(runs: list[dict]) -> dict:
-    """The fastest of the --repeat runs (the least disturbed by anything else on the machine), as timeit does."""
-    best = max(runs, key=lambda r: r["pairs_per_s"])
-    out = {k: v for k, v in best.items() if k != "per_step_counts"}
-    if "token_ids_identical_to_ours" in best:
-        out["token_ids_identical_to_ours"] = all(r["token_ids_identical_to_ours"] for r in runs)
-    if len(runs) > 1:
-        out["runs_pairs_per_s"] = [r["pairs_per_s"] for r in runs]
-        out["runs_cpu_per_wall"] = [r["cpu_per_wall"] for r in runs]
-        out["runs_final_loss"] = [r["final_loss"] for r in runs]
-    return out
-
-
-def _rounded(x):
-    if isinstance(x, float):
-        return float(f"{x:.5g}")  # significant digits: lr 3e-5 must not print as 0.0
-    if isinstance(x, dict):
-        return {k: _rounded(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_rounded(v) for v in x]
-    return x
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default="hh", choices=["hh", "demo"],
-                    help=f"hh: {HH_FILE} from the shared data folder ($RLHF_SHARED_DATA); demo: generate_demo_pairs")
-    ap.add_argument("--n-pairs", type=int, default=None, help="use the first N pairs (demo: generate N; default 1024)")
-    ap.add_argument("--backbone", default="minilm", help="reward backbone (default: the packaged MiniLM encoder)")
-    ap.add_argument("--steps", type=int, default=40, help="optimiser steps for each trainer")
-    ap.add_argument("--warmup-steps", type=int, default=2, help="first steps excluded from timing (both trainers)")
-    ap.add_argument("--batch-size", type=int, default=16, help="pairs per optimiser step")
-    ap.add_argument("--lr", type=float, default=3e-5)
-    ap.add_argument("--lr-warmup-ratio", type=float, default=0.0, help="linear lr warm-up, both (default none)")
-    ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--dropout", default="on", choices=["on", "off"],
-                    help="on: the backbone's own dropout, both (our loop's behaviour); off: none, both (TRL's default)")
-    ap.add_argument("--ours-batches", default="bucketed", choices=["bucketed", "random"],
-                    help="bucketed: our loop's length-bucketed batches; random: bucket_factor=1 (random batches)")
-    ap.add_argument("--trl-order", default="same", choices=["same", "random"],
-                    help="same: TRL trains on our exact batch sequence; random: TRL's default random sampler")
-    ap.add_argument("--trl-token-types", default="ours", choices=["ours", "none"],
-                    help="ours: TRL's collator plus our token_type_ids (identical model inputs); none: TRL as shipped")
-    ap.add_argument("--repeat", type=int, default=1, help="runs; even runs go TRL then ours, odd runs ours then TRL")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    ap.add_argument("--json", action="store_true")
+    ap = common.make_parser(__doc__)
+    ap.add_argument(
+        "--data",
+        default="hh",
+        choices=["hh", "demo"],
+        help=f"hh: {HH_FILE} from the shared data folder ($RLHF_SHARED_DATA); demo: generate_demo_pairs",
+    )
+    ap.add_argument(
+        "--n-pairs",
+        type=int,
+        default=None,
+        help="use the first N pairs (demo: generate N; default 1024)",
+    )
+    ap.add_argument(
+        "--backbone",
+        default="minilm",
+        help="reward backbone (default: the packaged MiniLM encoder)",
+    )
+    add_trainer_args(ap, warmup_steps=2, lr=3e-5, batch_help="pairs per optimiser step")
+    ap.add_argument(
+        "--lr-warmup-ratio", type=float, default=0.0, help="linear lr warm-up, both (default none)"
+    )
+    ap.add_argument(
+        "--dropout",
+        default="on",
+        choices=["on", "off"],
+        help="on: the backbone's own dropout, both (our loop's behaviour); off: none, both (TRL's default)",
+    )
+    ap.add_argument(
+        "--ours-batches",
+        default="bucketed",
+        choices=["bucketed", "random"],
+        help="bucketed: our loop's length-bucketed batches; random: bucket_factor=1 (random batches)",
+    )
+    ap.add_argument(
+        "--trl-order",
+        default="same",
+        choices=["same", "random"],
+        help="same: TRL trains on our exact batch sequence; random: TRL's default random sampler",
+    )
+    ap.add_argument(
+        "--trl-token-types",
+        default="ours",
+        choices=["ours", "none"],
+        help="ours: TRL's collator plus our token_type_ids (identical model inputs); none: TRL as shipped",
+    )
+    add_common_args(ap, seed=True, threads=True)
     args = ap.parse_args()
-    if args.warmup_steps < 1 or args.steps <= args.warmup_steps + 1:
-        ap.error("need 1 <= --warmup-steps < --steps - 1 (the timed window starts at the end of a step)")
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    import datasets
-
-    datasets.disable_progress_bars()
-
-    import transformers
-    import trl
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    load_start = os.getloadavg()[0]
+    check_warmup_steps(ap, args)
+    load_start = prepare_run(args)
+    versions = lib_versions()
 
     frame, data_source = load_frame(args)
-    template = build_reward_model(args.backbone, max_length=args.max_length, dtype="fp32", device="cpu", seed=args.seed)
+    template = build_reward_model(
+        args.backbone, max_length=args.max_length, dtype="fp32", device="cpu", seed=args.seed
+    )
     n_params = sum(p.numel() for p in template.model.parameters())
     t_enc = time.perf_counter()
     pairs = encode_pairs(template, frame, our_settings(args))
     encode_s = time.perf_counter() - t_enc
     n = min(len(pairs), args.n_pairs or len(pairs))
-    n -= n % args.batch_size  # full batches only: TRL's sequential sampler must cut our batches where we do
+    n -= (
+        n % args.batch_size
+    )  # full batches only: TRL's sequential sampler must cut our batches where we do
     if n < args.batch_size:
-        raise SystemExit(f"only {len(pairs)} labelled pairs: fewer than one batch of {args.batch_size}")
+        raise SystemExit(
+            f"only {len(pairs)} labelled pairs: fewer than one batch of {args.batch_size}"
+        )
     pairs = trim(pairs, n)
     if np.any(pairs.p_chosen != 1.0) or np.any(pairs.weight != 1.0):
-        raise SystemExit("soft labels / per-source weights in the data: TRL's RewardTrainer has neither")
-    at_max = sum(1 for c, r in zip(pairs.chosen, pairs.rejected) if max(len(c), len(r)) >= args.max_length)
+        raise SystemExit(
+            "soft labels / per-source weights in the data: TRL's RewardTrainer has neither"
+        )
+    at_max = sum(
+        1 for c, r in zip(pairs.chosen, pairs.rejected) if max(len(c), len(r)) >= args.max_length
+    )
 
     results: dict[str, list[dict]] = {"ours": [], "trl": []}
     with tempfile.TemporaryDirectory(prefix="reward-vs-trl-") as tmp:
         for rep in range(args.repeat):
-            for who in (["trl", "ours"] if rep % 2 == 0 else ["ours", "trl"]):
+            for who in run_order(["trl", "ours"], rep):
                 if who == "ours":
                     results["ours"].append(run_ours(template, pairs, args))
                 else:
-                    results["trl"].append(run_trl(template, pairs, args, str(Path(tmp) / f"trl-{rep}")))
+                    results["trl"].append(
+                        run_trl(template, pairs, args, str(Path(tmp) / f"trl-{rep}"))
+                    )
 
     same_batches = args.trl_order == "same" and all(
-        r["per_step_counts"] == o["per_step_counts"] for r, o in zip(results["trl"], results["ours"]))
-    summary = {name: best_run(runs) for name, runs in results.items()}
-    threads = torch.get_num_threads()
+        r["per_step_counts"] == o["per_step_counts"]
+        for r, o in zip(results["trl"], results["ours"])
+    )
+    summary = {
+        name: best_run(runs, "pairs_per_s", "token_ids_identical_to_ours")
+        for name, runs in results.items()
+    }
     min_cpu = min(s["cpu_per_wall"] for s in summary.values())
-    busy = min_cpu < 0.8 * threads
+    machine = machine_state(load_start, min_cpu)
+    threads = machine["torch_threads"]
     setup = {
-        "backbone": args.backbone, "model": type(template.model).__name__, "reward_kind": template.kind,
-        "parameters": n_params, "data": args.data, "data_source": data_source, "pairs": n,
-        "pairs_at_max_length": at_max, "encode_s": encode_s, "steps": args.steps,
-        "warmup_steps_excluded": args.warmup_steps, "batch_size_pairs": args.batch_size, "grad_accum": 1,
-        "lr": args.lr, "schedule": "linear", "lr_warmup_ratio": args.lr_warmup_ratio, "weight_decay": 0.01,
-        "max_grad_norm": 1.0, "max_length": args.max_length, "dropout": args.dropout, "dtype": "fp32",
-        "device": "cpu", "loss": "Bradley-Terry, mean over pairs, no centring, no margin" if not np.any(pairs.margin)
+        "backbone": args.backbone,
+        "model": type(template.model).__name__,
+        "reward_kind": template.kind,
+        "parameters": n_params,
+        "data": args.data,
+        "data_source": data_source,
+        "pairs": n,
+        "pairs_at_max_length": at_max,
+        "encode_s": encode_s,
+        "steps": args.steps,
+        "warmup_steps_excluded": args.warmup_steps,
+        "batch_size_pairs": args.batch_size,
+        "grad_accum": 1,
+        "lr": args.lr,
+        "schedule": "linear",
+        "lr_warmup_ratio": args.lr_warmup_ratio,
+        "weight_decay": 0.01,
+        "max_grad_norm": 1.0,
+        "max_length": args.max_length,
+        "dropout": args.dropout,
+        "dtype": "fp32",
+        "device": "cpu",
+        "loss": "Bradley-Terry, mean over pairs, no centring, no margin"
+        if not np.any(pairs.margin)
         else "Bradley-Terry with margin, mean over pairs, no centring",
-        "ours_batches": args.ours_batches, "trl_order": args.trl_order, "trl_token_types": args.trl_token_types,
-        "identical_batches": same_batches, "torch_threads": threads, "cpu_count": os.cpu_count(),
-        "loadavg_1m_start": load_start, "loadavg_1m_end": os.getloadavg()[0], "min_cpu_per_wall": min_cpu,
-        "machine_busy": busy, "repeat": args.repeat,
-        "timing": f"steps {args.warmup_steps + 1}..{args.steps}: end of step {args.warmup_steps} to end of last step",
-        "final_loss": f"mean per-step train loss over the last {LOSS_WINDOW} steps",
+        "ours_batches": args.ours_batches,
+        "trl_order": args.trl_order,
+        "trl_token_types": args.trl_token_types,
+        "identical_batches": same_batches,
+        **machine,
+        "repeat": args.repeat,
+        **timing_notes(args.warmup_steps, args.steps),
         "aggregate": "best (highest pairs/s) of --repeat runs per trainer; all runs in runs_pairs_per_s",
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
+        "versions": versions,
     }
     ratio = summary["ours"]["pairs_per_s"] / summary["trl"]["pairs_per_s"]
     if args.json:
-        print(json.dumps(_rounded({"setup": setup, **summary, "ratio_pairs_per_s": ratio})))
+        print_json({"setup": setup, **summary, "ratio_pairs_per_s": ratio})
         return
-    print(f"Reward-model throughput, {args.backbone} ({type(template.model).__name__}, {n_params / 1e6:.1f}M params), "
-          f"{args.data} data: {n} pairs ({at_max} at max_length {args.max_length}), batch {args.batch_size} pairs, "
-          f"{args.steps} steps, fp32 CPU, {threads} threads, dropout {args.dropout}, "
-          f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}")
+    print(
+        f"Reward-model throughput, {args.backbone} ({type(template.model).__name__}, {n_params / 1e6:.1f}M params), "
+        f"{args.data} data: {n} pairs ({at_max} at max_length {args.max_length}), batch {args.batch_size} pairs, "
+        f"{args.steps} steps, fp32 CPU, {threads} threads, dropout {args.dropout}, "
+        f"torch {versions['torch']}, transformers {versions['transformers']}, "
+        f"trl {versions['trl']}"
+    )
     same = f" (identical batches: {same_batches})" if args.trl_order == "same" else ""
-    print(f"timing: {setup['timing']} (first {args.warmup_steps} steps excluded, both); "
-          f"ours: {summary['ours']['batches']}; trl: {summary['trl']['batches']}{same}")
-    header = f"{'':<6}{'pairs/s':>9}{'tokens/s':>10}{'steps/s':>9}{'steps':>7}{'pairs':>7}{'timed s':>9}" \
-             f"{'train() s':>11}{'pad frac':>10}{'cpu/wall':>10}{'first loss':>12}{'final loss':>12}"
-    print(header)
-    print("-" * len(header))
-    for name, s in summary.items():
-        print(f"{name:<6}{s['pairs_per_s']:>9.2f}{s['tokens_per_s']:>10.0f}{s['steps_per_s']:>9.3f}{s['steps']:>7d}"
-              f"{s['total_pairs']:>7d}{s['timed_s']:>9.2f}{s['train_s']:>11.2f}{s['padding_fraction']:>10.3f}"
-              f"{s['cpu_per_wall']:>10.2f}{s['first_loss']:>12.4f}{s['final_loss']:>12.4f}")
-    print(f"ratio (ours / trl): pairs/s {ratio:.3f}   (steps, pairs = all steps run; rates over the timed steps)")
+    print(
+        f"timing: {setup['timing']} (first {args.warmup_steps} steps excluded, both); "
+        f"ours: {summary['ours']['batches']}; trl: {summary['trl']['batches']}{same}"
+    )
+    header = (
+        f"{'':<6}{'pairs/s':>9}{'tokens/s':>10}{'steps/s':>9}{'steps':>7}{'pairs':>7}{'timed s':>9}"
+        f"{'train() s':>11}{'pad frac':>10}{'cpu/wall':>10}{'first loss':>12}{'final loss':>12}"
+    )
+    print_table(
+        header,
+        (
+            f"{name:<6}{s['pairs_per_s']:>9.2f}{s['tokens_per_s']:>10.0f}{s['steps_per_s']:>9.3f}"
+            f"{s['steps']:>7d}{s['total_pairs']:>7d}{s['timed_s']:>9.2f}{s['train_s']:>11.2f}"
+            f"{s['padding_fraction']:>10.3f}{s['cpu_per_wall']:>10.2f}{s['first_loss']:>12.4f}"
+            f"{s['final_loss']:>12.4f}"
+            for name, s in summary.items()
+        ),
+    )
+    print(
+        f"ratio (ours / trl): pairs/s {ratio:.3f}   (steps, pairs = all steps run; rates over the timed steps)"
+    )
     if not summary["trl"]["token_ids_identical_to_ours"]:
-        print("WARNING: TRL's prepared dataset differs from our token ids (filtered or re-tokenised)")
+        print(
+            "WARNING: TRL's prepared dataset differs from our token ids (filtered or re-tokenised)"
+        )
     for name in ("ours", "trl"):
-        print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in summary[name]["config_check"].items()))
-    if busy:
-        print(f"WARNING: CPU/wall fell to {min_cpu:.2f} with {threads} threads: other processes were using the cores "
-              f"(1-min load {load_start:.1f} at start, {setup['loadavg_1m_end']:.1f} at end); the numbers and the "
-              "ratio are unreliable, run again on an idle machine (or try --threads 1)")
+        print(f"{name}: " + key_values(summary[name]["config_check"]))
+    warn_if_busy(machine)
     if args.repeat > 1:
-        for name, s in summary.items():
-            runs = ", ".join(f"{x:.2f} (cpu/wall {c:.2f})" for x, c in zip(s["runs_pairs_per_s"], s["runs_cpu_per_wall"]))
-            print(f"{name} pairs/s per run: {runs}; best shown above")
+        print_runs(summary, "pairs_per_s", "pairs/s", ".2f")
 
 
 if __name__ == "__main__":

@@ -32,45 +32,75 @@ is far less sensitive to that.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common  # first: puts the repository root on sys.path
+from common import (
+    add_common_args,
+    add_trainer_args,
+    best_run,
+    check_warmup_steps,
+    drop_printer,
+    key_values,
+    lib_versions,
+    loss_stats,
+    machine_state,
+    prepare_run,
+    print_json,
+    print_runs,
+    print_table,
+    run_order,
+    step_logger,
+    timed_window,
+    timing_callback,
+    timing_notes,
+    trl_config_check,
+    trl_losses,
+    trl_train_kwargs,
+    warn_if_busy,
+)
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+common.env_defaults(TOKENIZERS_PARALLELISM="false")
 
 import torch  # noqa: E402
 
+from rlhf_core.config import SFTConfig  # noqa: E402
 from rlhf_core.data.demo import generate_demo_pairs  # noqa: E402
 from rlhf_core.models.chat import ChatFormat  # noqa: E402
 from rlhf_core.models.loading import load_causal_lm  # noqa: E402
 from rlhf_core.models.scratch import build_scratch_model  # noqa: E402
-from rlhf_core.sft import IGNORE, SFTSettings, SFTTrainer, encode_examples  # noqa: E402
+from rlhf_core.sft import IGNORE, SFTTrainer, encode_examples  # noqa: E402
 from rlhf_core.training import length_bucketed_batches  # noqa: E402
-
-LOSS_WINDOW = 10
 
 
 # -- shared setup ---------------------------------------------------------------------------------
-def our_settings(args) -> SFTSettings:
+def our_settings(args) -> SFTConfig:
     # log_every=1: per-step loss and a per-step timestamp through on_log (TRL logs every step too).
-    return SFTSettings(max_steps=args.steps, batch_size=args.batch_size, grad_accum=1, lr=args.lr, warmup_ratio=0.0,
-                       schedule="cosine", log_every=1, eval_every=10**9, checkpoint_every=10**9,
-                       early_stopping_patience=None, max_length=args.max_length, seed=args.seed)
+    return SFTConfig(
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        grad_accum=1,
+        lr=args.lr,
+        warmup_ratio=0.0,
+        schedule="cosine",
+        log_every=1,
+        eval_every=10**9,
+        checkpoint_every=10**9,
+        early_stopping_patience=None,
+        max_length=args.max_length,
+    )
 
 
-def our_batch_order(examples, settings: SFTSettings) -> list[list[int]]:
+def our_batch_order(examples, settings: SFTConfig, seed: int) -> list[list[int]]:
     """The example indices of each optimiser step of our loop (grad_accum=1), replaying its deterministic order."""
     lengths = [len(e) for e in examples]
     out, epoch = [], 0
     while len(out) < settings.max_steps:
-        out += length_bucketed_batches(lengths, settings.batch_size, settings.bucket_factor, settings.seed, epoch)
+        out += length_bucketed_batches(
+            lengths, settings.batch_size, settings.bucket_factor, seed, epoch
+        )
         epoch += 1
     return out[: settings.max_steps]
 
@@ -78,33 +108,39 @@ def our_batch_order(examples, settings: SFTSettings) -> list[list[int]]:
 def batch_counts(examples, batch: list[int]) -> tuple[int, int, int]:
     """(non-pad input tokens, response tokens, padded positions) of one right-padded batch."""
     lens = [len(examples[i]) for i in batch]
-    return sum(lens), sum(len(examples[i]) - examples[i].n_prompt for i in batch), len(batch) * max(lens)
+    return (
+        sum(lens),
+        sum(len(examples[i]) - examples[i].n_prompt for i in batch),
+        len(batch) * max(lens),
+    )
 
 
-def stamp() -> tuple[float, float]:
-    """(wall clock, CPU time of this process): CPU/wall well under the thread count means other processes got
-    the cores (on 2 cores, one busy neighbour can slow a 2-thread OpenMP run several-fold)."""
-    return time.perf_counter(), time.process_time()
-
-
-def summarise(name: str, step_times: list[tuple[float, float]], counts: list[tuple[int, int, int]], losses: list[float],
-              warmup: int, train_s: float) -> dict:
-    n = len(step_times)
-    if n <= warmup:
-        raise SystemExit(f"{name}: only {n} steps recorded, need more than --warmup-steps={warmup}")
-    window = step_times[-1][0] - step_times[warmup - 1][0]
-    cpu = step_times[-1][1] - step_times[warmup - 1][1]
+def summarise(
+    name: str,
+    step_times: list[tuple[float, float]],
+    counts: list[tuple[int, int, int]],
+    losses: list[float],
+    warmup: int,
+    train_s: float,
+) -> dict:
+    n, window, cpu = timed_window(name, step_times, warmup)
     timed = counts[warmup:]
     steps = len(timed)
     tokens = sum(c[0] for c in timed)
     response = sum(c[1] for c in timed)
     padded = sum(c[2] for c in timed)
     return {
-        "tokens_per_s": tokens / window, "response_tokens_per_s": response / window, "steps_per_s": steps / window,
-        "timed_s": window, "timed_steps": steps, "train_s": train_s, "tokens": tokens, "response_tokens": response,
-        "padding_fraction": 1.0 - tokens / max(1, padded), "cpu_per_wall": cpu / window,
-        "first_loss": losses[0] if losses else None,
-        "final_loss": statistics.fmean(losses[-LOSS_WINDOW:]) if losses else None,
+        "tokens_per_s": tokens / window,
+        "response_tokens_per_s": response / window,
+        "steps_per_s": steps / window,
+        "timed_s": window,
+        "timed_steps": steps,
+        "train_s": train_s,
+        "tokens": tokens,
+        "response_tokens": response,
+        "padding_fraction": 1.0 - tokens / max(1, padded),
+        "cpu_per_wall": cpu / window,
+        **loss_stats(losses),
         "steps": n,
     }
 
@@ -116,21 +152,28 @@ def run_ours(model_dir: str, examples, args) -> dict:
     settings = our_settings(args)
     stamps: list[tuple[float, float]] = []
     losses: list[float] = []
-
-    def on_log(step: int, metrics: dict) -> None:
-        if "train_loss" in metrics:
-            stamps.append(stamp())
-            losses.append(metrics["train_loss"])
-
-    trainer = SFTTrainer(loaded.model, loaded.tokenizer, examples, [], settings, checkpoint_dir=None, on_log=on_log,
-                         progress=False)
+    on_log = step_logger(stamps, losses)
+    trainer = SFTTrainer(
+        loaded.model,
+        loaded.tokenizer,
+        examples,
+        [],
+        settings,
+        seed=args.seed,
+        checkpoint_dir=None,
+        on_log=on_log,
+        progress=False,
+    )
     t0 = time.perf_counter()
     result = trainer.train()
     train_s = time.perf_counter() - t0
-    counts = [batch_counts(examples, b) for b in our_batch_order(examples, settings)]
+    counts = [batch_counts(examples, b) for b in our_batch_order(examples, settings, args.seed)]
     assert result.steps == len(stamps) == len(counts), (result.steps, len(stamps), len(counts))
     # cross-check of the replayed order: our loop's own count of loss tokens
-    assert result.train_tokens == sum(c[1] for c in counts), (result.train_tokens, sum(c[1] for c in counts))
+    assert result.train_tokens == sum(c[1] for c in counts), (
+        result.train_tokens,
+        sum(c[1] for c in counts),
+    )
     out = summarise("ours", stamps, counts, losses, args.warmup_steps, train_s)
     out["per_step_counts"] = counts
     return out
@@ -147,7 +190,9 @@ class _CountingCollator:
         batch = self.inner(features)
         mask = batch["attention_mask"]
         labels = batch["labels"]
-        self.counts.append((int(mask.sum()), int((labels[:, 1:] != IGNORE).sum()), int(mask.numel())))
+        self.counts.append(
+            (int(mask.sum()), int((labels[:, 1:] != IGNORE).sum()), int(mask.numel()))
+        )
         return batch
 
 
@@ -157,47 +202,49 @@ def trl_dataset(examples, order: list[list[int]] | None):
     from datasets import Dataset
 
     rows = [i for b in order for i in b] if order is not None else range(len(examples))
-    return Dataset.from_dict({
-        "input_ids": [examples[i].input_ids for i in rows],
-        "completion_mask": [[0] * examples[i].n_prompt + [1] * (len(examples[i]) - examples[i].n_prompt) for i in rows],
-    })
+    return Dataset.from_dict(
+        {
+            "input_ids": [examples[i].input_ids for i in rows],
+            "completion_mask": [
+                [0] * examples[i].n_prompt + [1] * (len(examples[i]) - examples[i].n_prompt)
+                for i in rows
+            ],
+        }
+    )
 
 
 def run_trl(model_dir: str, examples, args, out_dir: str, loss_type: str) -> dict:
-    from transformers import PrinterCallback, TrainerCallback
     from trl import SFTConfig
     from trl import SFTTrainer as TRLSFTTrainer
 
-    order = our_batch_order(examples, our_settings(args)) if args.order == "same" else None
+    order = (
+        our_batch_order(examples, our_settings(args), args.seed) if args.order == "same" else None
+    )
     if order is not None and any(len(b) != args.batch_size for b in order):
         raise SystemExit("--order same needs full batches (use --n a multiple of --batch-size)")
     dataset = trl_dataset(examples, order)
 
     stamps: list[tuple[float, float]] = []
-
-    class Timing(TrainerCallback):
-        def on_step_end(self, a, state, control, **kw):
-            stamps.append(stamp())
-
     config = SFTConfig(
-        output_dir=out_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=1, learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0,
-        optim="adamw_torch", weight_decay=0.01, max_grad_norm=1.0,
-        bf16=False, fp16=False, activation_checkpointing=False, use_cpu=True,  # (gradient_checkpointing: old alias)
-        max_length=args.max_length, packing=False, padding_free=False, loss_type=loss_type,
-        # must be explicit: with None, TRL enables completion-only loss only for text "prompt"/"completion"
-        # columns, and a pre-tokenised input_ids dataset would train on the full sequence
+        **trl_train_kwargs(args, out_dir, sequential=order is not None),
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        max_length=args.max_length,
+        packing=False,
+        padding_free=False,
+        loss_type=loss_type,
+        # must be explicit: with None, TRL enables completion-only loss only for text
+        # "prompt"/"completion" columns, and a pre-tokenised input_ids dataset would train on the
+        # full sequence
         completion_only_loss=True,
-        train_sampling_strategy="sequential" if order is not None else "random",
-        dataloader_num_workers=0, dataloader_pin_memory=False,
-        report_to="none", save_strategy="no", eval_strategy="no", logging_strategy="steps", logging_steps=1,
-        disable_tqdm=True, seed=args.seed, data_seed=args.seed,
     )
     torch.manual_seed(args.seed)
     loaded = load_causal_lm(model_dir, dtype="fp32", device="cpu", eval_mode=False)
-    trainer = TRLSFTTrainer(model=loaded.model, args=config, train_dataset=dataset, processing_class=loaded.tokenizer)
-    trainer.remove_callback(PrinterCallback)  # disable_tqdm=True would print every log line
-    trainer.add_callback(Timing())
+    trainer = TRLSFTTrainer(
+        model=loaded.model, args=config, train_dataset=dataset, processing_class=loaded.tokenizer
+    )
+    drop_printer(trainer)
+    trainer.add_callback(timing_callback(stamps))
     counter = _CountingCollator(trainer.data_collator)
     trainer.data_collator = counter
 
@@ -205,22 +252,15 @@ def run_trl(model_dir: str, examples, args, out_dir: str, loss_type: str) -> dic
     prepared = trainer.train_dataset
     want = [examples[i] for b in order for i in b] if order is not None else examples
     labels_match = len(prepared) == len(want) and all(
-        lab == [IGNORE] * e.n_prompt + e.input_ids[e.n_prompt:] and ids == e.input_ids
-        for lab, ids, e in zip(prepared["labels"], prepared["input_ids"], want))
+        lab == [IGNORE] * e.n_prompt + e.input_ids[e.n_prompt :] and ids == e.input_ids
+        for lab, ids, e in zip(prepared["labels"], prepared["input_ids"], want)
+    )
 
     t0 = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t0
-    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
-    checks = {"optimizer": type(optimizer).__name__,
-              "optimizer_fused": bool(trainer.optimizer.param_groups[0].get("fused")),
-              "mixed_precision": str(trainer.accelerator.mixed_precision),
-              "activation_checkpointing": bool(getattr(trainer.model, "is_activation_checkpointing", False)
-                                                  if hasattr(trainer.model, "is_activation_checkpointing")
-                                                  else getattr(trainer.model, "is_gradient_checkpointing", False)),
-              "param_dtype": str(next(trainer.model.parameters()).dtype),
-              "lr_scheduler": type(trainer.lr_scheduler).__name__}
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+    checks = trl_config_check(trainer)
+    losses = trl_losses(trainer)
     counts = counter.counts[: len(stamps)]  # the dataloader may have built one batch ahead
     out = summarise(f"trl[{loss_type}]", stamps, counts, losses, args.warmup_steps, train_s)
     out["labels_completion_only_and_match_ours"] = labels_match
@@ -231,142 +271,143 @@ def run_trl(model_dir: str, examples, args, out_dir: str, loss_type: str) -> dic
 
 
 # -- driver ---------------------------------------------------------------------------------------
-def best_run(runs: list[dict]) -> dict:
-    """The fastest of the --repeat runs (the least disturbed by anything else on the machine), as timeit does."""
-    best = max(runs, key=lambda r: r["tokens_per_s"])
-    out = {k: v for k, v in best.items() if k != "per_step_counts"}
-    if "labels_completion_only_and_match_ours" in best:
-        out["labels_completion_only_and_match_ours"] = all(r["labels_completion_only_and_match_ours"] for r in runs)
-    if len(runs) > 1:
-        out["runs_tokens_per_s"] = [r["tokens_per_s"] for r in runs]
-        out["runs_cpu_per_wall"] = [r["cpu_per_wall"] for r in runs]
-        out["runs_final_loss"] = [r["final_loss"] for r in runs]
-    return out
-
-
-def _rounded(x):
-    if isinstance(x, float):
-        return round(x, 4)
-    if isinstance(x, dict):
-        return {k: _rounded(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_rounded(v) for v in x]
-    return x
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = common.make_parser(__doc__)
     ap.add_argument("--n", type=int, default=1024, help="demo pairs (prompt -> chosen)")
     ap.add_argument("--preset", default="small", choices=["tiny", "small"])
     ap.add_argument("--arch", default="gpt2", choices=["gpt2", "llama"])
-    ap.add_argument("--steps", type=int, default=40, help="optimiser steps for each trainer")
-    ap.add_argument("--warmup-steps", type=int, default=3, help="first steps excluded from timing (both trainers)")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--order", default="same", choices=["same", "random"],
-                    help="same: TRL trains on our exact batch sequence; random: TRL's default random sampler")
-    ap.add_argument("--trl-loss-type", default="chunked_nll", choices=["chunked_nll", "nll"],
-                    help="TRL loss implementation (chunked_nll is TRL 1.x's default)")
-    ap.add_argument("--trl-nll-row", action="store_true", help="add an extra row: TRL with loss_type='nll'")
-    ap.add_argument("--repeat", type=int, default=1, help="runs; even runs go TRL then ours, odd runs ours then TRL")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    ap.add_argument("--json", action="store_true")
+    add_trainer_args(ap, warmup_steps=3, lr=1e-3)
+    ap.add_argument(
+        "--order",
+        default="same",
+        choices=["same", "random"],
+        help="same: TRL trains on our exact batch sequence; random: TRL's default random sampler",
+    )
+    ap.add_argument(
+        "--trl-loss-type",
+        default="chunked_nll",
+        choices=["chunked_nll", "nll"],
+        help="TRL loss implementation (chunked_nll is TRL 1.x's default)",
+    )
+    ap.add_argument(
+        "--trl-nll-row", action="store_true", help="add an extra row: TRL with loss_type='nll'"
+    )
+    add_common_args(ap, seed=True, threads=True)
     args = ap.parse_args()
-    if args.warmup_steps < 1 or args.steps <= args.warmup_steps + 1:
-        ap.error("need 1 <= --warmup-steps < --steps - 1 (the timed window starts at the end of a step)")
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    import datasets
-
-    datasets.disable_progress_bars()
-
-    import transformers
-    import trl
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    load_start = os.getloadavg()[0]
+    check_warmup_steps(ap, args)
+    load_start = prepare_run(args)
+    versions = lib_versions()
 
     rows = generate_demo_pairs(args.n, seed=0)
-    texts = [r["prompt"] for r in rows] + [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    texts = (
+        [r["prompt"] for r in rows] + [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    )
     trl_rows = [("trl", args.trl_loss_type)]
     if args.trl_nll_row and args.trl_loss_type != "nll":
         trl_rows.append(("trl (loss_type=nll)", "nll"))
     results: dict[str, list[dict]] = {"ours": [], **{name: [] for name, _ in trl_rows}}
     with tempfile.TemporaryDirectory(prefix="sft-vs-trl-") as tmp:
-        model_dir = str(build_scratch_model(texts, Path(tmp) / "model", args.preset, args.arch, seed=args.seed))
+        model_dir = str(
+            build_scratch_model(texts, Path(tmp) / "model", args.preset, args.arch, seed=args.seed)
+        )
         probe = load_causal_lm(model_dir, dtype="fp32", device="cpu")
         n_params = sum(p.numel() for p in probe.model.parameters())
-        examples, stats = encode_examples([(r["prompt"], r["chosen"]) for r in rows], ChatFormat(probe.tokenizer),
-                                          args.max_length)
+        examples, stats = encode_examples(
+            [(r["prompt"], r["chosen"]) for r in rows], ChatFormat(probe.tokenizer), args.max_length
+        )
         del probe
         for rep in range(args.repeat):
-            order = ["trl", "ours"] if rep % 2 == 0 else ["ours", "trl"]
-            for who in order:
+            for who in run_order(["trl", "ours"], rep):
                 if who == "ours":
                     results["ours"].append(run_ours(model_dir, examples, args))
                     continue
                 for name, loss_type in trl_rows:
-                    results[name].append(run_trl(model_dir, examples, args, str(Path(tmp) / f"trl-{rep}"), loss_type))
+                    results[name].append(
+                        run_trl(model_dir, examples, args, str(Path(tmp) / f"trl-{rep}"), loss_type)
+                    )
 
-    same_batches = all(r["per_step_counts"] == o["per_step_counts"]
-                       for name, _ in trl_rows for r, o in zip(results[name], results["ours"]))
-    summary = {name: best_run(runs) for name, runs in results.items()}
-    threads = torch.get_num_threads()
+    same_batches = all(
+        r["per_step_counts"] == o["per_step_counts"]
+        for name, _ in trl_rows
+        for r, o in zip(results[name], results["ours"])
+    )
+    summary = {
+        name: best_run(runs, "tokens_per_s", "labels_completion_only_and_match_ours")
+        for name, runs in results.items()
+    }
     min_cpu = min(s["cpu_per_wall"] for s in summary.values())  # of the runs reported
-    busy = min_cpu < 0.8 * threads
+    machine = machine_state(load_start, min_cpu)
     setup = {
-        "preset": args.preset, "arch": args.arch, "parameters": n_params, "examples": stats.examples,
-        "truncated": stats.truncated, "n_pairs": args.n, "steps": args.steps,
+        "preset": args.preset,
+        "arch": args.arch,
+        "parameters": n_params,
+        "examples": stats.examples,
+        "truncated": stats.truncated,
+        "n_pairs": args.n,
+        "steps": args.steps,
         "warmup_steps_excluded": args.warmup_steps,
-        "batch_size": args.batch_size, "grad_accum": 1, "lr": args.lr, "schedule": "cosine", "lr_warmup": 0,
-        "max_length": args.max_length, "dtype": "fp32", "device": "cpu", "torch_threads": threads,
-        "cpu_count": os.cpu_count(), "loadavg_1m_start": load_start, "loadavg_1m_end": os.getloadavg()[0],
-        "min_cpu_per_wall": min_cpu, "machine_busy": busy,
-        "order": args.order, "identical_batches": args.order == "same" and same_batches, "repeat": args.repeat,
-        "timing": f"steps {args.warmup_steps + 1}..{args.steps}: end of step {args.warmup_steps} to end of last step",
-        "final_loss": f"mean per-step train loss over the last {LOSS_WINDOW} steps",
+        "batch_size": args.batch_size,
+        "grad_accum": 1,
+        "lr": args.lr,
+        "schedule": "cosine",
+        "lr_warmup": 0,
+        "max_length": args.max_length,
+        "dtype": "fp32",
+        "device": "cpu",
+        **machine,
+        "order": args.order,
+        "identical_batches": args.order == "same" and same_batches,
+        "repeat": args.repeat,
+        **timing_notes(args.warmup_steps, args.steps),
         "aggregate": "best (highest tokens/s) of --repeat runs per trainer; all runs in runs_tokens_per_s",
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
+        "versions": versions,
     }
     ratio = summary["ours"]["tokens_per_s"] / summary["trl"]["tokens_per_s"]
     ratio_resp = summary["ours"]["response_tokens_per_s"] / summary["trl"]["response_tokens_per_s"]
     if args.json:
-        out = {"setup": setup, **summary, "ratio_tokens_per_s": ratio, "ratio_response_tokens_per_s": ratio_resp}
-        print(json.dumps(_rounded(out)))
+        out = {
+            "setup": setup,
+            **summary,
+            "ratio_tokens_per_s": ratio,
+            "ratio_response_tokens_per_s": ratio_resp,
+        }
+        print_json(out)
         return
-    print(f"SFT throughput, {args.preset}/{args.arch} ({n_params / 1e6:.1f}M params), {stats.examples} examples, "
-          f"batch {args.batch_size}, {args.steps} steps, fp32 CPU, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}")
+    print(
+        f"SFT throughput, {args.preset}/{args.arch} ({n_params / 1e6:.1f}M params), {stats.examples} examples, "
+        f"batch {args.batch_size}, {args.steps} steps, fp32 CPU, {torch.get_num_threads()} threads, "
+        f"torch {versions['torch']}, transformers {versions['transformers']}, "
+        f"trl {versions['trl']}"
+    )
     same = f" (identical batches: {same_batches})" if args.order == "same" else ""
-    print(f"timing: {setup['timing']} (first {args.warmup_steps} steps excluded, both); batch order: {args.order}{same}")
-    header = f"{'':<22}{'tokens/s':>10}{'resp tok/s':>12}{'steps/s':>9}{'timed s':>9}{'train() s':>11}" \
-             f"{'pad frac':>10}{'cpu/wall':>10}{'first loss':>12}{'final loss':>12}"
-    print(header)
-    print("-" * len(header))
-    for name, s in summary.items():
-        print(f"{name:<22}{s['tokens_per_s']:>10.0f}{s['response_tokens_per_s']:>12.0f}{s['steps_per_s']:>9.3f}"
-              f"{s['timed_s']:>9.2f}{s['train_s']:>11.2f}{s['padding_fraction']:>10.3f}{s['cpu_per_wall']:>10.2f}"
-              f"{s['first_loss']:>12.4f}"
-              f"{s['final_loss']:>12.4f}")
+    print(
+        f"timing: {setup['timing']} (first {args.warmup_steps} steps excluded, both); batch order: {args.order}{same}"
+    )
+    header = (
+        f"{'':<22}{'tokens/s':>10}{'resp tok/s':>12}{'steps/s':>9}{'timed s':>9}{'train() s':>11}"
+        f"{'pad frac':>10}{'cpu/wall':>10}{'first loss':>12}{'final loss':>12}"
+    )
+    print_table(
+        header,
+        (
+            f"{name:<22}{s['tokens_per_s']:>10.0f}{s['response_tokens_per_s']:>12.0f}"
+            f"{s['steps_per_s']:>9.3f}{s['timed_s']:>9.2f}{s['train_s']:>11.2f}"
+            f"{s['padding_fraction']:>10.3f}{s['cpu_per_wall']:>10.2f}{s['first_loss']:>12.4f}"
+            f"{s['final_loss']:>12.4f}"
+            for name, s in summary.items()
+        ),
+    )
     print(f"ratio (ours / trl): tokens/s {ratio:.3f}, response tokens/s {ratio_resp:.3f}")
     for name, _ in trl_rows:
         if not summary[name]["labels_completion_only_and_match_ours"]:
-            print(f"WARNING: {name}: TRL's prepared labels differ from ours (not completion-only on the same tokens)")
-        checks = ", ".join(f"{k}={v}" for k, v in summary[name]["config_check"].items())
+            print(
+                f"WARNING: {name}: TRL's prepared labels differ from ours (not completion-only on the same tokens)"
+            )
+        checks = key_values(summary[name]["config_check"])
         print(f"{name}: loss_type={summary[name]['loss_type']}, {checks}")
-    if busy:
-        print(f"WARNING: CPU/wall fell to {min_cpu:.2f} with {threads} threads: other processes were using the cores "
-              f"(1-min load {load_start:.1f} at start, {setup['loadavg_1m_end']:.1f} at end); the numbers and the "
-              "ratio are unreliable, run again on an idle machine (or try --threads 1)")
+    warn_if_busy(machine)
     if args.repeat > 1:
-        for name, s in summary.items():
-            runs = ", ".join(f"{x:.0f} (cpu/wall {c:.2f})" for x, c in zip(s["runs_tokens_per_s"], s["runs_cpu_per_wall"]))
-            print(f"{name} tokens/s per run: {runs}; best shown above")
+        print_runs(summary, "tokens_per_s", "tokens/s", ".0f")
 
 
 if __name__ == "__main__":

@@ -8,18 +8,16 @@ duplicates + writing valid/quarantine files) and reports rows/s for each and end
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common  # first: puts the repository root on sys.path
 
 from rlhf_core.config import DataConfig, SourceConfig  # noqa: E402
-from rlhf_core.data.pipeline import ingest_sources, validate_normalised  # noqa: E402
+from rlhf_core.data.dataset import ingest_sources, validate_normalised  # noqa: E402
 
 WORDS = "the a model answer helpful question please explain how why data train reward policy value kind polite short long".split()
 
@@ -32,20 +30,30 @@ def write_file(path: Path, rows: int, bad_fraction: float, seed: int = 0) -> Non
             if r < bad_fraction / 3:
                 fh.write('{"prompt": "broken json\n')
             elif r < 2 * bad_fraction / 3:
-                fh.write(json.dumps({"prompt": f"q{i}", "chosen": "same", "rejected": "same"}) + "\n")
+                fh.write(
+                    json.dumps({"prompt": f"q{i}", "chosen": "same", "rejected": "same"}) + "\n"
+                )
             elif r < bad_fraction:
                 fh.write(json.dumps({"prompt": "", "chosen": f"a{i}", "rejected": "b"}) + "\n")
             else:
                 words = rng.choices(WORDS, k=12)
-                fh.write(json.dumps({"prompt": f"{i}: " + " ".join(words[:6]) + "?", "chosen": " ".join(words[6:]) + f" {i}.",
-                                     "rejected": " ".join(reversed(words)) + "!"}) + "\n")
+                fh.write(
+                    json.dumps(
+                        {
+                            "prompt": f"{i}: " + " ".join(words[:6]) + "?",
+                            "chosen": " ".join(words[6:]) + f" {i}.",
+                            "rejected": " ".join(reversed(words)) + "!",
+                        }
+                    )
+                    + "\n"
+                )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = common.make_parser(__doc__)
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--bad-fraction", type=float, default=0.01)
-    ap.add_argument("--json", action="store_true")
+    common.add_common_args(ap)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -58,16 +66,19 @@ def main() -> None:
         report = validate_normalised(tmp / "ingest", tmp / "valid", data)
         t2 = time.perf_counter()
     result = {
-        "rows": args.rows, "valid": report["valid"], "quarantined": report["quarantined"],
-        "ingest_s": round(t1 - t0, 2), "validate_s": round(t2 - t1, 2), "total_s": round(t2 - t0, 2),
-        "ingest_rows_per_s": round(args.rows / (t1 - t0)), "validate_rows_per_s": round(args.rows / (t2 - t1)),
-        "end_to_end_rows_per_s": round(args.rows / (t2 - t0)), "target_s": 10.0, "meets_target": (t2 - t0) < 10.0,
+        "rows": args.rows,
+        "valid": report["valid"],
+        "quarantined": report["quarantined"],
+        "ingest_s": round(t1 - t0, 2),
+        "validate_s": round(t2 - t1, 2),
+        "total_s": round(t2 - t0, 2),
+        "ingest_rows_per_s": round(args.rows / (t1 - t0)),
+        "validate_rows_per_s": round(args.rows / (t2 - t1)),
+        "end_to_end_rows_per_s": round(args.rows / (t2 - t0)),
+        "target_s": 10.0,
+        "meets_target": (t2 - t0) < 10.0,
     }
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f"{k:>22}: {v}")
+    common.print_result(result, args.json, key_width=22)
 
 
 if __name__ == "__main__":
