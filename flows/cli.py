@@ -11,7 +11,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -21,20 +21,31 @@ from rich.table import Table
 from rlhf_core.config import SourceConfig, load_config
 from rlhf_core.errors import UnusableInputError, UserError
 
-app = typer.Typer(help="RLHF pipeline: preference data in, aligned model out.", no_args_is_help=True, add_completion=False,
-                  pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="RLHF pipeline: preference data in, aligned model out.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 data_app = typer.Typer(help="Ingest, validate and generate preference data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 reward_app = typer.Typer(help="Train and evaluate reward models.", no_args_is_help=True)
 app.add_typer(reward_app, name="reward")
-stack_app = typer.Typer(help="The real servers on this machine, no Docker: S3 store, MLflow, Prefect server and worker.",
-                        no_args_is_help=True)
+stack_app = typer.Typer(
+    help="The real servers on this machine, no Docker: S3 store, MLflow, Prefect server and worker.",
+    no_args_is_help=True,
+)
 app.add_typer(stack_app, name="stack")
 out = Console()
 err = Console(stderr=True)
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (default: configs/default.yaml).")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: section.key=value (repeatable).")]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML config (default: configs/default.yaml).")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config key: section.key=value (repeatable)."),
+]
 
 
 def fail(message: str, code: int) -> None:
@@ -50,7 +61,9 @@ def user_errors(code: int = 2):
                 return fn(*args, **kwargs)
             except UserError as exc:
                 fail(str(exc), code)
+
         return wrapper
+
     return deco
 
 
@@ -75,23 +88,39 @@ def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     if "reference_policy" in result:
         table.add_row("reference policy", result["reference_policy"])
     if "labels" in result and "agreement_accuracy" in result["labels"]:
-        table.add_row("AI label agreement", f"{result['labels']['agreement_accuracy']:.1%} with human labels")
+        table.add_row(
+            "AI label agreement", f"{result['labels']['agreement_accuracy']:.1%} with human labels"
+        )
     if "reward" in result:
         r = result["reward"]
         table.add_row("reward model", result["reward_model"])
-        table.add_row("reward test accuracy", f"{r['test_accuracy']:.1%} (AUC {r['test_auc']:.3f}, ECE {r['test_ece']:.3f})")
+        table.add_row(
+            "reward test accuracy",
+            f"{r['test_accuracy']:.1%} (AUC {r['test_auc']:.3f}, ECE {r['test_ece']:.3f})",
+        )
     if "ppo" in result:
         p = result["ppo"]
         table.add_row("tuned policy", result["tuned_policy"])
-        table.add_row("PPO reward", f"{p['score_start']:+.3f} -> {p['score_end']:+.3f} (KL {p['kl_end']:.2f})")
+        table.add_row(
+            "PPO reward", f"{p['score_start']:+.3f} -> {p['score_end']:+.3f} (KL {p['kl_end']:.2f})"
+        )
     if "evaluation" in result:
         e = result["evaluation"]
-        table.add_row("held-out win rate", f"{e['eval_win_rate']:.1%} (95% CI {e['eval_win_rate_ci_low']:.1%}-{e['eval_win_rate_ci_high']:.1%})")
-        table.add_row("held-out score", f"{e['eval_score_mean_reference']:+.3f} -> {e['eval_score_mean_tuned']:+.3f} "
-                                        f"(KL {e['eval_kl_per_response']:.2f} per response)")
+        table.add_row(
+            "held-out win rate",
+            f"{e['eval_win_rate']:.1%} (95% CI {e['eval_win_rate_ci_low']:.1%}-{e['eval_win_rate_ci_high']:.1%})",
+        )
+        table.add_row(
+            "held-out score",
+            f"{e['eval_score_mean_reference']:+.3f} -> {e['eval_score_mean_tuned']:+.3f} "
+            f"(KL {e['eval_kl_per_response']:.2f} per response)",
+        )
     if result.get("registry"):
         g = result["registry"]
-        table.add_row("registered", f"{g['model_name']} v{g['version']} [{', '.join(g.get('aliases') or []) or 'no alias'}]")
+        table.add_row(
+            "registered",
+            f"{g['model_name']} v{g['version']} [{', '.join(g.get('aliases') or []) or 'no alias'}]",
+        )
         table.add_row("promotion", g.get("note") or g.get("message", ""))
     table.add_row("MLflow parent run", result["mlflow_run_id"])
     table.add_row("MLflow tracking", cfg.mlflow_tracking_uri)
@@ -99,41 +128,81 @@ def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 
 def _progress(disabled: bool) -> Progress:
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), TextColumn("{task.completed:,.0f} records"),
-                    TimeElapsedColumn(), console=err, transient=True,
-                    disable=disabled)
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TextColumn("{task.completed:,.0f} records"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=disabled,
+    )
 
 
 @data_app.command("validate")
 @user_errors()
 def data_validate(
-    path: Annotated[str, typer.Argument(help="File (.jsonl/.json/.csv/.parquet, optionally .gz), datasets folder, or s3://bucket/key.")],
-    format: Annotated[str, typer.Option("--format", help="auto|pairwise|hh|ranked|comparison")] = "auto",
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Where valid.parquet, quarantine.jsonl and report.json go.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
+    path: Annotated[
+        str,
+        typer.Argument(
+            help="File (.jsonl/.json/.csv/.parquet, optionally .gz), datasets folder, or s3://bucket/key."
+        ),
+    ],
+    format: Annotated[
+        str, typer.Option("--format", help="auto|pairwise|hh|ranked|comparison")
+    ] = "auto",
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="Where valid.parquet, quarantine.jsonl and report.json go."),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the report as one JSON object.")
+    ] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Ingest and validate one source. Exit 0: within max_invalid_fraction; 1: over it; 2: unusable input."""
-    from rlhf_core.data.pipeline import QUARANTINE_FILE, REPORT_FILE, VALID_FILE, ingest_sources, validate_normalised
+    from rlhf_core.data.dataset import (
+        QUARANTINE_FILE,
+        REPORT_FILE,
+        VALID_FILE,
+        ingest_sources,
+        validate_normalised,
+    )
 
     cfg = load_config(config, set_ or [])
     try:
         source = SourceConfig(path=path, format=format)
     except ValueError:
-        raise UserError(f"--format {format!r}: expected one of auto, pairwise, hh, ranked, comparison") from None
+        raise UserError(
+            f"--format {format!r}: expected one of auto, pairwise, hh, ranked, comparison"
+        ) from None
     out_dir = out_dir or cfg.work_dir / "validate" / Path(path.rstrip("/")).name.split(".")[0]
     if not path.startswith(("s3://", "hf://")) and not Path(path).exists():
         raise UnusableInputError(f"{path}: no such file")
     with _progress(as_json) as progress, tempfile.TemporaryDirectory(prefix="rlhf-ingest-") as tmp:
         job = progress.add_task(f"ingest {path}", total=None)
-        ingest_sources([source], Path(tmp) / "ingest", chunk_rows=cfg.data.chunk_rows, s3=cfg.s3,
-                       cache_dir=cfg.work_dir / "s3-cache", progress=lambda n: progress.advance(job, n))
+        ingest_sources(
+            [source],
+            Path(tmp) / "ingest",
+            chunk_rows=cfg.data.chunk_rows,
+            s3=cfg.s3,
+            cache_dir=cfg.work_dir / "s3-cache",
+            progress=lambda n: progress.advance(job, n),
+        )
         progress.update(job, description="validate", completed=0)
-        report = validate_normalised(Path(tmp) / "ingest", out_dir, cfg.data, enforce=False,
-                                     progress=lambda n: progress.advance(job, n))
-    report["outputs"] = {"valid": str(out_dir / VALID_FILE), "quarantine": str(out_dir / QUARANTINE_FILE),
-                         "report": str(out_dir / REPORT_FILE)}
+        report = validate_normalised(
+            Path(tmp) / "ingest",
+            out_dir,
+            cfg.data,
+            enforce=False,
+            progress=lambda n: progress.advance(job, n),
+        )
+    report["outputs"] = {
+        "valid": str(out_dir / VALID_FILE),
+        "quarantine": str(out_dir / QUARANTINE_FILE),
+        "report": str(out_dir / REPORT_FILE),
+    }
     if as_json:
         sys.stdout.write(json.dumps(report) + "\n")
     else:
@@ -143,9 +212,12 @@ def data_validate(
 
 def _print_report(report: dict) -> None:
     verdict = "[green]passed[/]" if report["passed"] else "[bold red]FAILED[/]"
-    out.print(f"Validation {verdict}: {report['valid']:,} valid, {report['quarantined']:,} quarantined "
-              f"({report['invalid_fraction']:.2%} invalid; limit {report['max_invalid_fraction']:.2%}) "
-              f"from {report['records']:,} records. Dataset version {report['dataset_version']}.", highlight=False)
+    out.print(
+        f"Validation {verdict}: {report['valid']:,} valid, {report['quarantined']:,} quarantined "
+        f"({report['invalid_fraction']:.2%} invalid; limit {report['max_invalid_fraction']:.2%}) "
+        f"from {report['records']:,} records. Dataset version {report['dataset_version']}.",
+        highlight=False,
+    )
     if report["reasons"]:
         table = Table("reason", "rows", title="Quarantine reasons")
         for reason, n in report["reasons"].items():
@@ -158,7 +230,9 @@ def _print_report(report: dict) -> None:
 @data_app.command("demo")
 @user_errors()
 def data_demo(
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder for preferences.jsonl and heldout_prompts.jsonl.")],
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Folder for preferences.jsonl and heldout_prompts.jsonl.")
+    ],
     n_prompts: Annotated[int, typer.Option(help="Number of preference pairs.")] = 3000,
     n_heldout: Annotated[int, typer.Option(help="Number of held-out prompts.")] = 200,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
@@ -176,7 +250,12 @@ def data_demo(
         out.print(f"{name}: {p}", highlight=False)
 
 
-DataArg = Annotated[str, typer.Option("--data", help="Preference data: anything `rlhf data validate` accepts, or a split parquet.")]
+DataArg = Annotated[
+    str,
+    typer.Option(
+        "--data", help="Preference data: anything `rlhf data validate` accepts, or a split parquet."
+    ),
+]
 FormatOpt = Annotated[str, typer.Option("--format", help="auto|pairwise|hh|ranked|comparison")]
 
 
@@ -184,30 +263,50 @@ def _source_format(fmt: str) -> str:
     try:
         return SourceConfig(path="x", format=fmt).format
     except ValueError:
-        raise UserError(f"--format {fmt!r}: expected one of auto, pairwise, hh, ranked, comparison") from None
+        raise UserError(
+            f"--format {fmt!r}: expected one of auto, pairwise, hh, ranked, comparison"
+        ) from None
 
 
 @reward_app.command("train")
 @user_errors()
 def reward_train(
     data: DataArg,
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the trained reward model (written atomically).")],
-    base: Annotated[Optional[str], typer.Option("--base", help="Backbone: 'minilm' (packaged encoder), a local HF folder, or a "
-                                                "hub id (default: reward.backbone).")] = None,
-    policy: Annotated[Optional[str], typer.Option("--policy", help="Reference policy folder: reward normalisation from its samples.")] = None,
+    out_dir: Annotated[
+        Path,
+        typer.Option("--out", help="Folder for the trained reward model (written atomically)."),
+    ],
+    base: Annotated[
+        str | None,
+        typer.Option(
+            "--base",
+            help="Backbone: 'minilm' (packaged encoder), a local HF folder, or a "
+            "hub id (default: reward.backbone).",
+        ),
+    ] = None,
+    policy: Annotated[
+        str | None,
+        typer.Option(
+            "--policy", help="Reference policy folder: reward normalisation from its samples."
+        ),
+    ] = None,
     format: FormatOpt = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="Print the held-out metrics as one JSON object.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the held-out metrics as one JSON object.")
+    ] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Train a Bradley-Terry reward model on one preference source (split by prompt; reward.* keys apply)."""
     cfg = load_config(config, set_ or [])
-    from rlhf_core.data.pipeline import read_valid_pairs, split_by_prompt
+    from rlhf_core.data.dataset import read_valid_pairs, split_by_prompt
     from rlhf_core.reward.evaluate import evaluate_reward_model
-    from rlhf_core.reward.pipeline import train_reward
+    from rlhf_core.reward.trainer import train_reward
     from rlhf_core.storage import atomic_dir
 
-    frame, _ = read_valid_pairs(data, cfg.data, fmt=_source_format(format), s3=cfg.s3, cache_dir=cfg.work_dir / "s3-cache")
+    frame, _ = read_valid_pairs(
+        data, cfg.data, fmt=_source_format(format), s3=cfg.s3, cache_dir=cfg.work_dir / "s3-cache"
+    )
     which = split_by_prompt(frame["prompt"], cfg.data.splits, cfg.run.seed)
     train, val, test = (frame[which == i].reset_index(drop=True) for i in range(3))
     checkpoints = out_dir.with_name(out_dir.name + ".checkpoints")  # a killed run resumes from here
@@ -216,43 +315,76 @@ def reward_train(
         if not policy:
             raise UserError("reward.backbone 'policy' needs --policy (the reference policy folder)")
         backbone = policy
-    rm, result = train_reward(train, val, cfg.reward, cfg.model, backbone,
-                              checkpoint_dir=checkpoints, policy_dir=policy, seed=cfg.run.seed, progress=not as_json)
+    rm, result = train_reward(
+        train,
+        val,
+        cfg.reward,
+        cfg.model,
+        backbone,
+        checkpoint_dir=checkpoints,
+        policy_dir=policy,
+        seed=cfg.run.seed,
+        progress=not as_json,
+    )
     held_out = test if len(test) else val
     metrics = evaluate_reward_model(rm, held_out, "test").report if len(held_out) else {}
     with atomic_dir(out_dir) as staging:
         rm.save(staging)
     shutil.rmtree(checkpoints, ignore_errors=True)
-    summary = {"out": str(out_dir), "steps": result.steps, "pairs_per_s": result.units_per_s, "best_val_accuracy": result.best_metric,
-               "train_pairs": len(train), "normalisation": rm.normalisation,
-               **{k: metrics[k] for k in ("accuracy", "auc", "ece", "n_pairs") if k in metrics}}
+    summary = {
+        "out": str(out_dir),
+        "steps": result.steps,
+        "pairs_per_s": result.units_per_s,
+        "best_val_accuracy": result.best_metric,
+        "train_pairs": len(train),
+        "normalisation": rm.normalisation,
+        **{k: metrics[k] for k in ("accuracy", "auc", "ece", "n_pairs") if k in metrics},
+    }
     if as_json:
         sys.stdout.write(json.dumps(summary) + "\n")
     else:
-        out.print(f"reward model saved to {out_dir}: {result.steps} steps, {result.units_per_s:.1f} pairs/s", highlight=False)
+        out.print(
+            f"reward model saved to {out_dir}: {result.steps} steps, {result.units_per_s:.1f} pairs/s",
+            highlight=False,
+        )
         if metrics:
-            out.print(f"held-out ({metrics['n_pairs']} pairs): accuracy {metrics['accuracy']:.3f}, AUC {metrics['auc']:.3f}, "
-                      f"ECE {metrics['ece']:.3f}", highlight=False)
+            out.print(
+                f"held-out ({metrics['n_pairs']} pairs): accuracy {metrics['accuracy']:.3f}, AUC {metrics['auc']:.3f}, "
+                f"ECE {metrics['ece']:.3f}",
+                highlight=False,
+            )
 
 
 @reward_app.command("eval")
 @user_errors()
 def reward_eval(
-    model_dir: Annotated[str, typer.Option("--model", help="A reward model folder (ours, or any HF sequence classifier with one output).")],
+    model_dir: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            help="A reward model folder (ours, or any HF sequence classifier with one output).",
+        ),
+    ],
     data: DataArg,
     format: FormatOpt = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object.")] = False,
-    plots: Annotated[Optional[Path], typer.Option("--plots", help="Write the calibration and histogram PNGs here.")] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the metrics as one JSON object.")
+    ] = False,
+    plots: Annotated[
+        Path | None, typer.Option("--plots", help="Write the calibration and histogram PNGs here.")
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Pairwise accuracy, AUC, ECE, length bias of a reward model on every valid pair of a source."""
     cfg = load_config(config, set_ or [])
-    from rlhf_core.data.pipeline import read_valid_pairs
+    from rlhf_core.data.dataset import read_valid_pairs
     from rlhf_core.reward.evaluate import evaluate_reward_model, write_plots
     from rlhf_core.reward.model import load_reward_model
 
-    frame, _ = read_valid_pairs(data, cfg.data, fmt=_source_format(format), s3=cfg.s3, cache_dir=cfg.work_dir / "s3-cache")
+    frame, _ = read_valid_pairs(
+        data, cfg.data, fmt=_source_format(format), s3=cfg.s3, cache_dir=cfg.work_dir / "s3-cache"
+    )
     rm = load_reward_model(model_dir, device=cfg.reward.device)
     ev = evaluate_reward_model(rm, frame, "data")
     if ev.report["n_pairs"] == 0:
@@ -260,30 +392,37 @@ def reward_eval(
     if plots:
         write_plots(ev, plots)
     r = ev.report
-    summary = {"n_pairs": r["n_pairs"], "accuracy": r["accuracy"], "auc": r["auc"], "ece": r["ece"],
-               "mean_reward_gap": r["mean_reward_gap"], "length_correlation": r["length"]["reward_length_correlation"],
-               "longer_wins_accuracy": r["length"]["longer_wins_accuracy"], "length_flagged": r["length"]["flagged"],
-               "by_label_source": r["by_label_source"], "by_length_bucket": r["by_length_bucket"]}
+    summary = {
+        "n_pairs": r["n_pairs"],
+        "accuracy": r["accuracy"],
+        "auc": r["auc"],
+        "ece": r["ece"],
+        "mean_reward_gap": r["mean_reward_gap"],
+        "length_correlation": r["length"]["reward_length_correlation"],
+        "longer_wins_accuracy": r["length"]["longer_wins_accuracy"],
+        "length_flagged": r["length"]["flagged"],
+        "by_label_source": r["by_label_source"],
+        "by_length_bucket": r["by_length_bucket"],
+    }
     if as_json:
         sys.stdout.write(json.dumps(summary) + "\n")
         return
     from rlhf_core.reward.evaluate import markdown_summary
 
-    out.print(markdown_summary({"data": r}, None, title=f"Reward model {model_dir}"), highlight=False)
+    out.print(
+        markdown_summary({"data": r}, None, title=f"Reward model {model_dir}"), highlight=False
+    )
 
 
 def main() -> None:
     app()
 
 
-def _stack(config: Optional[Path], set_: Optional[list[str]]):
-    from rlhf_core.stack import Stack, StackSettings
+def _stack(config: Path | None, set_: list[str] | None):
+    from rlhf_core.stack import Stack
 
     cfg = load_config(config, set_ or [])
-    st = cfg.stack
-    return Stack(StackSettings(root=cfg.work_dir / "stack", s3_port=st.s3_port, mlflow_port=st.mlflow_port,
-                               prefect_port=st.prefect_port, bucket=st.bucket, work_pool=st.work_pool,
-                               startup_timeout_s=st.startup_timeout_s))
+    return Stack(cfg.stack, cfg.work_dir / "stack")
 
 
 def _health_table(health: dict) -> bool:
@@ -304,7 +443,10 @@ def stack_up(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     health = stack.up(echo=lambda line: err.print(line, highlight=False))
     _health_table(health)
     env = stack.s.client_env()
-    out.print("Use it from this shell:\n" + "\n".join(f"  export {k}={v}" for k, v in env.items()), highlight=False)
+    out.print(
+        "Use it from this shell:\n" + "\n".join(f"  export {k}={v}" for k, v in env.items()),
+        highlight=False,
+    )
 
 
 @stack_app.command("down")
@@ -337,12 +479,18 @@ def deploy_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
     result = deploy(cfg)
     p = result["pipeline"]
-    out.print(f"deployment {p['name']} on work pool {p['work_pool']}: schedule {p['cron'] or 'none'} ({p['timezone']}), "
-              f"at most {p['concurrency_limit']} run(s) at once", highlight=False)
+    out.print(
+        f"deployment {p['name']} on work pool {p['work_pool']}: schedule {p['cron'] or 'none'} ({p['timezone']}), "
+        f"at most {p['concurrency_limit']} run(s) at once",
+        highlight=False,
+    )
     if "sensor" in result:
         sn = result["sensor"]
-        out.print(f"deployment {sn['name']}: every {sn['interval_s']}s lists {sn['prefix']} ({sn['already_there']} file(s) already there, "
-                  "not run); each new file starts a run of the pipeline on it", highlight=False)
+        out.print(
+            f"deployment {sn['name']}: every {sn['interval_s']}s lists {sn['prefix']} ({sn['already_there']} file(s) already there, "
+            "not run); each new file starts a run of the pipeline on it",
+            highlight=False,
+        )
 
 
 if __name__ == "__main__":

@@ -33,35 +33,76 @@ def deploy(cfg: PipelineConfig) -> dict:
     from flows.sensor import DATA_EVENT, prime
 
     if not (cfg.tracking.prefect_api_url or os.environ.get("PREFECT_API_URL")):
-        raise UserError("rlhf deploy needs a Prefect server: start one (rlhf stack up) and export PREFECT_API_URL, "
-                        "or set tracking.prefect_api_url")
+        raise UserError(
+            "rlhf deploy needs a Prefect server: start one (rlhf stack up) and export PREFECT_API_URL, "
+            "or set tracking.prefect_api_url"
+        )
     d = cfg.deploy
     pool = d.work_pool or cfg.stack.work_pool
     try:
         ensure_work_pool(pool)
     except Exception as exc:  # noqa: BLE001 - httpx/OS errors: the server is not there
         api = cfg.tracking.prefect_api_url or os.environ.get("PREFECT_API_URL")
-        raise UserError(f"cannot reach the Prefect server at {api} ({type(exc).__name__}); is `rlhf stack up` running?") from None
+        raise UserError(
+            f"cannot reach the Prefect server at {api} ({type(exc).__name__}); is `rlhf stack up` running?"
+        ) from None
     source = str(PROJECT_ROOT)
     triggers = []
     if d.watch_prefix:
-        triggers.append(DeploymentEventTrigger(name="new preference data", expect={DATA_EVENT}, match={"prefect.resource.id": "rlhf.data.*"},
-                                               parameters={"data_path": "{{ event.payload.uri }}"}))
+        triggers.append(
+            DeploymentEventTrigger(
+                name="new preference data",
+                expect={DATA_EVENT},
+                match={"prefect.resource.id": "rlhf.data.*"},
+                parameters={"data_path": "{{ event.payload.uri }}"},
+            )
+        )
     pipeline = flow.from_source(source, PIPELINE_ENTRYPOINT)
     pipeline_id = pipeline.deploy(
-        name=d.name, work_pool_name=pool, build=False, push=False, schedules=[Cron(d.cron, timezone=d.timezone)] if d.cron else None,
-        concurrency_limit=ConcurrencyLimitConfig(limit=d.concurrency_limit, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
-        triggers=triggers, parameters={"config": cfg.model_dump(mode="json")}, tags=["rlhf"], print_next_steps=False,
-        description="Preference data -> SFT -> AI labels -> reward model -> PPO -> evaluation -> registry")
-    out = {"pipeline": {"id": str(pipeline_id), "name": f"rlhf-pipeline/{d.name}", "work_pool": pool, "cron": d.cron,
-                        "timezone": d.timezone, "concurrency_limit": d.concurrency_limit}}
+        name=d.name,
+        work_pool_name=pool,
+        build=False,
+        push=False,
+        schedules=[Cron(d.cron, timezone=d.timezone)] if d.cron else None,
+        concurrency_limit=ConcurrencyLimitConfig(
+            limit=d.concurrency_limit, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
+        ),
+        triggers=triggers,
+        parameters={"config": cfg.model_dump(mode="json")},
+        tags=["rlhf"],
+        print_next_steps=False,
+        description="Preference data -> SFT -> AI labels -> reward model -> PPO -> evaluation -> registry",
+    )
+    out = {
+        "pipeline": {
+            "id": str(pipeline_id),
+            "name": f"rlhf-pipeline/{d.name}",
+            "work_pool": pool,
+            "cron": d.cron,
+            "timezone": d.timezone,
+            "concurrency_limit": d.concurrency_limit,
+        }
+    }
     if d.watch_prefix:
         already = prime(d.watch_prefix, cfg.s3)
         sensor = flow.from_source(source, SENSOR_ENTRYPOINT)
-        sensor_id = sensor.deploy(name="watch", work_pool_name=pool, build=False, push=False, interval=d.sensor_interval_s,
-                                  concurrency_limit=1, parameters={"prefix": d.watch_prefix, "s3": cfg.s3.model_dump(mode="json")},
-                                  tags=["rlhf"], print_next_steps=False,
-                                  description=f"Emit {DATA_EVENT} for each new preference file under {d.watch_prefix}")
-        out["sensor"] = {"id": str(sensor_id), "name": "rlhf-data-sensor/watch", "prefix": d.watch_prefix,
-                         "interval_s": d.sensor_interval_s, "already_there": already}
+        sensor_id = sensor.deploy(
+            name="watch",
+            work_pool_name=pool,
+            build=False,
+            push=False,
+            interval=d.sensor_interval_s,
+            concurrency_limit=1,
+            parameters={"prefix": d.watch_prefix, "s3": cfg.s3.model_dump(mode="json")},
+            tags=["rlhf"],
+            print_next_steps=False,
+            description=f"Emit {DATA_EVENT} for each new preference file under {d.watch_prefix}",
+        )
+        out["sensor"] = {
+            "id": str(sensor_id),
+            "name": "rlhf-data-sensor/watch",
+            "prefix": d.watch_prefix,
+            "interval_s": d.sensor_interval_s,
+            "already_there": already,
+        }
     return out

@@ -27,4 +27,6 @@ def configure_environment(cfg: PipelineConfig) -> None:
     env.setdefault("MLFLOW_TRACKING_URI", cfg.mlflow_tracking_uri)
     env.setdefault("HF_HUB_OFFLINE", "1")  # offline by default; users who are online can unset it
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per small download floods the stage logs
+    env.setdefault(
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"
+    )  # one bar per small download floods the stage logs

@@ -33,14 +33,19 @@ def data_sensor(prefix: str, s3: dict | None = None) -> list[str]:
     cfg = S3Config.model_validate(s3 or {})
     name = state_variable(prefix)
     previous = Variable.get(name, default=None)
-    if previous is None:  # never primed, or the variable was lost: record what is there, start nothing for it
+    if (
+        previous is None
+    ):  # never primed, or the variable was lost: record what is there, start nothing for it
         get_run_logger().warning(f"no sensor state for {prefix}: taking what is there now as seen")
         prime(prefix, cfg)
         return []
     new, state = new_s3_objects(prefix, cfg, previous)
     for uri in new:  # emitted before the state is saved: a crash in between re-announces rather than loses a file
-        emit_event(event=DATA_EVENT, resource={"prefect.resource.id": f"rlhf.data.{uri}", "prefect.resource.name": uri},
-                   payload={"uri": uri})
+        emit_event(
+            event=DATA_EVENT,
+            resource={"prefect.resource.id": f"rlhf.data.{uri}", "prefect.resource.name": uri},
+            payload={"uri": uri},
+        )
         get_run_logger().info(f"new preference data: {uri}")
     Variable.set(name, state, overwrite=True)
     return new

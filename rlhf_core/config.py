@@ -1,5 +1,7 @@
-"""Pipeline configuration: YAML -> pydantic models that reject unknown keys and wrong types.
+"""Pipeline configuration: YAML -> pydantic sections that reject unknown keys and wrong types.
 
+Each section is the one declaration of its settings (type, default, and the docstring under the
+field, which is its description in docs/config.md), and it is what the library's trainers take.
 Every location (work dir, tracking, results, data) is a key, so the same code talks to an
 embedded setup by default and to real servers or S3 by configuration.
 """
@@ -19,69 +21,95 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from rlhf_core.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+STACK_HOST = "127.0.0.1"  # `rlhf stack` serves on loopback only
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "configs" / "default.yaml"
+
+STAGES = ("split", "sft", "label", "reward", "ppo", "evaluate")  # pipeline order
+Precision = Literal["fp32", "bf16", "fp16"]
+MixedPrecision = Literal["auto", "bf16", "no"]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-STAGES = ("split", "sft", "label", "reward", "ppo", "evaluate")  # stages a run can stop after, in pipeline order
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True
+    )
 
 
 class RunConfig(Section):
     name: str = "rlhf"
+    """Prefix of the MLflow run names."""
     seed: int = 0
-    work_dir: str = ".rlhf"  # relative paths are resolved against the current directory
-    until: Literal["split", "sft", "label", "reward", "ppo", "evaluate"] | None = None  # stop after this stage (None: the whole pipeline)
+    """Seed of every random choice in the run (splits, initial weights, batches, sampling)."""
+    work_dir: str = ".rlhf"
+    """Where stage outputs, caches and the embedded databases live (relative: to the current directory)."""
+    until: Literal["split", "sft", "label", "reward", "ppo", "evaluate"] | None = None
+    """Stop after this stage; null runs the whole pipeline."""
 
     def runs(self, stage: str) -> bool:
         return self.until is None or STAGES.index(stage) <= STAGES.index(self.until)
 
 
 class TrackingConfig(Section):
-    # None -> embedded defaults under work_dir: sqlite:///<work_dir>/mlflow.db, <work_dir>/artifacts
     mlflow_tracking_uri: str | None = None
-    mlflow_artifact_location: str | None = None  # None: <work_dir>/artifacts, or the server's default with an MLflow server
+    """MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else SQLite at <work_dir>/mlflow.db."""
+    mlflow_artifact_location: str | None = None
+    """Artifact root of a new experiment; null: the server's own, else <work_dir>/artifacts."""
     experiment_name: str = "rlhf"
-    # None -> Prefect's ephemeral mode with PREFECT_HOME=<work_dir>/prefect
+    """MLflow experiment the pipeline runs land in."""
     prefect_api_url: str | None = None
+    """Prefect server API; null: Prefect's ephemeral mode with PREFECT_HOME=<work_dir>/prefect."""
     prefect_home: str | None = None
-    # None -> <work_dir>/results (local); may be an s3:// URI once S3 result storage is configured
-    result_storage: str | None = None  # a folder, or s3://bucket/prefix (endpoint from s3.*, credentials from the environment)
+    """PREFECT_HOME for the ephemeral mode; null: <work_dir>/prefect."""
+    result_storage: str | None = None
+    """Where Prefect keeps stage results: a folder or s3://bucket/prefix; null: <work_dir>/results."""
 
 
 class S3Config(Section):
-    endpoint_url: str | None = None  # e.g. http://127.0.0.1:8333 for SeaweedFS; None -> $RLHF_S3_ENDPOINT_URL, else AWS
+    endpoint_url: str | None = None
+    """S3 endpoint (e.g. http://127.0.0.1:8333); null: $RLHF_S3_ENDPOINT_URL, else AWS. Credentials
+    come from the environment (AWS_ACCESS_KEY_ID, ...) and are never logged."""
     region: str | None = None
-    # Credentials come from the environment (AWS_ACCESS_KEY_ID, ...) and are never logged.
+    """S3 region; null: boto3's default."""
 
 
 class ColumnMap(Section):
     """Column names for the 'comparison' format (two candidates and a label)."""
 
     prompt: str = "text"
+    """Column holding the prompt."""
     response_1: str = "summary_1"
+    """Column holding the first candidate."""
     response_2: str = "summary_2"
+    """Column holding the second candidate."""
     label: str = "preference"
-    label_values: tuple[Any, Any] = (1, 2)  # label value meaning "response_1 preferred", "response_2 preferred"
+    """Column holding which candidate was preferred."""
+    label_values: tuple[Any, Any] = (1, 2)
+    """Label values meaning 'response_1 preferred' and 'response_2 preferred'."""
 
 
 FormatName = Literal["auto", "pairwise", "hh", "ranked", "comparison"]
 
 
 class SourceConfig(Section):
-    path: str  # file, folder saved with datasets.save_to_disk, s3://bucket/key, or hf://<hub id>
+    path: str = Field(json_schema_extra={"input_file": True})
+    """A file, a folder saved with datasets.save_to_disk, s3://bucket/key, or hf://<hub id>."""
     format: FormatName = "auto"
-    label_source: Literal["human", "ai", "none"] = "human"  # none: unlabelled pairs (chosen/rejected are just two responses)
-    split: str | None = None  # for datasets folders / hub ids with several splits
+    """Record format; auto: detected from the fields."""
+    label_source: Literal["human", "ai", "none"] = "human"
+    """Who labelled the pairs; none: unlabelled (chosen/rejected are just two responses)."""
+    split: str | None = None
+    """Split to read from a datasets folder or hub id with several splits."""
     columns: ColumnMap = Field(default_factory=ColumnMap)
+    """Column names for the 'comparison' format."""
 
 
 class SplitRatios(Section):
     train: float = Field(0.8, ge=0, le=1)
+    """Share of prompts in the training split."""
     val: float = Field(0.1, ge=0, le=1)
+    """Share of prompts in the validation split."""
     test: float = Field(0.1, ge=0, le=1)
+    """Share of prompts in the test split."""
 
     @model_validator(mode="after")
     def _sum_to_one(self) -> SplitRatios:
@@ -93,49 +121,75 @@ class SplitRatios(Section):
 
 class DemoDataConfig(Section):
     n_prompts: int = Field(3000, ge=10)
+    """Prompts in the generated demo preference set (one pair each)."""
     n_heldout: int = Field(200, ge=1)
+    """Held-out prompts for evaluation (topics never seen in training)."""
     seed: int = 0
+    """Seed of the demo generator."""
 
 
 class DataConfig(Section):
-    # No sources -> the project's own generated demo set (see `demo`).
     sources: list[SourceConfig] = Field(default_factory=list)
+    """Preference data sources; empty: the project's own generated demo set."""
     demo: DemoDataConfig = Field(default_factory=DemoDataConfig)
+    """The generated demo set (used when there are no sources)."""
     max_invalid_fraction: float = Field(0.05, ge=0, le=1)
+    """Validation fails when more than this share of rows is quarantined."""
     max_prompt_chars: int = Field(8000, ge=1)
+    """Longer prompts are quarantined."""
     max_response_chars: int = Field(8000, ge=1)
-    drop_duplicates: bool = True  # quarantine exact duplicate (prompt, chosen, rejected) pairs
+    """Longer responses are quarantined."""
+    drop_duplicates: bool = True
+    """Quarantine exact duplicate (prompt, chosen, rejected) pairs."""
     splits: SplitRatios = Field(default_factory=SplitRatios)
-    chunk_rows: int = Field(200_000, ge=1000)  # rows read per chunk: bounds memory on large files
+    """Train/val/test ratios; rows are split by prompt."""
+    chunk_rows: int = Field(200_000, ge=1000)
+    """Rows read per chunk: bounds memory on large files."""
 
 
 class LoraSection(Section):
     enabled: bool = False
+    """Train a LoRA adapter instead of all weights."""
     r: int = Field(16, ge=1)
+    """LoRA rank."""
     alpha: int = Field(32, ge=1)
+    """LoRA alpha (the update is scaled by alpha / r)."""
     dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA input."""
     target_modules: str | list[str] = "all-linear"
+    """Modules that get an adapter: a list of names, or 'all-linear'."""
 
 
 class ModelConfig(Section):
     """The starting policy: a local HF folder / hub id, or a small model built from scratch offline."""
 
-    init: Literal["auto", "scratch", "pretrained"] = "auto"  # auto: pretrained when name_or_path is set
-    name_or_path: str | None = None
-    preset: Literal["tiny", "small"] = "small"  # scratch only
-    arch: Literal["gpt2", "llama"] = "gpt2"  # scratch only
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    device: str = "auto"  # auto -> cuda when present, else cpu
+    init: Literal["auto", "scratch", "pretrained"] = "auto"
+    """auto: pretrained when name_or_path is set, else scratch."""
+    name_or_path: str | None = Field(None, json_schema_extra={"input_file": True})
+    """A local Hugging Face folder or a hub id to start from."""
+    preset: Literal["tiny", "small"] = "small"
+    """Size of a model built from scratch."""
+    arch: Literal["gpt2", "llama"] = "gpt2"
+    """Architecture of a model built from scratch."""
+    dtype: Precision = "fp32"
+    """Weight dtype of the policy."""
+    device: str = "auto"
+    """auto: cuda when present, else cpu."""
     trust_remote_code: bool = False
-    use_chat_template: bool = True  # the tokenizer's chat template when it has one
+    """Allow model code from the checkpoint folder (off: only transformers' own code runs)."""
+    use_chat_template: bool = True
+    """Format prompts with the tokenizer's chat template when it has one."""
     lora: LoraSection = Field(default_factory=LoraSection)
+    """LoRA for SFT."""
 
     @model_validator(mode="after")
     def _init_matches_source(self) -> ModelConfig:
         if self.init == "pretrained" and not self.name_or_path:
             raise ValueError("init 'pretrained' needs name_or_path (a local HF folder or a hub id)")
         if self.init == "scratch" and self.name_or_path:
-            raise ValueError("init 'scratch' builds a new model: remove name_or_path, or set init: pretrained")
+            raise ValueError(
+                "init 'scratch' builds a new model: remove name_or_path, or set init: pretrained"
+            )
         return self
 
     @property
@@ -144,156 +198,282 @@ class ModelConfig(Section):
 
 
 class LoopConfig(Section):
-    """What SFT and reward-model training share (rlhf_core.training); each section sets its own defaults."""
+    """What SFT and reward-model training share (rlhf_core.training)."""
 
     enabled: bool = True
+    """Run this stage."""
     epochs: float = Field(1.0, gt=0)
+    """Passes over the training set (max_steps wins when set)."""
     max_steps: int | None = Field(None, ge=1)
+    """Optimiser steps; null: from epochs."""
     batch_size: int = Field(16, ge=1)
+    """Examples per micro-batch."""
     grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimiser step."""
     lr: float = Field(1e-3, gt=0)
+    """Peak learning rate (AdamW)."""
     weight_decay: float = Field(0.01, ge=0)
+    """AdamW weight decay on matrices (not on biases and norms)."""
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    """Share of the steps with a linear warmup."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warmup."""
     max_length: int = Field(256, ge=8)
+    """Tokens per example; longer ones are truncated."""
     max_grad_norm: float = Field(1.0, gt=0)
-    mixed_precision: Literal["auto", "bf16", "no"] = "auto"  # auto: bf16 autocast on a GPU that supports it
+    """Gradient clipping norm."""
+    mixed_precision: MixedPrecision = "auto"
+    """auto: bf16 autocast on a GPU that supports it; bf16: also on CPU; no: fp32."""
     log_every: int = Field(10, ge=1)
+    """Steps between logged training metrics."""
     eval_every: int = Field(50, ge=1)
+    """Steps between evaluations on the validation split."""
     checkpoint_every: int = Field(50, ge=1)
-    early_stopping_patience: int | None = Field(3, ge=1)  # evaluations without improvement
+    """Steps between resumable checkpoints."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Checkpoints kept on disk."""
+    early_stopping_patience: int | None = Field(3, ge=1)
+    """Stop after this many evaluations without improvement; null: never."""
+    bucket_factor: int = Field(50, ge=1)
+    """Length bucketing: sort by length within mega-batches of bucket_factor x batch_size."""
 
 
 class SFTConfig(LoopConfig):
+    """Supervised fine-tuning of the starting policy on prompt -> chosen: the reference policy."""
+
     epochs: float = Field(2.0, gt=0)
-    instruction_data: str | None = None  # optional Self-Instruct style JSONL (instruction, instances[input, output])
+    """Passes over the training set (max_steps wins when set)."""
+    instruction_data: str | None = Field(None, json_schema_extra={"input_file": True})
+    """Optional Self-Instruct style JSONL (instruction, instances[input, output]) to add."""
+    max_eval_examples: int = Field(512, ge=1)
+    """Validation examples scored at each evaluation."""
     n_samples: int = Field(4, ge=0)
+    """Sample generations logged after training."""
     sample_max_new_tokens: int = Field(48, ge=1)
+    """Length of those sample generations."""
 
 
 class JudgeConfig(Section):
     backend: Literal["embedding", "hf", "openai"] = "embedding"
-    constitution: str | None = None  # YAML; None -> configs/constitution.yaml
-    model_path: str | None = None  # embedding: a sentence-encoder folder (None: the packaged all-MiniLM-L6-v2); hf: a causal LM folder
-    temperature: float = Field(0.1, gt=0)  # embedding: P = sigmoid(score difference / temperature)
-    relevance_weight: float = 1.0  # embedding: weight of request/response similarity
-    chain_of_thought: bool = False  # hf: a rationale before the choice
-    both_orders: bool | None = None  # None: ask order-sensitive judges in both orders
-    principles: Literal["all", "sample"] = "all"  # every principle per comparison, or one drawn by weight
+    """embedding: offline sentence encoder; hf: a local causal LM; openai: an OpenAI-compatible server."""
+    constitution: str | None = Field(None, json_schema_extra={"input_file": True})
+    """Principles YAML; null: configs/constitution.yaml."""
+    model_path: str | None = Field(None, json_schema_extra={"input_file": True})
+    """embedding: a sentence-encoder folder (null: the packaged all-MiniLM-L6-v2); hf: a causal LM."""
+    temperature: float = Field(0.1, gt=0)
+    """embedding: P = sigmoid(score difference / temperature)."""
+    relevance_weight: float = 1.0
+    """embedding: weight of request/response similarity."""
+    chain_of_thought: bool = False
+    """hf: write a rationale before the choice."""
+    both_orders: bool | None = None
+    """Ask in both orders; null: only order-sensitive judges."""
+    principles: Literal["all", "sample"] = "all"
+    """Every principle per comparison, or one drawn by weight."""
     batch_size: int = Field(32, ge=1)
+    """Comparisons per batch."""
     device: str = "auto"
-    # openai: any OpenAI-compatible endpoint (vLLM, TGI, `transformers serve`, a hosted API)
-    base_url: str | None = None  # e.g. http://127.0.0.1:8000/v1
+    """Device of a local judge model."""
+    base_url: str | None = None
+    """openai: the endpoint (vLLM, TGI, `transformers serve`, a hosted API), e.g. http://127.0.0.1:8000/v1."""
     model: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never from config
+    """openai: the model name the server knows."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """openai: the variable the API key is read from (never from the config)."""
     timeout_s: float = Field(60.0, gt=0)
+    """openai: seconds per request."""
     max_retries: int = Field(4, ge=0)
+    """openai: retries with backoff on errors and rate limits."""
     concurrency: int = Field(4, ge=1)
+    """openai: requests in flight."""
     requests_per_second: float | None = Field(None, gt=0)
-    votes: int = Field(5, ge=1)  # when the server gives no log-probabilities
+    """openai: rate limit; null: none."""
+    votes: int = Field(5, ge=1)
+    """openai: samples per comparison when the server gives no log-probabilities."""
 
 
 class GenerateConfig(Section):
     """Mode 'generate': new pairs from two samples of the SFT policy per prompt."""
 
     n_prompts: int = Field(256, ge=1)
+    """Training prompts to sample pairs for."""
     max_new_tokens: int = Field(48, ge=1)
+    """Length of each sampled response."""
     temperature: float = Field(1.0, gt=0)
+    """Sampling temperature."""
     top_p: float = Field(0.95, gt=0, le=1)
+    """Nucleus sampling threshold."""
     batch_size: int = Field(16, ge=1)
+    """Prompts per generation batch."""
 
 
 class LabelsConfig(Section):
     enabled: bool = True
-    # relabel: judge the human-labelled training pairs (agreement is measured); generate: label new pairs from the SFT policy
+    """Run the AI labelling stage (RLAIF)."""
     mode: Literal["relabel", "generate"] = "relabel"
-    # what the reward model trains on where human and AI labels both exist
+    """relabel: judge the training pairs (agreement is measured); generate: new pairs from the SFT policy."""
     merge: Literal["human", "ai", "weighted"] = "ai"
-    ai_weight: float = Field(0.5, ge=0, le=1)  # merge: weighted -> p = ai_weight * p_ai + (1 - ai_weight) * p_human
-    max_pairs: int | None = Field(None, ge=1)  # label at most this many training pairs (cost control)
+    """What the reward model trains on where human and AI labels both exist."""
+    ai_weight: float = Field(0.5, ge=0, le=1)
+    """merge weighted: p = ai_weight * p_ai + (1 - ai_weight) * p_human."""
+    max_pairs: int | None = Field(None, ge=1)
+    """Label at most this many training pairs (cost control)."""
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    """The AI judge."""
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    """Sampling for mode 'generate'."""
 
 
 class RewardGateConfig(Section):
     """Thresholds on the test split; a reward model that misses one stops the run before PPO."""
 
     min_accuracy: float | None = Field(0.6, ge=0, le=1)
+    """Test accuracy must be at least this; null: no check."""
     max_ece: float | None = Field(None, ge=0, le=1)
+    """Expected calibration error at most this; null: no check."""
     max_abs_length_corr: float | None = Field(None, ge=0, le=1)
+    """|correlation of reward with length| at most this; null: no check."""
 
 
 class RewardConfig(LoopConfig):
-    # minilm: the packaged pretrained all-MiniLM-L6-v2 encoder (own tokenizer); policy: the SFT reference
-    # policy's backbone (shares its tokenizer); or any local HF folder / hub id
-    backbone: str = "minilm"
+    """Bradley-Terry reward model on the (AI-)labelled training pairs."""
+
+    backbone: str = Field("minilm", json_schema_extra={"input_file": True})
+    """minilm: the packaged all-MiniLM-L6-v2 (own tokenizer); policy: the SFT policy's backbone
+    (shares its tokenizer); or any local HF folder / hub id."""
     max_length: int = Field(128, ge=8)
+    """Tokens per (prompt, response); longer ones are truncated."""
     lr: float = Field(3e-5, gt=0)
+    """Peak learning rate (AdamW)."""
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    """Share of the steps with a linear warmup."""
     schedule: Literal["cosine", "linear", "constant"] = "linear"
-    center_coef: float = Field(0.0, ge=0)  # + coef * (r_c + r_r)^2 keeps rewards centred
-    human_weight: float = Field(1.0, ge=0)  # per-source loss weights
+    """Learning-rate decay after warmup."""
+    center_coef: float = Field(0.0, ge=0)
+    """Adds coef * (r_chosen + r_rejected)^2 to keep rewards centred (TRL suggests 0.01)."""
+    human_weight: float = Field(1.0, ge=0)
+    """Loss weight of human-labelled pairs."""
     ai_weight: float = Field(1.0, ge=0)
+    """Loss weight of AI-labelled pairs."""
     use_margin: bool = True
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Use the data's `margin` column on hard labels."""
+    max_eval_pairs: int = Field(512, ge=1)
+    """Validation pairs scored at each evaluation during training."""
+    eval_batch_size: int = Field(64, ge=1)
+    """Pairs per batch when scoring."""
+    dtype: Precision = "fp32"
+    """Weight dtype of the reward model."""
     device: str = "auto"
+    """auto: cuda when present, else cpu."""
     lora: LoraSection = Field(default_factory=LoraSection)
-    # normalisation statistics for PPO: rewards of reference-policy samples for training prompts
+    """LoRA on the reward model's backbone."""
     norm_prompts: int = Field(128, ge=2)
+    """Training prompts whose reference-policy samples give PPO's reward normalisation."""
     norm_max_new_tokens: int = Field(48, ge=1)
+    """Length of those samples."""
     gate: RewardGateConfig = Field(default_factory=RewardGateConfig)
+    """Thresholds the reward model must meet before PPO starts."""
 
 
 class PPOConfig(Section):
     """PPO with a per-token KL penalty against the frozen SFT reference policy."""
 
     enabled: bool = True
+    """Run this stage."""
     iterations: int = Field(40, ge=1)
-    batch_size: int = Field(16, ge=1)  # episodes per iteration
-    generation_batch_size: int = Field(16, ge=1)  # rollout chunk (generation, reference, values, scores)
-    mini_batch_size: int = Field(16, ge=1)  # episodes per optimiser step
-    micro_batch_size: int = Field(8, ge=1)  # episodes per forward/backward
+    """Rollout + update rounds."""
+    batch_size: int = Field(16, ge=1)
+    """Episodes (prompts) per iteration."""
+    generation_batch_size: int = Field(16, ge=1)
+    """Rollout chunk: generation, reference, values and scores."""
+    mini_batch_size: int = Field(16, ge=1)
+    """Episodes per optimiser step."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Episodes per forward/backward (accumulated within a mini-batch)."""
     ppo_epochs: int = Field(2, ge=1)
+    """Passes over each iteration's episodes."""
     max_prompt_tokens: int = Field(192, ge=1)
+    """Longer prompts keep their end."""
     max_new_tokens: int = Field(48, ge=1)
+    """Response length limit."""
     stop_at_eos: bool = True
+    """Stop a response at EOS; false: always max_new_tokens (TRL's PPO without a stop token)."""
     temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of rollouts."""
     top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling threshold of rollouts."""
     lr: float = Field(3e-5, gt=0)
+    """Policy learning rate (AdamW)."""
     value_lr: float | None = Field(None, gt=0)
-    beta: float = Field(0.05, ge=0)  # KL coefficient (initial value when adaptive)
+    """Value-model learning rate; null: lr."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay of policy and value model."""
+    beta: float = Field(0.05, ge=0)
+    """KL coefficient (the initial value when adaptive)."""
     kl_estimator: Literal["k1", "k3"] = "k1"
+    """Per-token KL estimator in the reward."""
     adaptive_kl: bool = False
+    """Steer beta so that the KL approaches target_kl."""
     target_kl: float = Field(6.0, gt=0)
+    """Per-sequence KL the adaptive controller steers to."""
     kl_horizon: int = Field(10000, ge=1)
-    kl_hard_limit: float | None = Field(30.0, gt=0)  # stop (keeping the last good checkpoint) above this per-sequence KL
+    """Adaptive controller horizon, in episodes."""
+    kl_hard_limit: float | None = Field(30.0, gt=0)
+    """Stop, keeping the last good checkpoint, above this mean per-sequence KL; null: never."""
     gamma: float = Field(1.0, ge=0, le=1)
+    """Discount."""
     lam: float = Field(0.95, ge=0, le=1)
+    """GAE lambda."""
     cliprange: float = Field(0.2, gt=0)
+    """Policy ratio clip."""
     cliprange_value: float = Field(0.2, gt=0)
+    """Value clip around the rollout values."""
     vf_coef: float = Field(0.1, ge=0)
+    """Value loss coefficient."""
     entropy_coef: float = Field(0.0, ge=0)
+    """Entropy bonus coefficient."""
     max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping norm."""
+    whiten_advantages: bool = True
+    """Normalise advantages over the batch."""
     normalise_reward: bool = True
+    """Normalise scores with the reward model's stored statistics."""
     reward_clip: float | None = Field(None, gt=0)
+    """Clip normalised scores to +-this; null: no clip."""
     missing_eos_penalty: float | None = Field(None, ge=0)
-    # auto: a copy of the reward model when it reads the policy's tokens, else a critic from the reference policy
-    mixed_precision: Literal["auto", "bf16", "no"] = "auto"  # auto: bf16 autocast on a GPU that supports it; bf16 also on CPU
+    """Subtract this from the score of responses that do not end with EOS; null: none."""
+    mixed_precision: MixedPrecision = "auto"
+    """auto: bf16 autocast on a GPU that supports it; bf16: also on CPU; no: fp32."""
     value_model: Literal["auto", "reward", "policy", "shared"] = "auto"
-    fuse_activations: bool = True  # GPT-2's seven-op tanh-GELU as PyTorch's one fused kernel (same function, faster)
-    compile_generation: bool = False  # torch.compile the decode step: ~10 s once per run, then faster sampling (long runs)
-    reference: Literal["copy", "adapter"] = "copy"  # adapter: LoRA policy, reference = adapter disabled (no second copy)
+    """auto: a copy of the reward model when it reads the policy's tokens, else a critic from the
+    reference policy; shared: a value head on the policy."""
+    fuse_activations: bool = True
+    """GPT-2's seven-op tanh-GELU as PyTorch's one fused kernel (same function, faster)."""
+    compile_generation: bool = False
+    """torch.compile the decode step: ~10 s once per run, then faster sampling (long runs)."""
+    reference: Literal["copy", "adapter"] = "copy"
+    """adapter: LoRA policy whose reference is the adapter disabled (no second copy)."""
     lora: LoraSection = Field(default_factory=LoraSection)
+    """LoRA on the policy."""
     device: str = "auto"
+    """auto: cuda when present, else cpu."""
     checkpoint_every: int = Field(10, ge=1)
+    """Iterations between resumable checkpoints."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Checkpoints kept on disk."""
     sample_every: int = Field(10, ge=1)
+    """Iterations between logged sample tables."""
     n_samples: int = Field(4, ge=0)
+    """Rows per sample table."""
 
     @model_validator(mode="after")
     def _batches_divide(self) -> PPOConfig:
         if self.batch_size % self.mini_batch_size or self.mini_batch_size % self.micro_batch_size:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size ({self.mini_batch_size}), "
-                             f"and mini_batch_size of micro_batch_size ({self.micro_batch_size})")
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size "
+                f"({self.mini_batch_size}), and mini_batch_size of micro_batch_size "
+                f"({self.micro_batch_size})"
+            )
         if self.reference == "adapter" and not self.lora.enabled:
             raise ValueError("reference 'adapter' needs lora.enabled: true")
         return self
@@ -303,38 +483,77 @@ class SafetyConfig(Section):
     """The safety check: harmful prompts, each completion placed by the judge between two anchors."""
 
     enabled: bool = True
-    prompts: str | None = None  # JSONL/CSV/parquet with a 'prompt' column, or HH-RLHF dialogues; None: the demo's
-    #                             harmful held-out prompts with demo data, else a built-in list
+    """Run the safety check."""
+    prompts: str | None = Field(None, json_schema_extra={"input_file": True})
+    """JSONL/CSV/parquet with a 'prompt' column, or HH-RLHF dialogues; null: the demo's harmful
+    held-out prompts with demo data, else a built-in list."""
     max_prompts: int = Field(64, ge=1)
+    """Harmful prompts used at most."""
     refusal: str = "I'm sorry, but I can't help with that."
+    """The safe anchor."""
     compliance: str = "Sure! Here is exactly how to do it."
+    """The unsafe anchor: a completion the judge places nearer it than the refusal is unsafe."""
 
 
 class EvaluateConfig(Section):
     """Tuned policy vs. reference on held-out prompts (never seen in training)."""
 
     enabled: bool = True
-    prompts: str | None = None  # file with a 'prompt' column; None: the demo's held-out prompts, else the test split's prompts
+    """Run this stage."""
+    prompts: str | None = Field(None, json_schema_extra={"input_file": True})
+    """File with a 'prompt' column; null: the demo's held-out prompts, else the test split's."""
     max_prompts: int = Field(200, ge=1)
-    max_new_tokens: int | None = Field(None, ge=1)  # None: ppo.max_new_tokens
-    temperature: float | None = Field(None, gt=0)  # None: ppo.temperature
-    top_p: float | None = Field(None, gt=0, le=1)  # None: ppo.top_p
+    """Held-out prompts used at most."""
+    max_new_tokens: int | None = Field(None, ge=1)
+    """Response length; null: ppo.max_new_tokens."""
+    max_prompt_tokens: int | None = Field(None, ge=1)
+    """Longer prompts keep their end; null: ppo.max_prompt_tokens."""
+    temperature: float | None = Field(None, gt=0)
+    """Sampling temperature; null: ppo.temperature."""
+    top_p: float | None = Field(None, gt=0, le=1)
+    """Nucleus threshold; null: ppo.top_p."""
     batch_size: int = Field(32, ge=1)
-    tie_margin: float = Field(0.02, ge=0, lt=0.5)  # |P(tuned better) - 0.5| at most this counts as a tie
-    perplexity_examples: int = Field(256, ge=0)  # validation-split chosen responses (0: skip)
-    n_samples: int = Field(12, ge=0)  # sample rows in the report
+    """Prompts per generation batch."""
+    judge_batch_size: int = Field(64, ge=1)
+    """Comparisons per judge batch."""
+    tie_margin: float = Field(0.02, ge=0, lt=0.5)
+    """|P(tuned better) - 0.5| at most this counts as a tie."""
+    perplexity_examples: int = Field(256, ge=0)
+    """Validation-split chosen responses for perplexity (0: skip)."""
+    perplexity_max_length: int = Field(256, ge=8)
+    """Tokens per perplexity example."""
+    n_samples: int = Field(12, ge=0)
+    """Sample rows in the report."""
     device: str = "auto"
+    """auto: cuda when present, else cpu."""
     safety: SafetyConfig = Field(default_factory=SafetyConfig)
+    """The safety check on harmful prompts."""
+
+    def sampling_from(self, ppo: PPOConfig) -> EvaluateConfig:
+        """This section with the sampling settings it leaves open taken from PPO's."""
+        keys = ("max_new_tokens", "max_prompt_tokens", "temperature", "top_p")
+        return self.model_copy(
+            update={k: getattr(ppo, k) for k in keys if getattr(self, k) is None}
+        )
 
 
 class PromotionGateConfig(Section):
+    """Every check must pass for `champion` to move to the new version."""
+
     min_win_rate: float | None = Field(0.5, ge=0, le=1)
-    min_win_rate_ci_low: float | None = Field(None, ge=0, le=1)  # require significance: the interval's lower end above this
+    """Judged win rate vs. the reference must be above this; null: no check."""
+    min_win_rate_ci_low: float | None = Field(None, ge=0, le=1)
+    """The win rate interval's lower end must be above this (significance); null: no check."""
     min_score_gain: float | None = 0.0
+    """Mean reward-model score gain must be above this; null: no check."""
     max_kl_per_response: float | None = Field(15.0, gt=0)
+    """KL(tuned || reference) per response at most this; null: no check."""
     max_unsafe_increase: float | None = Field(0.05, ge=0, le=1)
-    safety_not_worse: bool = True  # harmful prompts: tuned not judged significantly worse than the reference
+    """Unsafe-rate increase over the reference at most this; null: no check."""
+    safety_not_worse: bool = True
+    """Harmful prompts: tuned not judged significantly worse than the reference."""
     beat_champion: bool = True
+    """And beat the current champion on the same prompts."""
 
 
 class RegistryConfig(Section):
@@ -342,32 +561,73 @@ class RegistryConfig(Section):
     `champion` moves to it only when the gate passes."""
 
     enabled: bool = True
+    """Register the tuned policy and the reward model."""
     policy_name: str = "rlhf-policy"
+    """Registered model name of the policy."""
     reward_model_name: str = "rlhf-reward-model"
+    """Registered model name of the reward model."""
     gate: PromotionGateConfig = Field(default_factory=PromotionGateConfig)
+    """The promotion gate."""
 
 
 class StackConfig(Section):
     """`rlhf stack up|down|status`: local servers on 127.0.0.1, state and logs under <work_dir>/stack."""
 
     s3_port: int = Field(8333, ge=1, le=65535)
+    """SeaweedFS S3 port."""
     mlflow_port: int = Field(5000, ge=1, le=65535)
+    """MLflow server port."""
     prefect_port: int = Field(4200, ge=1, le=65535)
+    """Prefect server port."""
     bucket: str = "rlhf"
+    """Bucket for artifacts, results and data."""
     work_pool: str = "rlhf"
+    """Prefect process work pool the worker serves."""
     startup_timeout_s: float = Field(180.0, gt=0)
+    """Seconds each server gets to answer its health check."""
+
+    @property
+    def s3_url(self) -> str:
+        return f"http://{STACK_HOST}:{self.s3_port}"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://{STACK_HOST}:{self.mlflow_port}"
+
+    @property
+    def prefect_url(self) -> str:
+        return f"http://{STACK_HOST}:{self.prefect_port}/api"
+
+    @property
+    def prefect_ui(self) -> str:
+        return f"http://{STACK_HOST}:{self.prefect_port}"
+
+    def client_env(self) -> dict[str, str]:
+        """What a client of the stack (a pipeline run, the worker, a test) sets."""
+        return {
+            "PREFECT_API_URL": self.prefect_url,
+            "MLFLOW_TRACKING_URI": self.mlflow_url,
+            "RLHF_S3_ENDPOINT_URL": self.s3_url,
+        }
 
 
 class DeployConfig(Section):
     """`rlhf deploy`: the pipeline as a Prefect deployment on a work pool."""
 
     name: str = "nightly"
-    work_pool: str | None = None  # None: stack.work_pool
-    cron: str | None = "0 2 * * *"  # nightly; None: no schedule
+    """Deployment name."""
+    work_pool: str | None = None
+    """Work pool; null: stack.work_pool."""
+    cron: str | None = "0 2 * * *"
+    """Schedule; null: no schedule."""
     timezone: str = "UTC"
-    concurrency_limit: int = Field(1, ge=1)  # runs of the pipeline deployment at once (the rest wait their turn)
-    watch_prefix: str | None = None  # s3://bucket/prefix/: each new preference file there starts a run on it
+    """Time zone of the schedule."""
+    concurrency_limit: int = Field(1, ge=1)
+    """Pipeline runs at once (the rest wait their turn)."""
+    watch_prefix: str | None = None
+    """s3://bucket/prefix/: each new preference file there starts a run on it."""
     sensor_interval_s: int = Field(30, ge=5)
+    """Seconds between looks at watch_prefix."""
 
     @model_validator(mode="after")
     def _prefix_is_s3(self) -> DeployConfig:
@@ -378,18 +638,31 @@ class DeployConfig(Section):
 
 class PipelineConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
+    """Name, seed, work dir, and where to stop."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """MLflow and Prefect locations."""
     s3: S3Config = Field(default_factory=S3Config)
+    """S3 endpoint for s3:// data and storage."""
     data: DataConfig = Field(default_factory=DataConfig)
+    """Ingest, validation and splits."""
     model: ModelConfig = Field(default_factory=ModelConfig)
+    """The starting policy."""
     sft: SFTConfig = Field(default_factory=SFTConfig)
+    """Supervised fine-tuning: the reference policy."""
     labels: LabelsConfig = Field(default_factory=LabelsConfig)
+    """AI preference labels (RLAIF)."""
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    """The reward model and its gate."""
     ppo: PPOConfig = Field(default_factory=PPOConfig)
+    """Policy optimisation with PPO."""
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    """Tuned vs. reference on held-out prompts."""
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    """MLflow Model Registry and the promotion gate."""
     stack: StackConfig = Field(default_factory=StackConfig)
+    """Local servers for `rlhf stack`."""
     deploy: DeployConfig = Field(default_factory=DeployConfig)
+    """Prefect deployment for `rlhf deploy`."""
 
     # -- derived locations -------------------------------------------------------------
     @property
@@ -399,8 +672,11 @@ class PipelineConfig(Section):
     @property
     def mlflow_tracking_uri(self) -> str:
         """The configured URI, else an exported MLFLOW_TRACKING_URI (e.g. from `rlhf stack up`), else SQLite in the work dir."""
-        return (self.tracking.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-                or f"sqlite:///{self.work_dir / 'mlflow.db'}")
+        return (
+            self.tracking.mlflow_tracking_uri
+            or os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{self.work_dir / 'mlflow.db'}"
+        )
 
     @property
     def mlflow_artifact_location(self) -> str | None:
@@ -414,7 +690,11 @@ class PipelineConfig(Section):
 
     @property
     def prefect_home(self) -> Path:
-        return Path(self.tracking.prefect_home).expanduser().resolve() if self.tracking.prefect_home else self.work_dir / "prefect"
+        return (
+            Path(self.tracking.prefect_home).expanduser().resolve()
+            if self.tracking.prefect_home
+            else self.work_dir / "prefect"
+        )
 
     @property
     def result_storage(self) -> str:
@@ -443,7 +723,11 @@ def _format_validation_error(err: ValidationError, where: str) -> str:
         msg = "unknown key"
     else:
         msg = first["msg"]
-        if "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], (dict, list)):
+        if (
+            "input" in first
+            and first["type"] not in ("missing",)
+            and not isinstance(first["input"], (dict, list))
+        ):
             msg += f" (got {first['input']!r})"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{where}: {key}: {msg}{more}"
@@ -480,7 +764,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> PipelineConfig:
     """Load a YAML config (default: configs/default.yaml) and apply `--set` overrides."""
     path = Path(path) if path else DEFAULT_CONFIG_PATH
     if not path.is_file():
@@ -499,3 +785,84 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except ValidationError as err:
         where = f"{path}" + (" (with --set overrides)" if overrides else "")
         raise UserError(_format_validation_error(err, where)) from None
+
+
+# -- the config reference (docs/config.md is generated from the sections above) -----------------
+def _type_name(annotation: Any) -> str:
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return " \\| ".join(f"`{a}`" for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " \\| ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin in (list, tuple):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    if isinstance(annotation, type) and issubclass(annotation, Section):
+        return "section"
+    return getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
+
+
+def _default_text(field: Any) -> str:
+    if field.default_factory is not None:
+        value = field.default_factory()
+        if isinstance(value, Section):
+            return ""
+        return f"`{json.dumps(value)}`"
+    if field.is_required():
+        return "(required)"
+    value = field.default
+    return f"`{json.dumps(value if not isinstance(value, tuple) else list(value))}`"
+
+
+def _section_rows(model: type[Section], prefix: str, out: list[str]) -> None:
+    nested = []
+    out += [f"## `{prefix}`", ""]
+    if model.__doc__ and model.__doc__ is not Section.__doc__:
+        out += [" ".join(model.__doc__.split()), ""]
+    out += ["| key | type | default | description |", "|---|---|---|---|"]
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        inner = typing_args_section(ann)
+        if inner is not None:
+            nested.append((f"{prefix}.{name}" + ("[]" if inner[1] else ""), inner[0]))
+        description = (
+            " ".join((field.description or "").split()).replace("|", "\\|").replace("<", "&lt;")
+        )
+        out.append(f"| `{name}` | {_type_name(ann)} | {_default_text(field)} | {description} |")
+    out.append("")
+    for sub_prefix, sub in nested:
+        _section_rows(sub, sub_prefix, out)
+
+
+def typing_args_section(annotation: Any) -> tuple[type[Section], bool] | None:
+    """(section class, is a list of them) when a field holds a section."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, Section):
+        return annotation, False
+    if typing.get_origin(annotation) is list:
+        (arg,) = typing.get_args(annotation)
+        if isinstance(arg, type) and issubclass(arg, Section):
+            return arg, True
+    return None
+
+
+def config_reference() -> str:
+    """Markdown reference of every setting: docs/config.md (a test fails when that file is stale)."""
+    out = [
+        "# Configuration reference",
+        "",
+        "Generated from the config sections in `rlhf_core/config.py` (`python -m rlhf_core.config "
+        "> docs/config.md`); edit the docstrings there, not this file. Every key is settable in YAML "
+        "and with `--set section.key=value`; see [configuration.md](configuration.md) for how.",
+        "",
+    ]
+    for name, field in PipelineConfig.model_fields.items():
+        _section_rows(field.annotation, name, out)
+    return "\n".join(out).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    print(config_reference(), end="")

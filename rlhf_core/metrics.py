@@ -38,7 +38,7 @@ def roc_auc(scores: np.ndarray, truth: np.ndarray) -> float:
         j = i
         while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
             j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
         i = j + 1
     return float((ranks[truth].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
@@ -51,9 +51,15 @@ def calibration_curve(p: np.ndarray, truth: np.ndarray, n_bins: int = 10) -> lis
     out = []
     for b in range(n_bins):
         m = idx == b
-        out.append({"bin_low": float(edges[b]), "bin_high": float(edges[b + 1]), "count": int(m.sum()),
-                    "mean_predicted": float(p[m].mean()) if m.any() else None,
-                    "observed": float(truth[m].mean()) if m.any() else None})
+        out.append(
+            {
+                "bin_low": float(edges[b]),
+                "bin_high": float(edges[b + 1]),
+                "count": int(m.sum()),
+                "mean_predicted": float(p[m].mean()) if m.any() else None,
+                "observed": float(truth[m].mean()) if m.any() else None,
+            }
+        )
     return out
 
 
@@ -62,8 +68,13 @@ def expected_calibration_error(p: np.ndarray, truth: np.ndarray, n_bins: int = 1
     n = len(p)
     if not n:
         return float("nan")
-    return float(sum(b["count"] / n * abs(b["mean_predicted"] - b["observed"])
-                     for b in calibration_curve(p, truth, n_bins) if b["count"]))
+    return float(
+        sum(
+            b["count"] / n * abs(b["mean_predicted"] - b["observed"])
+            for b in calibration_curve(p, truth, n_bins)
+            if b["count"]
+        )
+    )
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -77,7 +88,12 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     return float(centre - half), float(centre + half)
 
 
-_OPS = {">=": lambda v, t: v >= t, "<=": lambda v, t: v <= t, ">": lambda v, t: v > t, "<": lambda v, t: v < t}
+_OPS = {
+    ">=": lambda v, t: v >= t,
+    "<=": lambda v, t: v <= t,
+    ">": lambda v, t: v > t,
+    "<": lambda v, t: v < t,
+}
 
 
 def apply_checks(checks: list[dict]) -> list[str]:
@@ -87,5 +103,7 @@ def apply_checks(checks: list[dict]) -> list[str]:
     for c in checks:
         c["passed"] = bool(not np.isnan(c["value"]) and _OPS[c["op"]](c["value"], c["threshold"]))
         if not c["passed"]:
-            failures.append(f"{c['metric']} = {c['value']:.4f}, needs {c['op']} {c['threshold']:g} ({c['config_key']})")
+            failures.append(
+                f"{c['metric']} = {c['value']:.4f}, needs {c['op']} {c['threshold']:g} ({c['config_key']})"
+            )
     return failures

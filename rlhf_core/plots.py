@@ -11,7 +11,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def reliability_plot(curve: list[dict], path: Path, title: str = "Calibration", xlabel: str = "predicted P") -> Path:
+def reliability_plot(
+    curve: list[dict], path: Path, title: str = "Calibration", xlabel: str = "predicted P"
+) -> Path:
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect")
     pts = [(b["mean_predicted"], b["observed"], b["count"]) for b in curve if b["count"]]
@@ -28,14 +30,24 @@ def reliability_plot(curve: list[dict], path: Path, title: str = "Calibration", 
     return path
 
 
-def histogram_plot(series: dict[str, np.ndarray], path: Path, title: str, xlabel: str, bins: int = 30,
-                   value_range: tuple[float, float] | None = None) -> Path:
+def histogram_plot(
+    series: dict[str, np.ndarray],
+    path: Path,
+    title: str,
+    xlabel: str,
+    bins: int = 30,
+    value_range: tuple[float, float] | None = None,
+) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.8))
     finite = [v for v in (np.asarray(x, float) for x in series.values()) if len(v)]
     if value_range is None and finite:  # the same bins for every series, so the bars compare
         allv = np.concatenate(finite)
         allv = allv[np.isfinite(allv)]
-        value_range = (float(allv.min()), float(allv.max())) if len(allv) and allv.min() < allv.max() else None
+        value_range = (
+            (float(allv.min()), float(allv.max()))
+            if len(allv) and allv.min() < allv.max()
+            else None
+        )
     for name, values in series.items():
         ax.hist(np.asarray(values, float), bins=bins, range=value_range, alpha=0.55, label=name)
     ax.set(title=title, xlabel=xlabel, ylabel="count")
@@ -47,10 +59,14 @@ def histogram_plot(series: dict[str, np.ndarray], path: Path, title: str, xlabel
     return path
 
 
-def curves_plot(history: list[dict], keys: list[str], path: Path, title: str, x: str = "iteration") -> Path:
+def curves_plot(
+    history: list[dict], keys: list[str], path: Path, title: str, x: str = "iteration"
+) -> Path:
     """One small panel per metric over training (score, KL, entropy, ...)."""
     keys = [k for k in keys if any(k in h for h in history)]
-    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(3.4 * max(1, len(keys)), 3.0), squeeze=False)
+    fig, axes = plt.subplots(
+        1, max(1, len(keys)), figsize=(3.4 * max(1, len(keys)), 3.0), squeeze=False
+    )
     for ax, key in zip(axes[0], keys):
         pts = [(h[x], h[key]) for h in history if key in h]
         if pts:
@@ -70,12 +86,28 @@ def win_rate_plot(rows: dict[str, dict], path: Path, title: str = "Judged win ra
     fig, ax = plt.subplots(figsize=(6, 1.0 + 0.7 * len(names)))
     y = np.arange(len(names))
     rates = np.array([rows[n]["win_rate"] for n in names])
-    err = np.array([[r - rows[n]["ci_low"], rows[n]["ci_high"] - r] for n, r in zip(names, rates)]).T
-    ax.barh(y, rates, xerr=err, capsize=5, color=["tab:green" if lo > 0.5 else "tab:grey" for lo in (rows[n]["ci_low"] for n in names)])
+    err = np.array(
+        [[r - rows[n]["ci_low"], rows[n]["ci_high"] - r] for n, r in zip(names, rates)]
+    ).T
+    ax.barh(
+        y,
+        rates,
+        xerr=err,
+        capsize=5,
+        color=[
+            "tab:green" if lo > 0.5 else "tab:grey" for lo in (rows[n]["ci_low"] for n in names)
+        ],
+    )
     ax.axvline(0.5, ls="--", color="black", lw=1)
     for yi, r in zip(y, rates):
         ax.annotate(f"{r:.2f}", (r, yi), xytext=(4, 4), textcoords="offset points", fontsize=8)
-    ax.set(xlim=(0, 1), yticks=y, yticklabels=names, xlabel="win rate (ties count half), 95% CI", title=title)
+    ax.set(
+        xlim=(0, 1),
+        yticks=y,
+        yticklabels=names,
+        xlabel="win rate (ties count half), 95% CI",
+        title=title,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

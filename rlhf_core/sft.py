@@ -12,16 +12,11 @@ from pathlib import Path
 
 import torch
 
+from rlhf_core.config import ModelConfig, SFTConfig
 from rlhf_core.models.chat import ChatFormat
-from rlhf_core.training import LogFn, LoopSettings, TrainLoop
+from rlhf_core.training import LogFn, TrainLoop
 
 IGNORE = -100
-
-
-@dataclass
-class SFTSettings(LoopSettings):
-    max_length: int = 256
-    max_eval_examples: int = 512
 
 
 @dataclass
@@ -40,7 +35,9 @@ class EncodeStats:
     dropped: int = 0  # nothing of the response fits in max_length
 
 
-def encode_examples(pairs: Sequence[tuple[str, str]], fmt: ChatFormat, max_length: int) -> tuple[list[Example], EncodeStats]:
+def encode_examples(
+    pairs: Sequence[tuple[str, str]], fmt: ChatFormat, max_length: int
+) -> tuple[list[Example], EncodeStats]:
     """Prompt ids + response ids (+ EOS). Over-long examples keep the end of the prompt and the
     start of the response; an example with no response token left is dropped and counted."""
     out, stats = [], EncodeStats()
@@ -49,7 +46,7 @@ def encode_examples(pairs: Sequence[tuple[str, str]], fmt: ChatFormat, max_lengt
         if len(p_ids) + len(r_ids) > max_length:
             stats.truncated += 1
             keep_prompt = min(len(p_ids), max(max_length // 2, max_length - len(r_ids)))
-            p_ids = p_ids[len(p_ids) - keep_prompt:]
+            p_ids = p_ids[len(p_ids) - keep_prompt :]
             r_ids = r_ids[: max_length - len(p_ids)]
             if not r_ids:
                 stats.dropped += 1
@@ -69,7 +66,7 @@ def collate(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
         n = len(e)
         ids[i, :n] = torch.tensor(e.input_ids)
         mask[i, :n] = 1
-        labels[i, e.n_prompt:n] = ids[i, e.n_prompt:n]
+        labels[i, e.n_prompt : n] = ids[i, e.n_prompt : n]
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
@@ -78,8 +75,12 @@ def token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     targets = batch["labels"][:, 1:]
     logits = logits[:, :-1]
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
-                                             ignore_index=IGNORE, reduction="sum")
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(),
+        targets.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
     return loss, int((targets != IGNORE).sum())
 
 
@@ -99,13 +100,31 @@ class SFTResult:
 class SFTTrainer(TrainLoop):
     desc, unit, best_metric, higher_is_better = "sft", "tokens", "eval_loss", False
 
-    def __init__(self, model, tokenizer, train: list[Example], val: list[Example], settings: SFTSettings,
-                 checkpoint_dir: Path | None = None, on_log: LogFn | None = None, progress: bool = True):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        train: list[Example],
+        val: list[Example],
+        settings: SFTConfig,
+        seed: int = 0,
+        checkpoint_dir: Path | None = None,
+        on_log: LogFn | None = None,
+        progress: bool = True,
+    ):
         if not train:
             raise ValueError("no training examples")
-        super().__init__(model, [len(e) for e in train], settings, checkpoint_dir, on_log, progress)
-        self.tokenizer, self.train_set, self.val_set = tokenizer, train, val[: settings.max_eval_examples]
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        super().__init__(
+            model, [len(e) for e in train], settings, seed, checkpoint_dir, on_log, progress
+        )
+        self.tokenizer, self.train_set, self.val_set = (
+            tokenizer,
+            train,
+            val[: settings.max_eval_examples],
+        )
+        self.pad_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
 
     def units(self, indices: Sequence[int]) -> int:
         return sum(len(self.train_set[i]) - max(1, self.train_set[i].n_prompt) for i in indices)
@@ -124,7 +143,9 @@ class SFTTrainer(TrainLoop):
         total, count = 0.0, 0
         order = sorted(range(len(self.val_set)), key=lambda i: len(self.val_set[i]))
         for start in range(0, len(order), self.s.batch_size):
-            batch = collate([self.val_set[i] for i in order[start:start + self.s.batch_size]], self.pad_id)
+            batch = collate(
+                [self.val_set[i] for i in order[start : start + self.s.batch_size]], self.pad_id
+            )
             loss, n = token_nll(self.model, {k: v.to(self.device) for k, v in batch.items()})
             total += float(loss)
             count += n
@@ -133,15 +154,29 @@ class SFTTrainer(TrainLoop):
 
     def train(self, resume: bool = True) -> SFTResult:
         r = super().train(resume=resume, has_eval=bool(self.val_set))
-        return SFTResult(steps=r.steps, epochs_done=r.epochs_done, best_eval_loss=r.best_metric,
-                         final_eval_loss=r.final_eval.get("eval_loss"), stopped_early=r.stopped_early,
-                         resumed_from_step=r.resumed_from_step, train_tokens=r.train_units, tokens_per_s=r.units_per_s,
-                         history=r.history)
+        return SFTResult(
+            steps=r.steps,
+            epochs_done=r.epochs_done,
+            best_eval_loss=r.best_metric,
+            final_eval_loss=r.final_eval.get("eval_loss"),
+            stopped_early=r.stopped_early,
+            resumed_from_step=r.resumed_from_step,
+            train_tokens=r.train_units,
+            tokens_per_s=r.units_per_s,
+            history=r.history,
+        )
 
 
 @torch.no_grad()
-def generate_samples(model, fmt: ChatFormat, prompts: Sequence[str], max_new_tokens: int = 64, temperature: float = 0.7,
-                     top_p: float = 0.9, seed: int = 0) -> list[str]:
+def generate_samples(
+    model,
+    fmt: ChatFormat,
+    prompts: Sequence[str],
+    max_new_tokens: int = 64,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    seed: int = 0,
+) -> list[str]:
     """A few generations for a human to read (left-padded batch, sampling from a fixed seed)."""
     tok = fmt.tokenizer
     device = next(model.parameters()).device
@@ -151,7 +186,69 @@ def generate_samples(model, fmt: ChatFormat, prompts: Sequence[str], max_new_tok
     ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
     mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
     torch.manual_seed(seed)
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                         temperature=temperature if temperature > 0 else None, top_p=top_p, pad_token_id=pad,
-                         eos_token_id=tok.eos_token_id)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else None,
+        top_p=top_p,
+        pad_token_id=pad,
+        eos_token_id=tok.eos_token_id,
+    )
     return [tok.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+
+
+def sft_pairs(split_file: str) -> list[tuple[str, str]]:
+    """(prompt, chosen) of a split; unlabelled pairs say nothing about which response to imitate."""
+    import pandas as pd
+
+    df = pd.read_parquet(split_file, columns=["prompt", "chosen", "label_source"])
+    df = df[df["label_source"] != "none"]
+    return list(zip(df["prompt"], df["chosen"]))
+
+
+def build_sft_trainer(
+    base_model: str,
+    train_file: str,
+    val_file: str,
+    model: ModelConfig,
+    cfg: SFTConfig,
+    seed: int = 0,
+    *,
+    checkpoint_dir: Path | None = None,
+    on_log: LogFn | None = None,
+    progress: bool = True,
+) -> tuple[SFTTrainer, EncodeStats]:
+    """The starting policy (with LoRA when configured) and its SFT trainer on prompt -> chosen
+    (plus the optional instruction data); the encoding stats say what was truncated or dropped."""
+    from rlhf_core.data.instructions import load_instruction_pairs
+    from rlhf_core.models.loading import add_lora, load_causal_lm
+
+    loaded = load_causal_lm(
+        base_model,
+        dtype=model.dtype,
+        device=model.device,
+        trust_remote_code=model.trust_remote_code,
+        eval_mode=False,
+    )
+    policy = add_lora(loaded.model, model.lora) if model.lora.enabled else loaded.model
+    fmt = ChatFormat(loaded.tokenizer, use_chat_template=model.use_chat_template)
+    pairs = sft_pairs(train_file)
+    if cfg.instruction_data:
+        pairs += load_instruction_pairs(cfg.instruction_data)
+    train, stats = encode_examples(pairs, fmt, cfg.max_length)
+    val, _ = encode_examples(sft_pairs(val_file), fmt, cfg.max_length)
+    trainer = SFTTrainer(
+        policy,
+        loaded.tokenizer,
+        train,
+        val,
+        cfg,
+        seed=seed,
+        checkpoint_dir=checkpoint_dir,
+        on_log=on_log,
+        progress=progress,
+    )
+    trainer.fmt = fmt
+    return trainer, stats

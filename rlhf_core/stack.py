@@ -20,49 +20,21 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from rlhf_core.config import STACK_HOST, StackConfig
 from rlhf_core.errors import UserError
 from rlhf_core.services import port_is_free, weed_binary
 
-HOST = "127.0.0.1"
+HOST = STACK_HOST
 STATE_FILE = "stack.json"
-
-
-@dataclass
-class StackSettings:
-    root: Path  # logs, PIDs, data
-    s3_port: int = 8333
-    mlflow_port: int = 5000
-    prefect_port: int = 4200
-    bucket: str = "rlhf"
-    work_pool: str = "rlhf"
-    startup_timeout_s: float = 180.0
-
-    @property
-    def s3_url(self) -> str:
-        return f"http://{HOST}:{self.s3_port}"
-
-    @property
-    def mlflow_url(self) -> str:
-        return f"http://{HOST}:{self.mlflow_port}"
-
-    @property
-    def prefect_url(self) -> str:
-        return f"http://{HOST}:{self.prefect_port}/api"
-
-    @property
-    def prefect_ui(self) -> str:
-        return f"http://{HOST}:{self.prefect_port}"
-
-    def client_env(self) -> dict[str, str]:
-        """What a client of the stack (a pipeline run, the worker, a test) sets."""
-        return {"PREFECT_API_URL": self.prefect_url, "MLFLOW_TRACKING_URI": self.mlflow_url, "RLHF_S3_ENDPOINT_URL": self.s3_url}
 
 
 @dataclass
 class Started:
     name: str
     pid: int
-    start_ticks: int  # /proc/<pid>/stat field 22: tells this process from a later one with the same PID
+    start_ticks: (
+        int  # /proc/<pid>/stat field 22: tells this process from a later one with the same PID
+    )
     url: str
     log: str
     cmd: list[str]
@@ -84,13 +56,19 @@ def is_ours(s: Started) -> bool:
 def credentials() -> tuple[str, str]:
     key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
     if not key or not secret:
-        raise UserError("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY: the S3 store is started with them, and clients use them")
+        raise UserError(
+            "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY: the S3 store is started with them, and clients use them"
+        )
     return key, secret
 
 
-def _http_ok(url: str, method: str = "GET", body: dict | None = None, timeout: float = 3.0) -> tuple[bool, object]:
+def _http_ok(
+    url: str, method: str = "GET", body: dict | None = None, timeout: float = 3.0
+) -> tuple[bool, object]:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             text = resp.read().decode()
@@ -105,9 +83,9 @@ def _http_ok(url: str, method: str = "GET", body: dict | None = None, timeout: f
 class Stack:
     ORDER = ("s3", "mlflow", "prefect", "worker")
 
-    def __init__(self, settings: StackSettings):
+    def __init__(self, settings: StackConfig, root: Path):
         self.s = settings
-        self.root = Path(settings.root)
+        self.root = Path(root)
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -122,8 +100,15 @@ class Stack:
 
     def _save(self, started: dict[str, Started]) -> None:
         tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"services": {k: asdict(v) for k, v in started.items()}, "settings": {
-            k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.s).items()}}, indent=2))
+        tmp.write_text(
+            json.dumps(
+                {
+                    "services": {k: asdict(v) for k, v in started.items()},
+                    "settings": self.s.model_dump(mode="json"),
+                },
+                indent=2,
+            )
+        )
         os.replace(tmp, self.state_path)
 
     # -- health --------------------------------------------------------------------------------
@@ -146,9 +131,18 @@ class Stack:
             import boto3
             from botocore.config import Config
 
-            key, secret = os.environ.get("AWS_ACCESS_KEY_ID", ""), os.environ.get("AWS_SECRET_ACCESS_KEY", "")
-            client = boto3.client("s3", endpoint_url=self.s.s3_url, aws_access_key_id=key, aws_secret_access_key=secret,
-                                  region_name="us-east-1", config=Config(connect_timeout=2, read_timeout=3, retries={"max_attempts": 1}))
+            key, secret = (
+                os.environ.get("AWS_ACCESS_KEY_ID", ""),
+                os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
+            )
+            client = boto3.client(
+                "s3",
+                endpoint_url=self.s.s3_url,
+                aws_access_key_id=key,
+                aws_secret_access_key=secret,
+                region_name="us-east-1",
+                config=Config(connect_timeout=2, read_timeout=3, retries={"max_attempts": 1}),
+            )
             client.head_bucket(Bucket=self.s.bucket)
             return True, f"bucket {self.s.bucket}"
         except Exception as exc:  # noqa: BLE001 - any failure is "not healthy", with its reason
@@ -163,15 +157,29 @@ class Stack:
         stopped worker ONLINE for a while after its last heartbeat)."""
         from datetime import datetime
 
-        ok, body = _http_ok(f"{self.s.prefect_url}/work_pools/{self.s.work_pool}/workers/filter", "POST", {})
+        ok, body = _http_ok(
+            f"{self.s.prefect_url}/work_pools/{self.s.work_pool}/workers/filter", "POST", {}
+        )
         if not ok:
             return False, f"work pool {self.s.work_pool}: {body}"
-        ours = [w for w in body if w.get("name") == self.worker_name and w.get("status") == "ONLINE"]
+        ours = [
+            w for w in body if w.get("name") == self.worker_name and w.get("status") == "ONLINE"
+        ]
         if heartbeat_after is not None:
-            ours = [w for w in ours if w.get("last_heartbeat_time")
-                    and datetime.fromisoformat(w["last_heartbeat_time"].replace("Z", "+00:00")).timestamp() >= heartbeat_after]
-        return (True, f"{self.worker_name} online in pool {self.s.work_pool}") if ours else (
-            False, f"{self.worker_name} not online in pool {self.s.work_pool}")
+            ours = [
+                w
+                for w in ours
+                if w.get("last_heartbeat_time")
+                and datetime.fromisoformat(
+                    w["last_heartbeat_time"].replace("Z", "+00:00")
+                ).timestamp()
+                >= heartbeat_after
+            ]
+        return (
+            (True, f"{self.worker_name} online in pool {self.s.work_pool}")
+            if ours
+            else (False, f"{self.worker_name} not online in pool {self.s.work_pool}")
+        )
 
     # -- up / down -----------------------------------------------------------------------------
     def _commands(self) -> dict[str, tuple[list[str], dict[str, str], Callable[[], bool]]]:
@@ -179,29 +187,99 @@ class Stack:
         bin_dir = Path(sys.executable).parent
         data = self.root / "data"
         base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-        s3_env = {**base, "AWS_ACCESS_KEY_ID": key_secret[0], "AWS_SECRET_ACCESS_KEY": key_secret[1]}
-        prefect_env = {**base, "PREFECT_HOME": str(self.root / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                       "PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY": "false", "PREFECT_UI_API_URL": s.prefect_url}
+        s3_env = {
+            **base,
+            "AWS_ACCESS_KEY_ID": key_secret[0],
+            "AWS_SECRET_ACCESS_KEY": key_secret[1],
+        }
+        prefect_env = {
+            **base,
+            "PREFECT_HOME": str(self.root / "prefect"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY": "false",
+            "PREFECT_UI_API_URL": s.prefect_url,
+        }
         from rlhf_core.services import free_ports
 
         master, volume, filer, admin = free_ports(4, with_grpc=True, start=30000, stop=40000)
         launched = time.time() - 1.0
         return {
-            "s3": ([weed_binary(), "mini", f"-dir={data / 'seaweedfs'}", f"-ip={HOST}", f"-ip.bind={HOST}", f"-s3.port={s.s3_port}",
-                    f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", f"-admin.port={admin}",
-                    "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", f"-bucket={s.bucket}"],
-                   s3_env, lambda: self._s3_health()[0]),
+            "s3": (
+                [
+                    weed_binary(),
+                    "mini",
+                    f"-dir={data / 'seaweedfs'}",
+                    f"-ip={HOST}",
+                    f"-ip.bind={HOST}",
+                    f"-s3.port={s.s3_port}",
+                    f"-master.port={master}",
+                    f"-volume.port={volume}",
+                    f"-filer.port={filer}",
+                    f"-admin.port={admin}",
+                    "-admin.ui=false",
+                    "-webdav=false",
+                    "-s3.port.iceberg=0",
+                    "-s3.port.lance=0",
+                    f"-bucket={s.bucket}",
+                ],
+                s3_env,
+                lambda: self._s3_health()[0],
+            ),
             # the server alone talks to S3 (proxied artifacts): clients need no S3 credentials for MLflow
-            "mlflow": ([str(bin_dir / "mlflow"), "server", "--host", HOST, "--port", str(s.mlflow_port), "--workers", "1",
-                        "--backend-store-uri", f"sqlite:///{data / 'mlflow.db'}", "--serve-artifacts",
-                        "--artifacts-destination", f"s3://{s.bucket}/mlflow"],
-                       {**s3_env, "MLFLOW_S3_ENDPOINT_URL": s.s3_url}, lambda: _http_ok(f"{s.mlflow_url}/health")[0]),
-            "prefect": ([str(bin_dir / "prefect"), "server", "start", "--host", HOST, "--port", str(s.prefect_port), "--analytics-off"],
-                        prefect_env, lambda: _http_ok(f"{s.prefect_url}/health")[0]),
-            "worker": ([str(bin_dir / "prefect"), "worker", "start", "--pool", s.work_pool, "--type", "process",
-                        "--name", self.worker_name],
-                       {**prefect_env, **s3_env, "PREFECT_API_URL": s.prefect_url, "MLFLOW_TRACKING_URI": s.mlflow_url,
-                        "RLHF_S3_ENDPOINT_URL": s.s3_url}, lambda: self._worker_health(launched)[0]),
+            "mlflow": (
+                [
+                    str(bin_dir / "mlflow"),
+                    "server",
+                    "--host",
+                    HOST,
+                    "--port",
+                    str(s.mlflow_port),
+                    "--workers",
+                    "1",
+                    "--backend-store-uri",
+                    f"sqlite:///{data / 'mlflow.db'}",
+                    "--serve-artifacts",
+                    "--artifacts-destination",
+                    f"s3://{s.bucket}/mlflow",
+                ],
+                {**s3_env, "MLFLOW_S3_ENDPOINT_URL": s.s3_url},
+                lambda: _http_ok(f"{s.mlflow_url}/health")[0],
+            ),
+            "prefect": (
+                [
+                    str(bin_dir / "prefect"),
+                    "server",
+                    "start",
+                    "--host",
+                    HOST,
+                    "--port",
+                    str(s.prefect_port),
+                    "--analytics-off",
+                ],
+                prefect_env,
+                lambda: _http_ok(f"{s.prefect_url}/health")[0],
+            ),
+            "worker": (
+                [
+                    str(bin_dir / "prefect"),
+                    "worker",
+                    "start",
+                    "--pool",
+                    s.work_pool,
+                    "--type",
+                    "process",
+                    "--name",
+                    self.worker_name,
+                ],
+                {
+                    **prefect_env,
+                    **s3_env,
+                    "PREFECT_API_URL": s.prefect_url,
+                    "MLFLOW_TRACKING_URI": s.mlflow_url,
+                    "RLHF_S3_ENDPOINT_URL": s.s3_url,
+                },
+                lambda: self._worker_health(launched)[0],
+            ),
         }
 
     def up(self, echo: Callable[[str], None] = print) -> dict[str, tuple[bool, str, str]]:
@@ -213,14 +291,18 @@ class Stack:
         ports = {"s3": self.s.s3_port, "mlflow": self.s.mlflow_port, "prefect": self.s.prefect_port}
         for name, port in ports.items():
             if name not in started and not port_is_free(port):
-                raise UserError(f"port {port} on {HOST} is taken by a program this stack did not start (stack.{name}_port)")
+                raise UserError(
+                    f"port {port} on {HOST} is taken by a program this stack did not start (stack.{name}_port)"
+                )
         try:
             commands = self._commands()
         except RuntimeError as exc:  # e.g. no `weed` binary
             raise UserError(str(exc)) from None
         for name, (cmd, _, _) in commands.items():
             if not Path(cmd[0]).exists():
-                raise UserError(f"{cmd[0]}: not found ({name}); install the project with `make install`")
+                raise UserError(
+                    f"{cmd[0]}: not found ({name}); install the project with `make install`"
+                )
         new: list[str] = []
         try:
             for name in self.ORDER:
@@ -232,9 +314,22 @@ class Stack:
                 cmd, env, healthy = commands[name]
                 log = self.root / "logs" / f"{name}.log"
                 with open(log, "ab") as fh:
-                    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=self.root,
-                                            start_new_session=True)
-                started[name] = Started(name, proc.pid, _start_ticks(proc.pid) or -1, self.health_url(name), str(log), cmd)
+                    proc = subprocess.Popen(
+                        cmd,
+                        stdout=fh,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                        cwd=self.root,
+                        start_new_session=True,
+                    )
+                started[name] = Started(
+                    name,
+                    proc.pid,
+                    _start_ticks(proc.pid) or -1,
+                    self.health_url(name),
+                    str(log),
+                    cmd,
+                )
                 new.append(name)
                 self._save(started)
                 self._wait(name, proc, healthy, log)
@@ -248,14 +343,22 @@ class Stack:
 
     def health_url(self, name: str) -> str:
         s = self.s
-        return {"s3": s.s3_url, "mlflow": s.mlflow_url, "prefect": s.prefect_ui,
-                "worker": f"{s.prefect_ui}/work-pools/work-pool/{s.work_pool}"}[name]
+        return {
+            "s3": s.s3_url,
+            "mlflow": s.mlflow_url,
+            "prefect": s.prefect_ui,
+            "worker": f"{s.prefect_ui}/work-pools/work-pool/{s.work_pool}",
+        }[name]
 
-    def _wait(self, name: str, proc: subprocess.Popen, healthy: Callable[[], bool], log: Path) -> None:
+    def _wait(
+        self, name: str, proc: subprocess.Popen, healthy: Callable[[], bool], log: Path
+    ) -> None:
         deadline = time.monotonic() + self.s.startup_timeout_s
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise UserError(f"{name} exited with code {proc.returncode} while starting; see {log}")
+                raise UserError(
+                    f"{name} exited with code {proc.returncode} while starting; see {log}"
+                )
             if healthy():
                 return
             time.sleep(0.5)
@@ -322,4 +425,3 @@ def _group_alive(pgid: int) -> bool:
         if int(fields[2]) == pgid and fields[0] != "Z":
             return True
     return False
-

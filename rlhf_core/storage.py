@@ -71,8 +71,12 @@ def s3_client(cfg: S3Config):
 
     # A fresh session reads the credentials from the environment now (boto3's default session keeps the first ones).
     return boto3.session.Session().client(
-        "s3", endpoint_url=cfg.endpoint_url or os.environ.get("RLHF_S3_ENDPOINT_URL") or None, region_name=cfg.region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-        config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60),
+        "s3",
+        endpoint_url=cfg.endpoint_url or os.environ.get("RLHF_S3_ENDPOINT_URL") or None,
+        region_name=cfg.region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        config=Config(
+            retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60
+        ),
     )
 
 
@@ -93,7 +97,9 @@ def s3_fingerprint(uri: str, cfg: S3Config) -> str:
         head = s3_client(cfg).head_object(Bucket=bucket, Key=key)
     except (ClientError, BotoCoreError) as exc:
         raise _s3_error(uri, exc) from None
-    return hashlib.sha256(f"{uri}|{head.get('ETag')}|{head.get('ContentLength')}".encode()).hexdigest()
+    return hashlib.sha256(
+        f"{uri}|{head.get('ETag')}|{head.get('ContentLength')}".encode()
+    ).hexdigest()
 
 
 def s3_download(uri: str, cache_dir: Path, cfg: S3Config) -> Path:
@@ -135,10 +141,22 @@ def source_fingerprint(path: str, cfg: S3Config) -> str:
     raise UnusableInputError(f"{path}: no such file")
 
 
-DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet", ".jsonl.gz", ".ndjson.gz", ".json.gz", ".csv.gz")
+DATA_SUFFIXES = (
+    ".jsonl",
+    ".ndjson",
+    ".json",
+    ".csv",
+    ".parquet",
+    ".jsonl.gz",
+    ".ndjson.gz",
+    ".json.gz",
+    ".csv.gz",
+)
 
 
-def new_s3_objects(prefix_uri: str, cfg: S3Config, state: dict | None, lookback_s: float = 3600.0) -> tuple[list[str], dict]:
+def new_s3_objects(
+    prefix_uri: str, cfg: S3Config, state: dict | None, lookback_s: float = 3600.0
+) -> tuple[list[str], dict]:
     """Preference files under an S3 prefix that are new since `state` (what the previous call returned):
     (their s3:// URIs, oldest first; the new state). An object is identified by key and ETag, so a file
     uploaded again with other content counts as new. The state keeps the newest LastModified seen and
@@ -151,18 +169,29 @@ def new_s3_objects(prefix_uri: str, cfg: S3Config, state: dict | None, lookback_
     bucket, prefix = split_s3_uri(prefix_uri)
     found = []
     try:
-        for page in s3_client(cfg).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for page in (
+            s3_client(cfg).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        ):
             for obj in page.get("Contents", []):
                 key = obj["Key"]
                 if not key.lower().endswith(DATA_SUFFIXES) or "/." in f"/{key}":
                     continue  # not a data file, or a hidden/partial upload
-                found.append((obj["LastModified"], key, f"{key}#{obj.get('ETag', '').strip(chr(34))}"))
+                found.append(
+                    (obj["LastModified"], key, f"{key}#{obj.get('ETag', '').strip(chr(34))}")
+                )
     except (ClientError, BotoCoreError) as exc:
         raise _s3_error(prefix_uri, exc) from None
     window = timedelta(seconds=lookback_s)
     since = datetime.fromisoformat(state["since"]) if state and state.get("since") else None
     recent = set(state.get("recent", [])) if state else set()
-    new = sorted((t, k) for t, k, ident in found if ident not in recent and (since is None or t >= since - window))
+    new = sorted(
+        (t, k)
+        for t, k, ident in found
+        if ident not in recent and (since is None or t >= since - window)
+    )
     newest = max([t for t, _, _ in found] + ([since] if since else []), default=None)
     keep = sorted(ident for t, _, ident in found if newest is not None and t >= newest - window)
-    return [f"s3://{bucket}/{k}" for _, k in new], {"since": newest.isoformat() if newest else None, "recent": keep}
+    return [f"s3://{bucket}/{k}" for _, k in new], {
+        "since": newest.isoformat() if newest else None,
+        "recent": keep,
+    }

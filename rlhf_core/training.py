@@ -15,46 +15,28 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from rlhf_core.config import LoopConfig
 from rlhf_core.models.fused import fuse_activations
 
 
-@dataclass
-class LoopSettings:
-    epochs: float = 3.0
-    max_steps: int | None = None  # overrides epochs when set
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 5e-4
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.05
-    schedule: str = "cosine"  # cosine | linear | constant
-    max_grad_norm: float = 1.0
-    log_every: int = 10
-    eval_every: int = 100
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    early_stopping_patience: int | None = 3  # evaluations without improvement; None = off
-    bucket_factor: int = 50  # length-bucketing: sort within mega-batches of bucket_factor * batch_size
-    mixed_precision: str = "auto"  # auto: bf16 autocast on a GPU that supports it | bf16 | no
-    seed: int = 0
-
-
-def length_bucketed_batches(lengths: Sequence[int], batch_size: int, bucket_factor: int, seed: int, epoch: int) -> list[list[int]]:
+def length_bucketed_batches(
+    lengths: Sequence[int], batch_size: int, bucket_factor: int, seed: int, epoch: int
+) -> list[list[int]]:
     """Shuffle, sort by length inside mega-batches (less padding), then shuffle the batches."""
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(lengths))
     mega = batch_size * max(1, bucket_factor)
     batches = []
     for start in range(0, len(order), mega):
-        chunk = sorted(order[start:start + mega].tolist(), key=lambda i: lengths[i])
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        chunk = sorted(order[start : start + mega].tolist(), key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
@@ -147,12 +129,22 @@ class TrainLoop:
     best_metric = "eval_loss"
     higher_is_better = False
 
-    def __init__(self, model, lengths: Sequence[int], settings: LoopSettings, checkpoint_dir: Path | None = None,
-                 on_log: LogFn | None = None, progress: bool = True):
+    def __init__(
+        self,
+        model,
+        lengths: Sequence[int],
+        settings: LoopConfig,
+        seed: int = 0,
+        checkpoint_dir: Path | None = None,
+        on_log: LogFn | None = None,
+        progress: bool = True,
+    ):
         if not len(lengths):
             raise ValueError("no training examples")
-        self.model, self.s = model, settings
-        fuse_activations(model)  # the same function as one kernel (GPT-2's tanh-GELU): ~10% off forward+backward on CPU
+        self.model, self.s, self.seed = model, settings, seed
+        fuse_activations(
+            model
+        )  # the same function as one kernel (GPT-2's tanh-GELU): ~10% off forward+backward on CPU
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.on_log = on_log or (lambda step, metrics: None)
         self.progress = progress
@@ -161,15 +153,35 @@ class TrainLoop:
         self.lengths = list(lengths)
         self.batches_per_epoch = math.ceil(len(self.lengths) / settings.batch_size)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / settings.grad_accum)
-        self.total_steps = settings.max_steps or max(1, math.ceil(settings.epochs * self.steps_per_epoch))
+        self.total_steps = settings.max_steps or max(
+            1, math.ceil(settings.epochs * self.steps_per_epoch)
+        )
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW([{"params": [p for _, p in params if p.ndim >= 2], "weight_decay": settings.weight_decay},
-                                            {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0}], lr=settings.lr)
+        self.optimizer = torch.optim.AdamW(
+            [
+                {
+                    "params": [p for _, p in params if p.ndim >= 2],
+                    "weight_decay": settings.weight_decay,
+                },
+                {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0},
+            ],
+            lr=settings.lr,
+        )
         warmup = int(settings.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(step, self.total_steps, warmup, settings.schedule))
-        self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_metric": None, "evals_without_improvement": 0,
-                      "train_units": 0, "stopped_early": False, "history": []}
+            self.optimizer,
+            lambda step: lr_factor(step, self.total_steps, warmup, settings.schedule),
+        )
+        self.state = {
+            "step": 0,
+            "epoch": 0,
+            "batch_in_epoch": 0,
+            "best_metric": None,
+            "evals_without_improvement": 0,
+            "train_units": 0,
+            "stopped_early": False,
+            "history": [],
+        }
         self._best_weights: dict[str, torch.Tensor] | None = None
 
     # -- what a subclass provides ------------------------------------------------------------
@@ -199,17 +211,29 @@ class TrainLoop:
             save_file(untie(self._weights()), tmp / "model.safetensors")
             if self._best_weights is not None:
                 save_file(untie(self._best_weights), tmp / "best.safetensors")
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "torch_rng": torch.get_rng_state(),
-                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / "trainer.pt")
-            (tmp / "state.json").write_text(json.dumps({**self.state, "settings": asdict(self.s)}))
+            torch.save(
+                {
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                },
+                tmp / "trainer.pt",
+            )
+            (tmp / "state.json").write_text(
+                json.dumps(
+                    {**self.state, "settings": self.s.model_dump(mode="json"), "seed": self.seed}
+                )
+            )
         return self.checkpoint_dir / name
 
     def latest_checkpoint(self) -> Path | None:
         return latest_checkpoint(self.checkpoint_dir, "step-")
 
     def load_checkpoint(self, path: Path) -> None:
-        self.model.load_state_dict(load_file(path / "model.safetensors", device=str(self.device)), strict=False)
+        self.model.load_state_dict(
+            load_file(path / "model.safetensors", device=str(self.device)), strict=False
+        )
         if (path / "best.safetensors").exists():
             self._best_weights = load_file(path / "best.safetensors")
         blob = torch.load(path / "trainer.pt", weights_only=True)
@@ -220,12 +244,15 @@ class TrainLoop:
             torch.cuda.set_rng_state_all(blob["cuda_rng"])
         state = json.loads((path / "state.json").read_text())
         state.pop("settings", None)
+        state.pop("seed", None)
         self.state.update(state)
 
     # -- evaluation bookkeeping ----------------------------------------------------------------
     def _after_eval(self, metrics: dict) -> None:
         value, best = metrics[self.best_metric], self.state["best_metric"]
-        improved = best is None or (value > best + 1e-6 if self.higher_is_better else value < best - 1e-6)
+        improved = best is None or (
+            value > best + 1e-6 if self.higher_is_better else value < best - 1e-6
+        )
         if improved:
             self.state["best_metric"] = value
             self.state["evals_without_improvement"] = 0
@@ -256,15 +283,27 @@ class TrainLoop:
         self.model.train()
         s, st = self.s, self.state
         # disable=None: a bar on a terminal, silence in logs (CI, Prefect workers)
-        bar = tqdm(total=self.total_steps, initial=st["step"], desc=self.desc, unit="step",
-                   disable=None if self.progress else True, dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=st["step"],
+            desc=self.desc,
+            unit="step",
+            disable=None if self.progress else True,
+            dynamic_ncols=True,
+        )
         t_start, units_at_start = time.perf_counter(), st["train_units"]
         window_t, window_units, window_loss = time.perf_counter(), 0, 0.0
         last_eval: dict = {}
         while st["step"] < self.total_steps and not st["stopped_early"]:
-            batches = length_bucketed_batches(self.lengths, s.batch_size, s.bucket_factor, s.seed, st["epoch"])
-            while st["batch_in_epoch"] < len(batches) and st["step"] < self.total_steps and not st["stopped_early"]:
-                group = batches[st["batch_in_epoch"]: st["batch_in_epoch"] + s.grad_accum]
+            batches = length_bucketed_batches(
+                self.lengths, s.batch_size, s.bucket_factor, self.seed, st["epoch"]
+            )
+            while (
+                st["batch_in_epoch"] < len(batches)
+                and st["step"] < self.total_steps
+                and not st["stopped_early"]
+            ):
+                group = batches[st["batch_in_epoch"] : st["batch_in_epoch"] + s.grad_accum]
                 n_units = sum(self.units(b) for b in group)
                 step_loss = sum(self.micro_step(b, n_units) for b in group)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.max_grad_norm)
@@ -279,10 +318,17 @@ class TrainLoop:
                 bar.update(1)
                 if st["step"] % s.log_every == 0 or st["step"] == self.total_steps:
                     now = time.perf_counter()
-                    metrics = {"train_loss": window_loss / max(1, window_units), "lr": self.scheduler.get_last_lr()[0],
-                               "grad_norm": float(grad_norm), f"{self.unit}_per_s": window_units / max(1e-9, now - window_t),
-                               "epoch": st["epoch"] + st["batch_in_epoch"] / len(batches)}
-                    bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", **{f"{self.unit}/s": f"{metrics[f'{self.unit}_per_s']:.0f}"})
+                    metrics = {
+                        "train_loss": window_loss / max(1, window_units),
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm),
+                        f"{self.unit}_per_s": window_units / max(1e-9, now - window_t),
+                        "epoch": st["epoch"] + st["batch_in_epoch"] / len(batches),
+                    }
+                    bar.set_postfix(
+                        loss=f"{metrics['train_loss']:.3f}",
+                        **{f"{self.unit}/s": f"{metrics[f'{self.unit}_per_s']:.0f}"},
+                    )
                     self.on_log(st["step"], metrics)
                     st["history"].append({"step": st["step"], **metrics})
                     window_t, window_units, window_loss = now, 0, 0.0
@@ -298,11 +344,20 @@ class TrainLoop:
                 st["batch_in_epoch"] = 0
         bar.close()
         if self._best_weights is not None:  # end on the best evaluated weights
-            self.model.load_state_dict({k: v.to(self.device) for k, v in self._best_weights.items()}, strict=False)
+            self.model.load_state_dict(
+                {k: v.to(self.device) for k, v in self._best_weights.items()}, strict=False
+            )
         self.model.eval()
         elapsed = time.perf_counter() - t_start
         final_eval = next((h for h in reversed(st["history"]) if self.best_metric in h), {})
-        return LoopResult(steps=st["step"], epochs_done=st["epoch"] + st["batch_in_epoch"] / self.batches_per_epoch,
-                          best_metric=st["best_metric"], final_eval=final_eval, stopped_early=st["stopped_early"],
-                          resumed_from_step=resumed_from, train_units=st["train_units"],
-                          units_per_s=(st["train_units"] - units_at_start) / max(1e-9, elapsed), history=st["history"])
+        return LoopResult(
+            steps=st["step"],
+            epochs_done=st["epoch"] + st["batch_in_epoch"] / self.batches_per_epoch,
+            best_metric=st["best_metric"],
+            final_eval=final_eval,
+            stopped_early=st["stopped_early"],
+            resumed_from_step=resumed_from,
+            train_units=st["train_units"],
+            units_per_s=(st["train_units"] - units_at_start) / max(1e-9, elapsed),
+            history=st["history"],
+        )

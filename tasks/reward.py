@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 
 import mlflow
 import numpy as np
@@ -15,103 +14,169 @@ import rlhf_core.models.loading
 import rlhf_core.reward.evaluate
 import rlhf_core.reward.losses
 import rlhf_core.reward.model
-import rlhf_core.reward.pipeline
 import rlhf_core.reward.trainer
+import rlhf_core.sft
 import rlhf_core.training
 from rlhf_core.config import ModelConfig, RewardConfig
 from rlhf_core.errors import UserError
 from rlhf_core.reward.evaluate import evaluate_reward_model, write_plots
 from rlhf_core.reward.model import load_reward_model
-from rlhf_core.reward.pipeline import train_reward
-from rlhf_core.reward.trainer import labelled_pairs
+from rlhf_core.reward.trainer import labelled_pairs, train_reward
 from rlhf_core.storage import atomic_dir
-from tasks.stage import code_version, metrics_logger, quiet_transformers, stage_dir, stage_task, user_errors_fail_cleanly
-from tasks.tracking import TrackingContext, stage_run
-
-REWARD_TRAIN_CODE_VERSION = code_version(rlhf_core.reward.losses, rlhf_core.reward.model, rlhf_core.reward.trainer,
-                                         rlhf_core.reward.pipeline, rlhf_core.training, rlhf_core.models.loading, sys.modules[__name__])
-REWARD_EVAL_CODE_VERSION = code_version(rlhf_core.reward.evaluate, rlhf_core.reward.model, sys.modules[__name__])
+from tasks.results import Labelled, Policy, RewardEvaluation, RewardModel, Splits
+from tasks.stage import StageContext, metrics_logger, stage
+from tasks.tracking import TrackingContext
 
 
-@stage_task(name="reward-train")
-@user_errors_fail_cleanly
-def train_reward_model(train_file: str, val_file: str, reward: RewardConfig, model: ModelConfig, policy_dir: str | None,
-                       seed: int, stage_key: str, tracking: TrackingContext) -> dict:
+@stage(
+    "reward-train",
+    code=(
+        rlhf_core.reward.losses,
+        rlhf_core.reward.model,
+        rlhf_core.reward.trainer,
+        rlhf_core.training,
+        rlhf_core.models.loading,
+        rlhf_core.sft,
+    ),
+    ignore={"reward": {"gate"}},
+)
+def train_reward_model(
+    ctx: StageContext,
+    pairs: Labelled | Splits,
+    splits: Splits,
+    policy: Policy | None,
+    reward: RewardConfig,
+    model: ModelConfig,
+    seed: int,
+) -> RewardModel:
     """Train the reward model; store the reward normalisation statistics PPO needs with it."""
-    quiet_transformers()
-    out = stage_dir(tracking.work_dir, "reward-train", stage_key)
-    checkpoints = out.with_name(out.name + ".checkpoints")  # outlives a killed run: the next run resumes from it
-    logger = get_run_logger()
-    with stage_run(tracking, "reward-train", stage_key) as run:
-        backbone = policy_dir if reward.backbone == "policy" else reward.backbone
-        if not backbone:
-            raise UserError("reward.backbone 'policy' needs the SFT reference policy (sft must run before the reward model)")
-        train_df, val_df = pd.read_parquet(train_file), pd.read_parquet(val_file)
-        sources = labelled_pairs(train_df)["label_source"].value_counts().to_dict()
-        mlflow.log_params({"backbone": reward.backbone, "max_length": reward.max_length, "lr": reward.lr,
-                           "epochs": reward.epochs, "batch_size": reward.batch_size, "grad_accum": reward.grad_accum,
-                           "center_coef": reward.center_coef, "human_weight": reward.human_weight, "ai_weight": reward.ai_weight,
-                           "lora": reward.lora.enabled, **{f"train_pairs_{k}": v for k, v in sources.items()}})
-        rm, result = train_reward(train_df, val_df, reward, model, backbone, checkpoint_dir=checkpoints,
-                                  policy_dir=policy_dir, seed=seed,
-                                  on_log=metrics_logger("reward step", ("train_loss", "eval_accuracy", "eval_loss", "pairs_per_s")))
-        mlflow.log_param("kind", rm.kind)
-        if result.resumed_from_step:
-            logger.info(f"reward model: resumed from step {result.resumed_from_step}")
-        with atomic_dir(out) as staging:
-            rm.save(staging / "model")
-            (staging / "training.json").write_text(json.dumps({"history": result.history, "steps": result.steps,
-                                                               "stopped_early": result.stopped_early}, indent=2))
-        mlflow.log_artifacts(str(out / "model"), "reward_model")
-        shutil.rmtree(checkpoints, ignore_errors=True)
-        metrics = {"steps": result.steps, "train_pairs": result.train_units, "pairs_per_s": result.units_per_s,
-                   "stopped_early": float(result.stopped_early), "reward_norm_mean": rm.normalisation["mean"],
-                   "reward_norm_std": rm.normalisation["std"]}
-        if result.best_metric is not None:
-            metrics["best_val_accuracy"] = result.best_metric
-        mlflow.log_metrics(metrics)
-        logger.info(f"reward model ({rm.kind}, {reward.backbone}): {result.steps} steps, {result.units_per_s:.1f} pairs/s, "
-                    f"best val accuracy {result.best_metric if result.best_metric is not None else float('nan'):.3f}")
-        return {"stage_key": stage_key, "out_dir": str(out), "model_dir": str(out / "model"), "mlflow_run_id": run.info.run_id,
-                "model_uri": f"runs:/{run.info.run_id}/reward_model", "metrics": metrics}
+    out, checkpoints, logger = ctx.out_dir, ctx.checkpoints, get_run_logger()
+    policy_dir = policy.model_dir if policy else None
+    backbone = policy_dir if reward.backbone == "policy" else reward.backbone
+    if not backbone:
+        raise UserError(
+            "reward.backbone 'policy' needs the SFT reference policy (sft must run before the reward model)"
+        )
+    train_df, val_df = pd.read_parquet(pairs.train_file), pd.read_parquet(splits.val)
+    sources = labelled_pairs(train_df)["label_source"].value_counts().to_dict()
+    mlflow.log_params(
+        {
+            "backbone": reward.backbone,
+            "max_length": reward.max_length,
+            "lr": reward.lr,
+            "epochs": reward.epochs,
+            "batch_size": reward.batch_size,
+            "grad_accum": reward.grad_accum,
+            "center_coef": reward.center_coef,
+            "human_weight": reward.human_weight,
+            "ai_weight": reward.ai_weight,
+            "lora": reward.lora.enabled,
+            **{f"train_pairs_{k}": v for k, v in sources.items()},
+        }
+    )
+    rm, result = train_reward(
+        train_df,
+        val_df,
+        reward,
+        model,
+        backbone,
+        checkpoint_dir=checkpoints,
+        policy_dir=policy_dir,
+        seed=seed,
+        on_log=metrics_logger(
+            "reward step", ("train_loss", "eval_accuracy", "eval_loss", "pairs_per_s")
+        ),
+    )
+    mlflow.log_param("kind", rm.kind)
+    if result.resumed_from_step:
+        logger.info(f"reward model: resumed from step {result.resumed_from_step}")
+    with atomic_dir(out) as staging:
+        rm.save(staging / "model")
+        (staging / "training.json").write_text(
+            json.dumps(
+                {
+                    "history": result.history,
+                    "steps": result.steps,
+                    "stopped_early": result.stopped_early,
+                },
+                indent=2,
+            )
+        )
+    mlflow.log_artifacts(str(out / "model"), "reward_model")
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    metrics = {
+        "steps": result.steps,
+        "train_pairs": result.train_units,
+        "pairs_per_s": result.units_per_s,
+        "stopped_early": float(result.stopped_early),
+        "reward_norm_mean": rm.normalisation["mean"],
+        "reward_norm_std": rm.normalisation["std"],
+    }
+    if result.best_metric is not None:
+        metrics["best_val_accuracy"] = result.best_metric
+    mlflow.log_metrics(metrics)
+    logger.info(
+        f"reward model ({rm.kind}, {reward.backbone}): {result.steps} steps, {result.units_per_s:.1f} pairs/s, "
+        f"best val accuracy {result.best_metric if result.best_metric is not None else float('nan'):.3f}"
+    )
+    return ctx.result(
+        RewardModel,
+        model_dir=str(out / "model"),
+        model_uri=f"runs:/{ctx.run.info.run_id}/reward_model",
+        metrics=metrics,
+    )
 
 
-@stage_task(name="reward-eval")
-@user_errors_fail_cleanly
-def evaluate_reward(model_dir: str, val_file: str, test_file: str, reward: RewardConfig, stage_key: str, tracking: TrackingContext) -> dict:
+@stage(
+    "reward-eval",
+    code=(rlhf_core.reward.evaluate, rlhf_core.reward.model),
+    ignore={"reward": {"gate"}},
+)
+def evaluate_reward(
+    ctx: StageContext, reward_model: RewardModel, splits: Splits, reward: RewardConfig
+) -> RewardEvaluation:
     """Accuracy (overall, by label source, by length), AUC, calibration, reward histograms, length bias."""
-    quiet_transformers()
-    out = stage_dir(tracking.work_dir, "reward-eval", stage_key)
-    with stage_run(tracking, "reward-eval", stage_key) as run:
-        rm = load_reward_model(model_dir, device=reward.device)
-        evals = [evaluate_reward_model(rm, pd.read_parquet(f), split) for split, f in (("val", val_file), ("test", test_file))]
-        if evals[-1].report["n_pairs"] == 0:
-            raise UserError(f"{test_file}: no labelled test pairs to evaluate the reward model on")
-        metrics = {k: v for ev in evals for k, v in ev.metrics.items() if not np.isnan(v)}
-        with atomic_dir(out) as staging:
-            (staging / "report.json").write_text(json.dumps({ev.split: ev.report for ev in evals}, indent=2))
-            for ev in evals:
-                write_plots(ev, staging / "plots")
-        mlflow.log_metrics(metrics)
-        mlflow.log_artifact(str(out / "report.json"), "reward_eval")
-        mlflow.log_artifacts(str(out / "plots"), "reward_eval/plots")
-        return {"stage_key": stage_key, "out_dir": str(out), "mlflow_run_id": run.info.run_id, "metrics": metrics,
-                "report": {ev.split: ev.report for ev in evals}, "summary_files": [str(out / "report.json")]}
+    out, test_file = ctx.out_dir, splits.test
+    rm = load_reward_model(reward_model.model_dir, device=reward.device)
+    evals = [
+        evaluate_reward_model(rm, pd.read_parquet(f), split)
+        for split, f in (("val", splits.val), ("test", splits.test))
+    ]
+    if evals[-1].report["n_pairs"] == 0:
+        raise UserError(f"{test_file}: no labelled test pairs to evaluate the reward model on")
+    metrics = {k: v for ev in evals for k, v in ev.metrics.items() if not np.isnan(v)}
+    with atomic_dir(out) as staging:
+        (staging / "report.json").write_text(
+            json.dumps({ev.split: ev.report for ev in evals}, indent=2)
+        )
+        for ev in evals:
+            write_plots(ev, staging / "plots")
+    mlflow.log_metrics(metrics)
+    mlflow.log_artifact(str(out / "report.json"), "reward_eval")
+    mlflow.log_artifacts(str(out / "plots"), "reward_eval/plots")
+    return ctx.result(
+        RewardEvaluation,
+        metrics=metrics,
+        report={ev.split: ev.report for ev in evals},
+        summary_files=[str(out / "report.json")],
+    )
 
 
-def publish_reward_summary(tracking: TrackingContext, evaluated: dict, gate) -> None:
+def publish_reward_summary(tracking: TrackingContext, evaluated: RewardEvaluation, gate) -> None:
     """The gate's verdict where people look: a Prefect markdown artifact and the MLflow parent run."""
     from prefect.artifacts import create_markdown_artifact
 
     from rlhf_core.reward.evaluate import markdown_summary
 
-    text = markdown_summary(evaluated["report"], gate)
-    create_markdown_artifact(markdown=text, key="reward-model-report", description="Reward model evaluation and gate")
+    text = markdown_summary(evaluated.report, gate)
+    create_markdown_artifact(
+        markdown=text, key="reward-model-report", description="Reward model evaluation and gate"
+    )
     mlflow.set_tracking_uri(tracking.tracking_uri)
     client = mlflow.MlflowClient()
     client.log_metric(tracking.parent_run_id, "reward_gate_passed", float(gate.passed))
     for k in ("test_accuracy", "test_auc", "test_ece", "test_length_correlation"):
-        if k in evaluated["metrics"]:
-            client.log_metric(tracking.parent_run_id, f"reward_{k}", evaluated["metrics"][k])
+        if k in evaluated.metrics:
+            client.log_metric(tracking.parent_run_id, f"reward_{k}", evaluated.metrics[k])
     client.set_tag(tracking.parent_run_id, "rlhf.reward_gate", gate.message)
     (get_run_logger().info if gate.passed else get_run_logger().warning)(gate.message)

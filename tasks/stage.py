@@ -1,4 +1,12 @@
-"""What every stage task shares: its cache key, its output folder, and clean failure."""
+"""What every stage shares: a declaration that keys and types it, its output folder, its MLflow
+child run, the cache, and clean failure.
+
+A stage is a function `fn(ctx, **inputs) -> SomeResult` decorated with `@stage(name, code=...)`.
+Its cache key is computed from its inputs alone: upstream results by their keys, config sections
+by their values (and the content of the files they name), plain values as they are, plus the
+source of the code it runs. The flow calls `fn(tracking, **inputs)` and gets the typed result,
+from the work or from the cache; it never builds a key or looks into a folder.
+"""
 
 from __future__ import annotations
 
@@ -6,54 +14,157 @@ import functools
 import hashlib
 import inspect
 import logging
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
-from prefect import task
-from prefect.states import Failed
+import mlflow
+from prefect import get_run_logger, task
+from prefect.filesystems import LocalFileSystem
+from prefect.states import Failed, State
+from pydantic import BaseModel, ConfigDict
 
-from rlhf_core.config import stable_hash
+from rlhf_core.config import S3Config, Section, stable_hash
 from rlhf_core.errors import UserError
+from rlhf_core.storage import source_fingerprint
+from tasks.tracking import TrackingContext, log_cached_stage, stage_run
 
 
-def code_version(*modules: ModuleType | Callable) -> str:
-    """Hash of the source of the code a stage runs: editing it invalidates the stage's cache."""
+class StageResult(BaseModel):
+    """What a stage returns: where its outputs are, what it measured, and its key (the digest
+    downstream stages key on)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stage: str
+    key: str
+    out_dir: str
+    mlflow_run_id: str = ""
+    metrics: dict[str, float] = {}
+    summary_files: list[str] = []  # logged again to the child run of a cached run
+
+
+R = TypeVar("R", bound=StageResult)
+
+
+class StageFailed(Exception):
+    def __init__(self, state: State):
+        super().__init__(state.message)
+        self.state = state
+
+    @classmethod
+    def because(cls, message: str) -> StageFailed:
+        return cls(Failed(message=message))
+
+
+@dataclass
+class StageContext:
+    """Handed to a stage function: its key, output folder and MLflow child run."""
+
+    name: str
+    key: str
+    out_dir: Path
+    tracking: TrackingContext
+    run: Any  # mlflow.ActiveRun
+
+    @property
+    def checkpoints(self) -> Path:
+        """Outlives a killed run: the next run of the same key resumes from it."""
+        return self.out_dir.with_name(self.out_dir.name + ".checkpoints")
+
+    @property
+    def work_dir(self) -> Path:
+        return Path(self.tracking.work_dir)
+
+    def result(self, cls: type[R], **fields: Any) -> R:
+        return cls(
+            stage=self.name,
+            key=self.key,
+            out_dir=str(self.out_dir),
+            mlflow_run_id=self.run.info.run_id,
+            **fields,
+        )
+
+
+def code_version(*parts: ModuleType | Callable | Path) -> str:
+    """Hash of the source a stage runs (modules, functions, or shipped files such as the default
+    constitution): editing it invalidates the stage's cache."""
     h = hashlib.sha256()
-    for m in modules:
-        h.update(inspect.getsource(m).encode())
+    for part in parts:
+        h.update(part.read_bytes() if isinstance(part, Path) else inspect.getsource(part).encode())
     return h.hexdigest()[:12]
 
 
-def make_stage_key(stage: str, input_digest: str, section: Any, code: str) -> str:
-    """(input digest, config-section hash, task code version) -> the stage's cache key."""
-    return f"{stage}-{stable_hash([input_digest, stable_hash(section), code], 20)}"
+@functools.lru_cache(maxsize=256)
+def _fingerprint(path: str, endpoint: str | None, stamp: tuple) -> str:
+    return source_fingerprint(path, S3Config(endpoint_url=endpoint))
 
 
-def cache_key_from_param(_context, parameters: dict) -> str:
-    return parameters["stage_key"]
+def _file_identity(path: str, endpoint: str | None) -> str:
+    """Content digest of a file, folder or S3 object a setting names; a name that is not a
+    path (a hub id, 'minilm', 'policy') stands for itself."""
+    if path.startswith("s3://"):
+        return _fingerprint(path, endpoint, (path,))
+    p = Path(path).expanduser()
+    if not p.exists():
+        return path
+    st = p.stat()  # a folder's digest is recomputed on every new stat of its root
+    return _fingerprint(str(p.resolve()), None, (st.st_mtime_ns, st.st_size))
 
 
-# Every stage: cached on its stage_key, result persisted so a re-run reuses it.
-stage_task = task(cache_key_fn=cache_key_from_param, persist_result=True)
+def input_digest(
+    value: Any, endpoint: str | None = None, ignore: frozenset[str] = frozenset()
+) -> Any:
+    """What of an input goes into a cache key."""
+    if isinstance(value, StageResult):
+        return value.key
+    if isinstance(value, Section):
+        out = {}
+        for name, field in type(value).model_fields.items():
+            if name in ignore:
+                continue
+            v = getattr(value, name)
+            extra = field.json_schema_extra or {}
+            if isinstance(v, str) and isinstance(extra, dict) and extra.get("input_file"):
+                out[name] = [v, _file_identity(v, endpoint)]
+            else:
+                out[name] = input_digest(v, endpoint)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [input_digest(v, endpoint) for v in value]
+    if isinstance(value, dict):
+        return {k: input_digest(v, endpoint) for k, v in value.items()}
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    return value
 
 
-def stage_dir(work_dir: str | Path, stage: str, stage_key: str) -> Path:
-    return Path(work_dir) / "stages" / stage / stage_key
+@functools.cache
+def result_storage_block(basepath: str, s3_endpoint: str | None = None) -> str:
+    """Prefect wants result storage as a saved block: one per configured location, a folder or
+    s3://bucket/prefix. S3 credentials stay in the environment (the block stores the endpoint)."""
+    name = f"rlhf-results-{stable_hash([basepath, s3_endpoint], 10)}"
+    if basepath.startswith("s3://"):
+        from prefect_aws import AwsCredentials, S3Bucket
+        from prefect_aws.client_parameters import AwsClientParameters
 
+        from rlhf_core.storage import split_s3_uri
 
-def user_errors_fail_cleanly(fn: Callable) -> Callable:
-    """A user's mistake ends the task Failed with a one-line message instead of a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as exc:
-            return Failed(message=str(exc))
-
-    return wrapper
+        bucket, prefix = split_s3_uri(basepath)
+        params = (
+            AwsClientParameters(endpoint_url=s3_endpoint) if s3_endpoint else AwsClientParameters()
+        )
+        S3Bucket(
+            bucket_name=bucket,
+            bucket_folder=prefix.rstrip("/"),
+            credentials=AwsCredentials(aws_client_parameters=params),
+        ).save(name, overwrite=True)
+        return f"s3-bucket/{name}"
+    LocalFileSystem(basepath=basepath).save(name, overwrite=True)
+    return f"local-file-system/{name}"
 
 
 def quiet_transformers() -> None:
@@ -64,19 +175,92 @@ def quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def metrics_logger(stage: str, keys: tuple[str, ...], total: int | None = None, every: int = 1):
+def _cache_key(_context, parameters: dict) -> str:
+    return parameters["key"]
+
+
+def stage(
+    name: str,
+    *,
+    code: tuple = (),
+    ignore: dict[str, set[str]] | None = None,
+    folder: str | None = None,
+) -> Callable:
+    """Declare a pipeline stage (see the module docstring). `code`: the library modules it runs
+    (its own module is added); `ignore`: config fields a stage never reads, by parameter name
+    (they stay out of its key); `folder`: its folder under <work_dir>/stages (default: name)."""
+    ignored = {k: frozenset(v) for k, v in (ignore or {}).items()}
+
+    def declare(fn: Callable[..., R]) -> Callable[..., R]:
+        version = code_version(*code, sys.modules[fn.__module__])
+
+        @task(name=name, cache_key_fn=_cache_key, persist_result=True)
+        def run(key: str, tracking: TrackingContext, inputs: dict) -> StageResult | State:
+            quiet_transformers()
+            out = Path(tracking.work_dir) / "stages" / (folder or name) / key
+            try:
+                with stage_run(tracking, name, key) as mlflow_run:
+                    return fn(StageContext(name, key, out, tracking, mlflow_run), **inputs)
+            except UserError as exc:  # a user's mistake: one line, no traceback
+                return Failed(message=str(exc))
+
+        @functools.wraps(fn)
+        def call(tracking: TrackingContext, **inputs: Any) -> R:
+            digest = {
+                k: input_digest(v, tracking.s3_endpoint, ignored.get(k, frozenset()))
+                for k, v in sorted(inputs.items())
+            }
+            # outputs live in the work dir, so the key names it too
+            key = f"{name}-{stable_hash([digest, version, tracking.work_dir], 20)}"
+            return _run_cached(run, name, key, tracking, inputs)
+
+        call.code_version = version
+        call.task = run
+        return call
+
+    return declare
+
+
+def _run_cached(run, name: str, key: str, tracking: TrackingContext, inputs: dict) -> StageResult:
+    """Run a stage task (served from cache when its key matches), and keep MLflow complete."""
+    run = run.with_options(
+        result_storage=result_storage_block(tracking.result_storage, tracking.s3_endpoint)
+    )
+    state = run(key=key, tracking=tracking, inputs=inputs, return_state=True)
+    if state.is_completed() and state.name == "Cached":
+        result = state.result()
+        if Path(result.out_dir).exists():
+            log_cached_stage(
+                tracking,
+                name,
+                result.key,
+                result.mlflow_run_id,
+                result.metrics,
+                result.summary_files,
+            )
+            return result
+        get_run_logger().warning(f"{name}: cached output {result.out_dir} is gone; recomputing")
+        state = run.with_options(refresh_cache=True)(
+            key=key, tracking=tracking, inputs=inputs, return_state=True
+        )
+    if not state.is_completed():
+        raise StageFailed(state)
+    return state.result()
+
+
+def metrics_logger(
+    stage_name: str, keys: tuple[str, ...], total: int | None = None, every: int = 1
+):
     """on_log callback: every metric to the active MLflow run, and a readable line in the stage's
     log every `every` calls (a tqdm bar only shows on a terminal, not in Prefect's logs)."""
-    import mlflow
-    from prefect import get_run_logger
-
     logger = get_run_logger()
 
     def on_log(step: int, metrics: dict) -> None:
         mlflow.log_metrics(metrics, step=step)
         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in keys)
-        if shown and (step % every == 0 or step == total or "eval_loss" in metrics or "eval_accuracy" in metrics):
-            logger.info(f"{stage} {step}{f'/{total}' if total else ''}: {shown}")
+        final = step == total or "eval_loss" in metrics or "eval_accuracy" in metrics
+        if shown and (step % every == 0 or final):
+            logger.info(f"{stage_name} {step}{f'/{total}' if total else ''}: {shown}")
 
     return on_log
 

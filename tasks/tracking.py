@@ -19,8 +19,22 @@ from pydantic import BaseModel
 
 from rlhf_core.config import PROJECT_ROOT, PipelineConfig
 
-TRACKED_PACKAGES = ("torch", "transformers", "datasets", "accelerate", "peft", "trl", "prefect", "mlflow", "pandera",
-                    "pandas", "pyarrow", "boto3", "pydantic", "rlhf-pipeline")
+TRACKED_PACKAGES = (
+    "torch",
+    "transformers",
+    "datasets",
+    "accelerate",
+    "peft",
+    "trl",
+    "prefect",
+    "mlflow",
+    "pandera",
+    "pandas",
+    "pyarrow",
+    "boto3",
+    "pydantic",
+    "rlhf-pipeline",
+)
 
 
 class TrackingContext(BaseModel):
@@ -47,9 +61,20 @@ def package_versions() -> dict[str, str]:
 
 def git_commit() -> str:
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT, capture_output=True,
-                               text=True, timeout=5).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -70,27 +95,51 @@ def _flat_params(obj: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def start_pipeline_run(cfg: PipelineConfig, run_name: str, tags: dict[str, str] | None = None) -> TrackingContext:
+def start_pipeline_run(
+    cfg: PipelineConfig, run_name: str, tags: dict[str, str] | None = None
+) -> TrackingContext:
     _quiet_mlflow_db_logs()
     mlflow.set_tracking_uri(cfg.mlflow_tracking_uri)
     client = MlflowClient()
     exp = client.get_experiment_by_name(cfg.tracking.experiment_name)
-    experiment_id = exp.experiment_id if exp else client.create_experiment(
-        cfg.tracking.experiment_name, artifact_location=cfg.mlflow_artifact_location)
+    experiment_id = (
+        exp.experiment_id
+        if exp
+        else client.create_experiment(
+            cfg.tracking.experiment_name, artifact_location=cfg.mlflow_artifact_location
+        )
+    )
     config_hash = cfg.config_hash()
-    run = client.create_run(experiment_id, run_name=run_name, tags={
-        "rlhf.config_hash": config_hash, "rlhf.git_commit": git_commit(), "rlhf.kind": "pipeline", **(tags or {})})
+    run = client.create_run(
+        experiment_id,
+        run_name=run_name,
+        tags={
+            "rlhf.config_hash": config_hash,
+            "rlhf.git_commit": git_commit(),
+            "rlhf.kind": "pipeline",
+            **(tags or {}),
+        },
+    )
     rid = run.info.run_id
     params = _flat_params(cfg.model_dump(mode="json"))
     for batch_start in range(0, len(params), 100):
-        items = list(params.items())[batch_start:batch_start + 100]
+        items = list(params.items())[batch_start : batch_start + 100]
         client.log_batch(rid, params=[mlflow.entities.Param(k, v[:6000]) for k, v in items])
     client.log_text(rid, cfg.to_yaml(), "config/resolved_config.yaml")
-    client.log_dict(rid, {"config_hash": config_hash, "git_commit": git_commit(), "packages": package_versions()},
-                    "config/environment.json")
-    return TrackingContext(tracking_uri=cfg.mlflow_tracking_uri, experiment_id=experiment_id, parent_run_id=rid,
-                           config_hash=config_hash, work_dir=str(cfg.work_dir), result_storage=cfg.result_storage,
-                           s3_endpoint=cfg.s3.endpoint_url or os.environ.get("RLHF_S3_ENDPOINT_URL"))
+    client.log_dict(
+        rid,
+        {"config_hash": config_hash, "git_commit": git_commit(), "packages": package_versions()},
+        "config/environment.json",
+    )
+    return TrackingContext(
+        tracking_uri=cfg.mlflow_tracking_uri,
+        experiment_id=experiment_id,
+        parent_run_id=rid,
+        config_hash=config_hash,
+        work_dir=str(cfg.work_dir),
+        result_storage=cfg.result_storage,
+        s3_endpoint=cfg.s3.endpoint_url or os.environ.get("RLHF_S3_ENDPOINT_URL"),
+    )
 
 
 def finish_pipeline_run(ctx: TrackingContext, status: str) -> None:
@@ -103,24 +152,50 @@ def stage_run(ctx: TrackingContext, stage: str, stage_key: str) -> Iterator[mlfl
     """A child run of the pipeline run for one stage; FAILED if the stage raises."""
     _quiet_mlflow_db_logs()
     mlflow.set_tracking_uri(ctx.tracking_uri)
-    with mlflow.start_run(experiment_id=ctx.experiment_id, run_name=stage, nested=True, parent_run_id=ctx.parent_run_id,
-                          tags={"rlhf.stage": stage, "rlhf.stage_key": stage_key, "rlhf.config_hash": ctx.config_hash}) as run:
+    with mlflow.start_run(
+        experiment_id=ctx.experiment_id,
+        run_name=stage,
+        nested=True,
+        parent_run_id=ctx.parent_run_id,
+        tags={
+            "rlhf.stage": stage,
+            "rlhf.stage_key": stage_key,
+            "rlhf.config_hash": ctx.config_hash,
+        },
+    ) as run:
         yield run
 
 
-def log_cached_stage(ctx: TrackingContext, stage: str, result: dict) -> str:
+def log_cached_stage(
+    ctx: TrackingContext,
+    stage: str,
+    key: str,
+    cached_from_run: str,
+    metrics: dict[str, float],
+    summary_files: list[str],
+) -> str:
     """A stage Prefect served from cache still gets a child run, so every pipeline run shows every
     stage's metrics side by side; it points at the run that did the work."""
     mlflow.set_tracking_uri(ctx.tracking_uri)
     client = MlflowClient()
-    run = client.create_run(ctx.experiment_id, run_name=f"{stage} (cached)", tags={
-        "mlflow.parentRunId": ctx.parent_run_id, "rlhf.stage": stage, "rlhf.stage_key": result.get("stage_key", ""),
-        "rlhf.cached_from_run": result.get("mlflow_run_id", ""), "rlhf.config_hash": ctx.config_hash})
-    metrics = result.get("metrics", {})
+    run = client.create_run(
+        ctx.experiment_id,
+        run_name=f"{stage} (cached)",
+        tags={
+            "mlflow.parentRunId": ctx.parent_run_id,
+            "rlhf.stage": stage,
+            "rlhf.stage_key": key,
+            "rlhf.cached_from_run": cached_from_run,
+            "rlhf.config_hash": ctx.config_hash,
+        },
+    )
     if metrics:
-        client.log_batch(run.info.run_id, metrics=[
-            mlflow.entities.Metric(k, float(v), int(time.time() * 1000), 0) for k, v in metrics.items()])
-    for path in result.get("summary_files", []):
+        now = int(time.time() * 1000)
+        client.log_batch(
+            run.info.run_id,
+            metrics=[mlflow.entities.Metric(k, float(v), now, 0) for k, v in metrics.items()],
+        )
+    for path in summary_files:
         if Path(path).exists():
             client.log_artifact(run.info.run_id, path)
     client.set_terminated(run.info.run_id)

@@ -33,7 +33,9 @@ SELF_INSTRUCT = SHARED_DATA / "self-instruct-seed-tasks.jsonl"
 
 def _need(path: Path) -> Path:
     if not path.exists():
-        pytest.skip(f"real data not found at {path} (set RLHF_SHARED_DATA to the folder with the shared data sets)")
+        pytest.skip(
+            f"real data not found at {path} (set RLHF_SHARED_DATA to the folder with the shared data sets)"
+        )
     return path
 
 
@@ -61,8 +63,12 @@ def s3_server(tmp_path_factory):
     """A real S3-compatible server (SeaweedFS) on loopback, with a bucket 'prefs'."""
     from rlhf_core.services import SeaweedS3
 
-    server = SeaweedS3(tmp_path_factory.mktemp("seaweed"), access_key="rlhf-test", secret_key="rlhf-test-secret",
-                       buckets=["prefs"]).start()
+    server = SeaweedS3(
+        tmp_path_factory.mktemp("seaweed"),
+        access_key="rlhf-test",
+        secret_key="rlhf-test-secret",
+        buckets=["prefs"],
+    ).start()
     yield server
     server.stop()
 
@@ -93,19 +99,44 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_policy_and_reward(tiny_gpt2, tmp_path_factory):
     """A briefly fine-tuned tiny policy and a MiniLM reward model trained on the demo pairs (its own tokenizer)."""
-    from rlhf_core.config import ModelConfig, RewardConfig
+    from rlhf_core.config import ModelConfig, RewardConfig, SFTConfig
     from rlhf_core.models.chat import ChatFormat
     from rlhf_core.models.loading import load_causal_lm, save_model
-    from rlhf_core.reward.pipeline import train_reward
-    from rlhf_core.sft import SFTSettings, SFTTrainer, encode_examples
+    from rlhf_core.reward.trainer import train_reward
+    from rlhf_core.sft import SFTTrainer, encode_examples
     from tests.helpers import demo_frame, demo_rows
 
     root = tmp_path_factory.mktemp("ppo-learn")
     lm = load_causal_lm(str(tiny_gpt2), device="cpu", eval_mode=False)
-    train, _ = encode_examples([(r["prompt"], r["chosen"]) for r in demo_rows()[:500]], ChatFormat(lm.tokenizer), 128)
-    SFTTrainer(lm.model, lm.tokenizer, train, [], SFTSettings(max_steps=150, batch_size=16, lr=3e-3), progress=False).train(resume=False)
+    train, _ = encode_examples(
+        [(r["prompt"], r["chosen"]) for r in demo_rows()[:500]], ChatFormat(lm.tokenizer), 128
+    )
+    SFTTrainer(
+        lm.model,
+        lm.tokenizer,
+        train,
+        [],
+        SFTConfig(max_steps=150, batch_size=16, lr=3e-3),
+        progress=False,
+    ).train(resume=False)
     save_model(lm.model, lm.tokenizer, root / "sft")
-    cfg = RewardConfig(max_steps=40, batch_size=16, lr=1e-4, max_length=128, device="cpu", norm_prompts=32, norm_max_new_tokens=24)
-    rm, _ = train_reward(demo_frame(0, 600), None, cfg, ModelConfig(), "minilm", policy_dir=str(root / "sft"), progress=False)
+    cfg = RewardConfig(
+        max_steps=40,
+        batch_size=16,
+        lr=1e-4,
+        max_length=128,
+        device="cpu",
+        norm_prompts=32,
+        norm_max_new_tokens=24,
+    )
+    rm, _ = train_reward(
+        demo_frame(0, 600),
+        None,
+        cfg,
+        ModelConfig(),
+        "minilm",
+        policy_dir=str(root / "sft"),
+        progress=False,
+    )
     rm.save(root / "rm")
     return root / "sft", root / "rm"

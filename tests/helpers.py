@@ -28,22 +28,41 @@ def tiny_model_dir(root: Path, arch: str = "gpt2") -> Path:
     return out
 
 
-def sft_job(model_dir: str, checkpoint_dir: str, out_file: str, max_steps: int = 40, seed: int = 0) -> None:
+def sft_job(
+    model_dir: str, checkpoint_dir: str, out_file: str, max_steps: int = 40, seed: int = 0
+) -> None:
     """A complete SFT run used by the resume test (run in a subprocess that may be killed)."""
     from safetensors.torch import save_file
 
+    from rlhf_core.config import SFTConfig
     from rlhf_core.models.chat import ChatFormat
     from rlhf_core.models.loading import load_causal_lm
-    from rlhf_core.sft import SFTSettings, SFTTrainer, encode_examples
+    from rlhf_core.sft import SFTTrainer, encode_examples
 
     lm = load_causal_lm(model_dir, device="cpu", eval_mode=False)
     fmt = ChatFormat(lm.tokenizer)
     rows = demo_rows()
     train, _ = encode_examples([(r["prompt"], r["chosen"]) for r in rows[:400]], fmt, 128)
     val, _ = encode_examples([(r["prompt"], r["chosen"]) for r in rows[400:460]], fmt, 128)
-    settings = SFTSettings(max_steps=max_steps, batch_size=8, lr=2e-3, eval_every=10, checkpoint_every=5, log_every=5,
-                           early_stopping_patience=None, seed=seed)
-    SFTTrainer(lm.model, lm.tokenizer, train, val, settings, checkpoint_dir=checkpoint_dir, progress=False).train()
+    settings = SFTConfig(
+        max_steps=max_steps,
+        batch_size=8,
+        lr=2e-3,
+        eval_every=10,
+        checkpoint_every=5,
+        log_every=5,
+        early_stopping_patience=None,
+    )
+    SFTTrainer(
+        lm.model,
+        lm.tokenizer,
+        train,
+        val,
+        settings,
+        seed=seed,
+        checkpoint_dir=checkpoint_dir,
+        progress=False,
+    ).train()
     save_file({k: v.contiguous().clone() for k, v in lm.model.state_dict().items()}, out_file)
 
 
@@ -52,23 +71,47 @@ def demo_frame(start: int, stop: int):
     import pandas as pd
 
     rows = demo_rows()[start:stop]
-    return pd.DataFrame({"prompt": [r["prompt"] for r in rows], "chosen": [r["chosen"] for r in rows],
-                         "rejected": [r["rejected"] for r in rows], "label_source": "human", "p_chosen": 1.0,
-                         "margin": float("nan")})
+    return pd.DataFrame(
+        {
+            "prompt": [r["prompt"] for r in rows],
+            "chosen": [r["chosen"] for r in rows],
+            "rejected": [r["rejected"] for r in rows],
+            "label_source": "human",
+            "p_chosen": 1.0,
+            "margin": float("nan"),
+        }
+    )
 
 
-def reward_job(model_dir: str, checkpoint_dir: str, out_file: str, max_steps: int = 30, seed: int = 0) -> None:
+def reward_job(
+    model_dir: str, checkpoint_dir: str, out_file: str, max_steps: int = 30, seed: int = 0
+) -> None:
     """A complete reward-model run used by the resume test (run in a subprocess that may be killed)."""
     from safetensors.torch import save_file
 
+    from rlhf_core.config import RewardConfig
     from rlhf_core.reward.model import build_reward_model
-    from rlhf_core.reward.trainer import RewardSettings, RewardTrainer, encode_pairs
+    from rlhf_core.reward.trainer import RewardTrainer, encode_pairs
 
     rm = build_reward_model(model_dir, max_length=96, device="cpu", seed=seed)
-    settings = RewardSettings(max_steps=max_steps, batch_size=8, lr=1e-3, eval_every=10, checkpoint_every=5, log_every=5,
-                              early_stopping_patience=None, seed=seed)
-    RewardTrainer(rm, encode_pairs(rm, demo_frame(0, 300)), encode_pairs(rm, demo_frame(500, 540)), settings,
-                  checkpoint_dir=checkpoint_dir, progress=False).train()
+    settings = RewardConfig(
+        max_steps=max_steps,
+        batch_size=8,
+        lr=1e-3,
+        eval_every=10,
+        checkpoint_every=5,
+        log_every=5,
+        early_stopping_patience=None,
+    )
+    RewardTrainer(
+        rm,
+        encode_pairs(rm, demo_frame(0, 300)),
+        encode_pairs(rm, demo_frame(500, 540)),
+        settings,
+        seed=seed,
+        checkpoint_dir=checkpoint_dir,
+        progress=False,
+    ).train()
     save_file({k: v.contiguous().clone() for k, v in rm.model.state_dict().items()}, out_file)
 
 
@@ -84,17 +127,43 @@ def untrained_reward_dir(root: Path, backbone: str) -> Path:
     return out
 
 
-def ppo_job(policy_dir: str, reward_dir: str, checkpoint_dir: str, out_file: str, iterations: int = 6, seed: int = 0) -> None:
+def ppo_job(
+    policy_dir: str,
+    reward_dir: str,
+    checkpoint_dir: str,
+    out_file: str,
+    iterations: int = 6,
+    seed: int = 0,
+) -> None:
     """A complete PPO run used by the resume test (run in a subprocess that may be killed)."""
     from safetensors.torch import save_file
 
     from rlhf_core.config import ModelConfig, PPOConfig
-    from rlhf_core.ppo.pipeline import build_ppo_trainer
+    from rlhf_core.ppo.build import build_ppo_trainer
 
-    cfg = PPOConfig(iterations=iterations, batch_size=8, mini_batch_size=4, micro_batch_size=2, ppo_epochs=2, max_new_tokens=12,
-                    lr=1e-4, device="cpu", checkpoint_every=2, adaptive_kl=True, target_kl=0.5)
-    trainer = build_ppo_trainer(policy_dir, reward_dir, [r["prompt"] for r in demo_rows()[:40]], cfg, ModelConfig(), seed,
-                                checkpoint_dir=Path(checkpoint_dir), progress=False)
+    cfg = PPOConfig(
+        iterations=iterations,
+        batch_size=8,
+        mini_batch_size=4,
+        micro_batch_size=2,
+        ppo_epochs=2,
+        max_new_tokens=12,
+        lr=1e-4,
+        device="cpu",
+        checkpoint_every=2,
+        adaptive_kl=True,
+        target_kl=0.5,
+    )
+    trainer = build_ppo_trainer(
+        policy_dir,
+        reward_dir,
+        [r["prompt"] for r in demo_rows()[:40]],
+        cfg,
+        ModelConfig(),
+        seed,
+        checkpoint_dir=Path(checkpoint_dir),
+        progress=False,
+    )
     trainer.train()
     weights = {f"policy.{k}": v for k, v in trainer.policy.state_dict().items()}
     weights |= {f"value.{k}": v for k, v in trainer.value.state_dict().items()}
@@ -117,9 +186,15 @@ def assert_kill_and_resume_is_exact(job: str, args: list, tmp_path: Path, marker
     root = Path(__file__).resolve().parent.parent
 
     def start(tag: str):
-        call = ", ".join(repr(str(a)) for a in [*args, tmp_path / f"ckpt-{tag}", tmp_path / f"{tag}.safetensors"])
-        return subprocess.Popen([sys.executable, "-c", f"from tests.helpers import {job}; {job}({call})"], cwd=root,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        call = ", ".join(
+            repr(str(a)) for a in [*args, tmp_path / f"ckpt-{tag}", tmp_path / f"{tag}.safetensors"]
+        )
+        return subprocess.Popen(
+            [sys.executable, "-c", f"from tests.helpers import {job}; {job}({call})"],
+            cwd=root,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
 
     straight = start("a")
     assert straight.wait(timeout=600) == 0, straight.stderr.read().decode()[-2000:]
@@ -127,7 +202,9 @@ def assert_kill_and_resume_is_exact(job: str, args: list, tmp_path: Path, marker
     deadline = time.monotonic() + 600
     while not (tmp_path / "ckpt-b" / marker).exists() and time.monotonic() < deadline:
         if victim.poll() is not None:
-            pytest.fail("the run ended before it could be killed: " + victim.stderr.read().decode()[-2000:])
+            pytest.fail(
+                "the run ended before it could be killed: " + victim.stderr.read().decode()[-2000:]
+            )
         time.sleep(0.02)
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()

@@ -13,7 +13,14 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 def rlhf(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -26,7 +33,10 @@ def touch(path: Path, text: str) -> Path:
     return path
 
 
-GOOD = [{"prompt": f"q{i}", "chosen": f"good answer {i}", "rejected": f"bad answer {i}"} for i in range(40)]
+GOOD = [
+    {"prompt": f"q{i}", "chosen": f"good answer {i}", "rejected": f"bad answer {i}"}
+    for i in range(40)
+]
 
 
 def test_validate_ok_json_exit_0(tmp_path):
@@ -41,7 +51,9 @@ def test_validate_ok_json_exit_0(tmp_path):
 
 
 def test_validate_over_limit_exit_1_with_summary(tmp_path):
-    src = write_jsonl(tmp_path / "p.jsonl", GOOD[:5] + [{"prompt": "x", "chosen": "same", "rejected": "same"}] * 3)
+    src = write_jsonl(
+        tmp_path / "p.jsonl", GOOD[:5] + [{"prompt": "x", "chosen": "same", "rejected": "same"}] * 3
+    )
     r = rlhf("data", "validate", str(src), "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert r.returncode == 1
     assert "FAILED" in r.stdout and "chosen is the same as rejected" in r.stdout
@@ -49,17 +61,35 @@ def test_validate_over_limit_exit_1_with_summary(tmp_path):
 
 
 def test_validate_limit_from_set(tmp_path):
-    src = write_jsonl(tmp_path / "p.jsonl", GOOD[:5] + [{"prompt": "x", "chosen": "same", "rejected": "same"}])
-    r = rlhf("data", "validate", str(src), "--out", str(tmp_path / "o"), "--json", "--set", "data.max_invalid_fraction=0.5", cwd=tmp_path)
+    src = write_jsonl(
+        tmp_path / "p.jsonl", GOOD[:5] + [{"prompt": "x", "chosen": "same", "rejected": "same"}]
+    )
+    r = rlhf(
+        "data",
+        "validate",
+        str(src),
+        "--out",
+        str(tmp_path / "o"),
+        "--json",
+        "--set",
+        "data.max_invalid_fraction=0.5",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0 and json.loads(r.stdout)["max_invalid_fraction"] == 0.5
 
 
-@pytest.mark.parametrize("setup, expected", [
-    (lambda d: d / "missing.jsonl", "no such file"),
-    (lambda d: touch(d / "empty.jsonl", ""), "empty file"),
-    (lambda d: write_jsonl(d / "cols.jsonl", [{"question": "a", "answer": "b"}]), "no recognisable preference format"),
-    (lambda d: touch(d / "x.txt", "hi"), "unknown file type"),
-])
+@pytest.mark.parametrize(
+    "setup, expected",
+    [
+        (lambda d: d / "missing.jsonl", "no such file"),
+        (lambda d: touch(d / "empty.jsonl", ""), "empty file"),
+        (
+            lambda d: write_jsonl(d / "cols.jsonl", [{"question": "a", "answer": "b"}]),
+            "no recognisable preference format",
+        ),
+        (lambda d: touch(d / "x.txt", "hi"), "unknown file type"),
+    ],
+)
 def test_validate_unusable_input_exit_2_one_line(tmp_path, setup, expected):
     path = setup(tmp_path)
     r = rlhf("data", "validate", str(path), "--out", str(tmp_path / "out"), cwd=tmp_path)
@@ -82,10 +112,31 @@ def test_bad_config_is_one_line_exit_2(tmp_path):
 
 
 def test_demo_writes_files(tmp_path):
-    r = rlhf("data", "demo", "--out", str(tmp_path / "demo"), "--n-prompts", "50", "--n-heldout", "10", cwd=tmp_path)
+    r = rlhf(
+        "data",
+        "demo",
+        "--out",
+        str(tmp_path / "demo"),
+        "--n-prompts",
+        "50",
+        "--n-heldout",
+        "10",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     prefs = (tmp_path / "demo" / "preferences.jsonl").read_text().splitlines()
-    assert len(prefs) == 50 and len((tmp_path / "demo" / "heldout_prompts.jsonl").read_text().splitlines()) == 10
+    assert (
+        len(prefs) == 50
+        and len((tmp_path / "demo" / "heldout_prompts.jsonl").read_text().splitlines()) == 10
+    )
     # and what it writes is valid input for the validator
-    r = rlhf("data", "validate", str(tmp_path / "demo" / "preferences.jsonl"), "--json", "--out", str(tmp_path / "v"), cwd=tmp_path)
+    r = rlhf(
+        "data",
+        "validate",
+        str(tmp_path / "demo" / "preferences.jsonl"),
+        "--json",
+        "--out",
+        str(tmp_path / "v"),
+        cwd=tmp_path,
+    )
     assert r.returncode == 0 and json.loads(r.stdout)["valid"] == 50

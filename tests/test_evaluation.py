@@ -8,16 +8,22 @@ import pandas as pd
 import pytest
 import torch
 
-from rlhf_core.config import EvaluateConfig, JudgeConfig
+from rlhf_core.config import EvaluateConfig, JudgeConfig, PPOConfig, PromotionGateConfig
 from rlhf_core.data.demo import generate_demo_pairs, generate_heldout_prompts
 from rlhf_core.errors import UnusableInputError
-from rlhf_core.evaluation.metrics import distinct_n, duplicate_rate, repetition_rate, token_kl, win_rate
-from rlhf_core.evaluation.pipeline import build_evaluator, evaluate_tuned, safety_prompts
-from rlhf_core.evaluation.policy import EvalSettings, Generations, PolicyEvaluator
-from rlhf_core.evaluation.promotion import PromotionGate, decide
+from rlhf_core.evaluation.compare import build_evaluator, evaluate_tuned, safety_prompts
+from rlhf_core.evaluation.metrics import (
+    distinct_n,
+    duplicate_rate,
+    repetition_rate,
+    token_kl,
+    win_rate,
+)
+from rlhf_core.evaluation.policy import Generations, PolicyEvaluator
+from rlhf_core.evaluation.promotion import decide
 from rlhf_core.evaluation.prompts import BUILTIN_HARMFUL_PROMPTS, load_prompts
 from rlhf_core.evaluation.report import markdown_report, write_plots
-from rlhf_core.judges.pipeline import build_judge
+from rlhf_core.judges.rlaif import build_judge
 from rlhf_core.models.loading import load_causal_lm
 from tests.helpers import demo_rows, untrained_reward_dir
 
@@ -34,14 +40,25 @@ def test_distinct_n_repetition_and_duplicates_known_answers():
 
 
 def test_win_rate_counts_ties_half_with_a_wilson_interval():
-    w = win_rate([0.9, 0.1, 0.5, 0.51, 0.8], identical=[False, False, False, False, True], tie_margin=0.02)
-    assert (w.n, w.wins, w.ties, w.losses) == (5, 1, 3, 1)  # 0.5 and 0.51 are within the margin; identical texts tie
+    w = win_rate(
+        [0.9, 0.1, 0.5, 0.51, 0.8], identical=[False, False, False, False, True], tie_margin=0.02
+    )
+    assert (w.n, w.wins, w.ties, w.losses) == (
+        5,
+        1,
+        3,
+        1,
+    )  # 0.5 and 0.51 are within the margin; identical texts tie
     assert w.win_rate == 0.5
     # Wilson, p = 0.5, n = 5: centre 0.5, half width 1.96 * sqrt(0.05 + 0.038416) / 1.76832
     assert (w.ci_low, w.ci_high) == pytest.approx((0.170420, 0.829580), abs=1e-6)
     sweep = win_rate([0.9] * 40)
     # all wins: the Wilson interval is [n / (n + z^2), 1]
-    assert sweep.win_rate == 1.0 and sweep.ci_low == pytest.approx(40 / (40 + 1.96 ** 2)) and sweep.ci_high == pytest.approx(1.0)
+    assert (
+        sweep.win_rate == 1.0
+        and sweep.ci_low == pytest.approx(40 / (40 + 1.96**2))
+        and sweep.ci_high == pytest.approx(1.0)
+    )
 
 
 def test_token_kl_is_exact_masked_and_tempered():
@@ -52,47 +69,78 @@ def test_token_kl_is_exact_masked_and_tempered():
     assert kl[0, 0].item() == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3))  # 0.143841
     assert kl[0, 1].item() == pytest.approx(0.0, abs=1e-7)
     assert token_kl(logp, logq, torch.tensor([[False, True]]))[0, 0].item() == 0.0
-    q2 = np.array([0.5, math.sqrt(0.75)]) / (0.5 + math.sqrt(0.75))  # q at temperature 2; p stays uniform
+    q2 = np.array([0.5, math.sqrt(0.75)]) / (
+        0.5 + math.sqrt(0.75)
+    )  # q at temperature 2; p stays uniform
     expected = sum(0.5 * math.log(0.5 / qi) for qi in q2)
-    assert token_kl(logp, logq, both, temperature=2.0)[0, 0].item() == pytest.approx(expected, rel=1e-5)
+    assert token_kl(logp, logq, both, temperature=2.0)[0, 0].item() == pytest.approx(
+        expected, rel=1e-5
+    )
 
 
 def test_promotion_gate_names_every_failed_check():
-    metrics = {"eval_win_rate": 0.62, "eval_score_gain": 0.3, "eval_kl_per_response": 4.0, "eval_unsafe_rate_tuned": 0.10,
-               "eval_unsafe_rate_reference": 0.10}
-    gate = PromotionGate(min_win_rate=0.5, min_score_gain=0.0, max_kl_per_response=10.0, max_unsafe_increase=0.0)
+    metrics = {
+        "eval_win_rate": 0.62,
+        "eval_score_gain": 0.3,
+        "eval_kl_per_response": 4.0,
+        "eval_unsafe_rate_tuned": 0.10,
+        "eval_unsafe_rate_reference": 0.10,
+    }
+    gate = PromotionGateConfig(
+        min_win_rate=0.5, min_score_gain=0.0, max_kl_per_response=10.0, max_unsafe_increase=0.0
+    )
     assert decide(metrics, gate).promote
     worse = decide({**metrics, "eval_win_rate": 0.41, "eval_unsafe_rate_tuned": 0.2}, gate)
     assert not worse.promote
-    assert worse.failures == ["win_rate_vs_reference = 0.4100, needs > 0.5 (registry.gate.min_win_rate)",
-                              "unsafe_rate_increase = 0.1000, needs <= 0 (registry.gate.max_unsafe_increase)"]
+    assert worse.failures == [
+        "win_rate_vs_reference = 0.4100, needs > 0.5 (registry.gate.min_win_rate)",
+        "unsafe_rate_increase = 0.1000, needs <= 0 (registry.gate.max_unsafe_increase)",
+    ]
     assert worse.message.startswith("kept as challenger: win_rate_vs_reference")
-    unsafe = decide({**metrics, "eval_safety_win_rate_ci_high": 0.41}, gate)  # judged worse on the harmful prompts
-    assert unsafe.failures == ["safety_win_rate_ci_high = 0.4100, needs >= 0.5 (registry.gate.safety_not_worse)"]
-    significant = PromotionGate(min_win_rate_ci_low=0.5)
+    unsafe = decide(
+        {**metrics, "eval_safety_win_rate_ci_high": 0.41}, gate
+    )  # judged worse on the harmful prompts
+    assert unsafe.failures == [
+        "safety_win_rate_ci_high = 0.4100, needs >= 0.5 (registry.gate.safety_not_worse)"
+    ]
+    significant = PromotionGateConfig(min_win_rate_ci_low=0.5)
     assert decide({**metrics, "eval_win_rate_ci_low": 0.55}, significant).promote
     assert decide({**metrics, "eval_win_rate_ci_low": 0.47}, significant).failures == [
-        "win_rate_vs_reference_ci_low = 0.4700, needs > 0.5 (registry.gate.min_win_rate_ci_low)"]
+        "win_rate_vs_reference_ci_low = 0.4700, needs > 0.5 (registry.gate.min_win_rate_ci_low)"
+    ]
     far = decide({**metrics, "eval_kl_per_response": 25.0}, gate)
-    assert far.failures == ["kl_per_response = 25.0000, needs <= 10 (registry.gate.max_kl_per_response)"]
+    assert far.failures == [
+        "kl_per_response = 25.0000, needs <= 10 (registry.gate.max_kl_per_response)"
+    ]
     # better than the reference, but not than the current champion
     vs_champion = decide(metrics, gate, {"version": "3", "win_rate": 0.45, "score_gain": 0.05})
     assert not vs_champion.promote and vs_champion.failures == [
-        "win_rate_vs_champion_v3 = 0.4500, needs > 0.5 (registry.gate.beat_champion)"]
-    assert decide(metrics, PromotionGate(beat_champion=False), {"version": "3", "win_rate": 0.45, "score_gain": -1}).promote
-    assert not decide({**metrics, "eval_win_rate": float("nan")}, gate).promote  # a missing measurement never promotes
+        "win_rate_vs_champion_v3 = 0.4500, needs > 0.5 (registry.gate.beat_champion)"
+    ]
+    assert decide(
+        metrics,
+        PromotionGateConfig(beat_champion=False),
+        {"version": "3", "win_rate": 0.45, "score_gain": -1},
+    ).promote
+    assert not decide(
+        {**metrics, "eval_win_rate": float("nan")}, gate
+    ).promote  # a missing measurement never promotes
 
 
 def test_prompt_files_of_every_kind(tmp_path, hh_sample, self_instruct):
     hh = load_prompts(hh_sample)
     assert len(hh) > 1000 and all(p.rstrip().endswith("Assistant:") for p in hh)
     assert len(load_prompts(self_instruct)) == 175
-    pd.DataFrame({"prompt": ["a", "b", "a"], "chosen": ["x"] * 3, "rejected": ["y"] * 3}).to_parquet(tmp_path / "test.parquet")
+    pd.DataFrame(
+        {"prompt": ["a", "b", "a"], "chosen": ["x"] * 3, "rejected": ["y"] * 3}
+    ).to_parquet(tmp_path / "test.parquet")
     assert load_prompts(tmp_path / "test.parquet") == ["a", "b"]  # distinct, in order
     (tmp_path / "bad.csv").write_text("question\nhello\n")
     with pytest.raises(UnusableInputError, match=r"bad\.csv: no 'prompt' column"):
         load_prompts(tmp_path / "bad.csv", "evaluate.prompts")
-    with pytest.raises(UnusableInputError, match=r"missing\.jsonl: no such file \(evaluate\.safety\.prompts\)"):
+    with pytest.raises(
+        UnusableInputError, match=r"missing\.jsonl: no such file \(evaluate\.safety\.prompts\)"
+    ):
         load_prompts(tmp_path / "missing.jsonl", "evaluate.safety.prompts")
 
 
@@ -106,18 +154,25 @@ def test_safety_prompts_come_from_config_demo_or_the_builtin_list(tmp_path, hh_s
     assert builtin == list(BUILTIN_HARMFUL_PROMPTS) and source == "built-in list"
     cfg = EvaluateConfig.model_validate({"safety": {"prompts": str(hh_sample), "max_prompts": 7}})
     assert len(safety_prompts(cfg, str(heldout))[0]) == 7
-    assert safety_prompts(EvaluateConfig.model_validate({"safety": {"enabled": False}}), None) == ([], "disabled")
+    assert safety_prompts(EvaluateConfig.model_validate({"safety": {"enabled": False}}), None) == (
+        [],
+        "disabled",
+    )
 
 
 def test_safety_check_flags_compliance_far_more_often_than_refusals():
     """The real offline judge on demo harmful requests: the unsafe compliances ('rejected') are flagged
     much more often than the refusals with a safe alternative ('chosen')."""
     rows = [r for r in generate_demo_pairs(1500) if r["kind"] == "harmful"][:200]
-    ev = PolicyEvaluator(None, build_judge(JudgeConfig()), ["unused"], EvalSettings())
+    ev = PolicyEvaluator(
+        None, build_judge(JudgeConfig()), ["unused"], EvaluateConfig().sampling_from(PPOConfig())
+    )
     prompts = [r["prompt"] for r in rows]
 
     def flagged(texts):
-        return ev.unsafe_flags(Generations(prompts, texts, np.zeros(len(texts)), np.ones(len(texts), bool)))[0].mean()
+        return ev.unsafe_flags(
+            Generations(prompts, texts, np.zeros(len(texts)), np.ones(len(texts), bool))
+        )[0].mean()
 
     chosen, rejected = flagged([r["chosen"] for r in rows]), flagged([r["rejected"] for r in rows])
     assert rejected - chosen >= 0.2, (chosen, rejected)  # measured 0.31 vs 0.59 on these rows
@@ -129,8 +184,15 @@ def test_a_policy_against_itself_ties_everywhere_with_zero_kl(tiny_gpt2, tmp_pat
     rm_dir = untrained_reward_dir(tmp_path, "minilm")
     prompts = [h["prompt"] for h in generate_heldout_prompts(12)]
     pairs = [(r["prompt"], r["chosen"]) for r in demo_rows()[:10]]
-    ev = build_evaluator(str(rm_dir), JudgeConfig(), prompts, EvalSettings(max_new_tokens=10, batch_size=5), device="cpu",
-                         safety=list(BUILTIN_HARMFUL_PROMPTS[:4]), perplexity=pairs)
+    ev = build_evaluator(
+        str(rm_dir),
+        JudgeConfig(),
+        prompts,
+        EvaluateConfig(max_new_tokens=10, batch_size=5).sampling_from(PPOConfig()),
+        device="cpu",
+        safety=list(BUILTIN_HARMFUL_PROMPTS[:4]),
+        perplexity=pairs,
+    )
     lm = load_causal_lm(str(tiny_gpt2), device="cpu")
     a, b = ev.measure(lm.model, lm.tokenizer), ev.measure(lm.model, lm.tokenizer)
     assert a.held_out.texts == b.held_out.texts and np.array_equal(a.scores, b.scores)
@@ -146,43 +208,82 @@ def test_a_policy_against_itself_ties_everywhere_with_zero_kl(tiny_gpt2, tmp_pat
 def chosen_and_rejected_style_policies(tiny_gpt2, tmp_path_factory):
     """The same tiny model fine-tuned on the demo's preferred responses, and on its rejected ones
     (400 steps: enough for the offline judge to tell them apart)."""
+    from rlhf_core.config import SFTConfig
     from rlhf_core.models.chat import ChatFormat
     from rlhf_core.models.loading import save_model
-    from rlhf_core.sft import SFTSettings, SFTTrainer, encode_examples
+    from rlhf_core.sft import SFTTrainer, encode_examples
 
     root = tmp_path_factory.mktemp("styles")
     out = []
     for column in ("chosen", "rejected"):
         lm = load_causal_lm(str(tiny_gpt2), device="cpu", eval_mode=False)
-        train, _ = encode_examples([(r["prompt"], r[column]) for r in demo_rows()[:500]], ChatFormat(lm.tokenizer), 128)
-        SFTTrainer(lm.model, lm.tokenizer, train, [], SFTSettings(max_steps=400, batch_size=16, lr=3e-3), progress=False).train(resume=False)
+        train, _ = encode_examples(
+            [(r["prompt"], r[column]) for r in demo_rows()[:500]], ChatFormat(lm.tokenizer), 128
+        )
+        SFTTrainer(
+            lm.model,
+            lm.tokenizer,
+            train,
+            [],
+            SFTConfig(max_steps=400, batch_size=16, lr=3e-3),
+            progress=False,
+        ).train(resume=False)
         out.append(save_model(lm.model, lm.tokenizer, root / column))
     return out
 
 
-def test_gate_promotes_a_clearly_better_policy_and_refuses_a_worse_one(demo_policy_and_reward, chosen_and_rejected_style_policies,
-                                                                        tmp_path):
+def test_gate_promotes_a_clearly_better_policy_and_refuses_a_worse_one(
+    demo_policy_and_reward, chosen_and_rejected_style_policies, tmp_path
+):
     """A policy tuned on the preferred responses against one tuned on the rejected ones, both ways
     round, with a real reward model and the real judge; then the report and its plots."""
     _, rm_dir = demo_policy_and_reward
     good, bad = chosen_and_rejected_style_policies
     prompts = [h["prompt"] for h in generate_heldout_prompts(32)]
-    ev = build_evaluator(str(rm_dir), JudgeConfig(), prompts, EvalSettings(max_new_tokens=32, batch_size=16), device="cpu",
-                         safety=list(BUILTIN_HARMFUL_PROMPTS[:6]))
+    ev = build_evaluator(
+        str(rm_dir),
+        JudgeConfig(),
+        prompts,
+        EvaluateConfig(max_new_tokens=32, batch_size=16).sampling_from(PPOConfig()),
+        device="cpu",
+        safety=list(BUILTIN_HARMFUL_PROMPTS[:6]),
+    )
     better, _, _ = evaluate_tuned(ev, str(good), str(bad), device="cpu", n_samples=4)
     worse, _, _ = evaluate_tuned(ev, str(bad), str(good), device="cpu", n_samples=4)
-    gate = PromotionGate(max_kl_per_response=None, max_unsafe_increase=None)  # the two are far apart by construction
+    gate = PromotionGateConfig(
+        max_kl_per_response=None, max_unsafe_increase=None
+    )  # the two are far apart by construction
     assert decide(better["metrics"], gate).promote, better["metrics"]
     refused = decide(worse["metrics"], gate)
     assert not refused.promote
     assert any("registry.gate.min_win_rate" in f for f in refused.failures)
     assert any("registry.gate.min_score_gain" in f for f in refused.failures)
     m = better["metrics"]
-    assert m["eval_win_rate"] > 0.6 and m["eval_score_gain"] > 0.5 and m["eval_kl_per_response"] > 0  # measured 0.75, 2.1
-    assert m["eval_win_rate"] == pytest.approx(1 - worse["metrics"]["eval_win_rate"], abs=1e-9)  # the judge is antisymmetric
+    assert (
+        m["eval_win_rate"] > 0.6 and m["eval_score_gain"] > 0.5 and m["eval_kl_per_response"] > 0
+    )  # measured 0.75, 2.1
+    assert m["eval_win_rate"] == pytest.approx(
+        1 - worse["metrics"]["eval_win_rate"], abs=1e-9
+    )  # the judge is antisymmetric
 
-    plots = write_plots(better, tmp_path / "plots", history=[{"iteration": 1, "score": 0.1, "kl": 0.0, "entropy": 3.0}])
-    assert {p.name for p in plots} == {"score_histogram.png", "length_histogram.png", "win_rate.png", "training_curves.png"}
+    plots = write_plots(
+        better,
+        tmp_path / "plots",
+        history=[{"iteration": 1, "score": 0.1, "kl": 0.0, "entropy": 3.0}],
+    )
+    assert {p.name for p in plots} == {
+        "score_histogram.png",
+        "length_histogram.png",
+        "win_rate.png",
+        "training_curves.png",
+    }
     assert all(p.stat().st_size > 5000 for p in plots)
-    text = markdown_report(better, {"model_name": "m", "version": "1", "promoted": True, "checks": decide(m, gate).checks})
-    assert "**champion**" in text and "| reward-model score (mean) |" in text and text.count("\n| ") >= 10
+    text = markdown_report(
+        better,
+        {"model_name": "m", "version": "1", "promoted": True, "checks": decide(m, gate).checks},
+    )
+    assert (
+        "**champion**" in text
+        and "| reward-model score (mean) |" in text
+        and text.count("\n| ") >= 10
+    )

@@ -13,14 +13,22 @@ pytestmark = pytest.mark.slow
 
 
 def make_cfg(tmp_path: Path, until: str = "split", **data) -> PipelineConfig:
-    return PipelineConfig.model_validate({
-        "run": {"name": "test", "work_dir": str(tmp_path / "work"), "until": until},
-        "model": {"preset": "tiny"},
-        "sft": {"max_steps": 12, "batch_size": 8, "eval_every": 6, "checkpoint_every": 6, "n_samples": 2,
-                "sample_max_new_tokens": 8},
-        "tracking": {"experiment_name": "flow-tests"},
-        "data": {"demo": {"n_prompts": 400, "n_heldout": 20}, **data},
-    })
+    return PipelineConfig.model_validate(
+        {
+            "run": {"name": "test", "work_dir": str(tmp_path / "work"), "until": until},
+            "model": {"preset": "tiny"},
+            "sft": {
+                "max_steps": 12,
+                "batch_size": 8,
+                "eval_every": 6,
+                "checkpoint_every": 6,
+                "n_samples": 2,
+                "sample_max_new_tokens": 8,
+            },
+            "tracking": {"experiment_name": "flow-tests"},
+            "data": {"demo": {"n_prompts": 400, "n_heldout": 20}, **data},
+        }
+    )
 
 
 def run_flow(cfg: PipelineConfig):
@@ -31,7 +39,9 @@ def run_flow(cfg: PipelineConfig):
 
 def stage_runs(client: MlflowClient, parent_id: str) -> dict:
     parent = client.get_run(parent_id)
-    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"
+    )
     return {c.data.tags["rlhf.stage"]: c for c in children}
 
 
@@ -49,26 +59,47 @@ def test_demo_pipeline_tracked_in_mlflow_and_cached_on_rerun(prefect_harness, tm
     assert parent.data.params["data.max_invalid_fraction"] == "0.05"
     art = {a.path for a in client.list_artifacts(parent.info.run_id, "config")}
     assert art == {"config/resolved_config.yaml", "config/environment.json"}
-    env = json.loads(Path(client.download_artifacts(parent.info.run_id, "config/environment.json", str(tmp_path))).read_text())
+    env = json.loads(
+        Path(
+            client.download_artifacts(parent.info.run_id, "config/environment.json", str(tmp_path))
+        ).read_text()
+    )
     assert env["packages"]["prefect"].startswith("3.") and env["packages"]["pandera"]
 
     stages = stage_runs(client, parent.info.run_id)
     assert set(stages) == {"demo-data", "ingest", "validate", "split"}
     assert all(r.info.status == "FINISHED" for r in stages.values())
     v = stages["validate"].data
-    assert v.metrics["records"] == 400 and v.metrics["valid"] == 400 and v.metrics["quarantined"] == 0
-    assert {a.path for a in client.list_artifacts(stages["validate"].info.run_id, "validation")} == {
-        "validation/quarantine.jsonl", "validation/report.json"}
+    assert (
+        v.metrics["records"] == 400 and v.metrics["valid"] == 400 and v.metrics["quarantined"] == 0
+    )
+    assert {
+        a.path for a in client.list_artifacts(stages["validate"].info.run_id, "validation")
+    } == {"validation/quarantine.jsonl", "validation/report.json"}
     split = stages["split"].data.metrics
     assert split["rows_train"] + split["rows_val"] + split["rows_test"] == 400
 
     # The dataset and its version are logged with mlflow.data on the parent run (and the split stage).
     inputs = parent.inputs.dataset_inputs
-    assert {i.dataset.name for i in inputs} == {"preferences-train", "preferences-val", "preferences-test"}
+    assert {i.dataset.name for i in inputs} == {
+        "preferences-train",
+        "preferences-val",
+        "preferences-test",
+    }
     assert {i.dataset.digest for i in inputs} == {result["dataset_version"]}
-    assert {t.value for i in inputs for t in i.tags if t.key == "mlflow.data.context"} == {"train", "val", "test"}
+    assert {t.value for i in inputs for t in i.tags if t.key == "mlflow.data.context"} == {
+        "train",
+        "val",
+        "test",
+    }
     schema = json.loads(inputs[0].dataset.schema)
-    assert {c["name"] for c in schema["mlflow_colspec"]} >= {"prompt", "chosen", "rejected", "p_chosen", "label_source"}
+    assert {c["name"] for c in schema["mlflow_colspec"]} >= {
+        "prompt",
+        "chosen",
+        "rejected",
+        "p_chosen",
+        "label_source",
+    }
 
     # Unchanged inputs: every stage is served from the cache, and MLflow still shows each stage.
     state2 = run_flow(cfg)
@@ -87,7 +118,10 @@ def test_demo_pipeline_tracked_in_mlflow_and_cached_on_rerun(prefect_harness, tm
     state3 = run_flow(cfg)
     assert state3.is_completed()
     stages3 = stage_runs(client, state3.result()["mlflow_run_id"])
-    assert stages3["split"].info.run_name == "split" and stages3["validate"].info.run_name == "validate (cached)"
+    assert (
+        stages3["split"].info.run_name == "split"
+        and stages3["validate"].info.run_name == "validate (cached)"
+    )
     assert Path(state3.result()["splits"]["train"]).exists()
 
 
@@ -97,7 +131,10 @@ def test_config_change_invalidates_only_later_stages(prefect_harness, tmp_path):
     changed = make_cfg(tmp_path, splits={"train": 0.6, "val": 0.2, "test": 0.2})
     state = run_flow(changed)
     stages = stage_runs(MlflowClient(cfg.mlflow_tracking_uri), state.result()["mlflow_run_id"])
-    assert stages["ingest"].info.run_name == "ingest (cached)" and stages["validate"].info.run_name == "validate (cached)"
+    assert (
+        stages["ingest"].info.run_name == "ingest (cached)"
+        and stages["validate"].info.run_name == "validate (cached)"
+    )
     assert stages["split"].info.run_name == "split"
 
 
@@ -115,38 +152,58 @@ def test_real_hh_rlhf_sample(prefect_harness, tmp_path, hh_sample):
     splits = {s: pd.read_parquet(p) for s, p in state.result()["splits"].items()}
     assert sum(len(df) for df in splits.values()) == m["valid"]
     prompts = [set(df["prompt"]) for df in splits.values()]
-    assert not (prompts[0] & prompts[1]) and not (prompts[0] & prompts[2]) and not (prompts[1] & prompts[2])
+    assert (
+        not (prompts[0] & prompts[1])
+        and not (prompts[0] & prompts[2])
+        and not (prompts[1] & prompts[2])
+    )
     assert all(p.endswith("\n\nAssistant:") for p in splits["train"]["prompt"])
 
 
 def test_too_many_invalid_rows_fails_clearly_and_keeps_quarantine(prefect_harness, tmp_path):
     bad = tmp_path / "bad.jsonl"
-    rows = [{"prompt": f"q{i}", "chosen": "a", "rejected": "b" if i % 2 else "a"} for i in range(100)]
+    rows = [
+        {"prompt": f"q{i}", "chosen": "a", "rejected": "b" if i % 2 else "a"} for i in range(100)
+    ]
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = make_cfg(tmp_path, sources=[{"path": str(bad)}], max_invalid_fraction=0.1)
     state = run_flow(cfg)
     assert state.is_failed()
-    assert state.message.startswith("50.0% of rows are invalid (limit data.max_invalid_fraction=0.1)")
+    assert state.message.startswith(
+        "50.0% of rows are invalid (limit data.max_invalid_fraction=0.1)"
+    )
     client = MlflowClient(cfg.mlflow_tracking_uri)
-    parent = client.search_runs([client.get_experiment_by_name("flow-tests").experiment_id],
-                                filter_string="tags.`rlhf.kind` = 'pipeline'", order_by=["attributes.start_time DESC"])[0]
+    parent = client.search_runs(
+        [client.get_experiment_by_name("flow-tests").experiment_id],
+        filter_string="tags.`rlhf.kind` = 'pipeline'",
+        order_by=["attributes.start_time DESC"],
+    )[0]
     assert parent.info.status == "FAILED"
     stages = stage_runs(client, parent.info.run_id)
     assert stages["validate"].info.status == "FAILED" and "split" not in stages
-    quarantine = client.download_artifacts(stages["validate"].info.run_id, "validation/quarantine.jsonl", str(tmp_path))
+    quarantine = client.download_artifacts(
+        stages["validate"].info.run_id, "validation/quarantine.jsonl", str(tmp_path)
+    )
     assert sum(1 for _ in open(quarantine)) == 50
 
 
 def test_s3_source_through_the_flow(prefect_harness, tmp_path, s3_env):
-    body = "".join(json.dumps({"prompt": f"q{i}", "chosen": f"yes {i}", "rejected": f"no {i}"}) + "\n" for i in range(30))
+    body = "".join(
+        json.dumps({"prompt": f"q{i}", "chosen": f"yes {i}", "rejected": f"no {i}"}) + "\n"
+        for i in range(30)
+    )
     s3_env.client().put_object(Bucket="prefs", Key="incoming/batch-1.jsonl", Body=body.encode())
     cfg = make_cfg(tmp_path, sources=[{"path": "s3://prefs/incoming/batch-1.jsonl"}])
-    cfg = cfg.model_copy(update={"s3": cfg.s3.model_copy(update={"endpoint_url": s3_env.endpoint_url})})
+    cfg = cfg.model_copy(
+        update={"s3": cfg.s3.model_copy(update={"endpoint_url": s3_env.endpoint_url})}
+    )
     state = run_flow(cfg)
     assert state.is_completed(), state.message
     stages = stage_runs(MlflowClient(cfg.mlflow_tracking_uri), state.result()["mlflow_run_id"])
     assert stages["validate"].data.metrics["valid"] == 30
-    assert s3_env.secret_key not in json.dumps(MlflowClient(cfg.mlflow_tracking_uri).get_run(state.result()["mlflow_run_id"]).data.params)
+    assert s3_env.secret_key not in json.dumps(
+        MlflowClient(cfg.mlflow_tracking_uri).get_run(state.result()["mlflow_run_id"]).data.params
+    )
 
 
 def test_sft_stage_makes_a_reference_policy(prefect_harness, tmp_path):
@@ -164,29 +221,41 @@ def test_sft_stage_makes_a_reference_policy(prefect_harness, tmp_path):
     assert [m.step for m in history] == [6, 12]
     assert sft.data.metrics["steps"] == 12 and sft.data.metrics["best_eval_loss"] < 10
     assert {a.path for a in client.list_artifacts(sft.info.run_id)} >= {"model", "samples"}
-    assert "model.safetensors" in {Path(a.path).name for a in client.list_artifacts(sft.info.run_id, "model")}
-    assert not (policy.parent.parent / (policy.parent.name + ".checkpoints")).exists()  # cleaned after success
+    assert "model.safetensors" in {
+        Path(a.path).name for a in client.list_artifacts(sft.info.run_id, "model")
+    }
+    assert not (
+        policy.parent.parent / (policy.parent.name + ".checkpoints")
+    ).exists()  # cleaned after success
 
     from rlhf_core.models.loading import load_causal_lm
 
     assert load_causal_lm(str(policy), device="cpu").model.config.model_type == "gpt2"
     again = run_flow(cfg)
     stages2 = stage_runs(client, again.result()["mlflow_run_id"])
-    assert stages2["sft"].info.run_name == "sft (cached)" and again.result()["reference_policy"] == str(policy)
+    assert stages2["sft"].info.run_name == "sft (cached)" and again.result()[
+        "reference_policy"
+    ] == str(policy)
 
 
 def test_pretrained_checkpoint_skips_scratch_init(prefect_harness, tmp_path, tiny_llama):
     cfg = make_cfg(tmp_path, until="sft")
-    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": str(tiny_llama)})})
+    cfg = cfg.model_copy(
+        update={"model": cfg.model.model_copy(update={"name_or_path": str(tiny_llama)})}
+    )
     state = run_flow(cfg)
     assert state.is_completed(), state.message
     stages = stage_runs(MlflowClient(cfg.mlflow_tracking_uri), state.result()["mlflow_run_id"])
-    assert "init-policy" not in stages and stages["sft"].data.params["base_model"] == str(tiny_llama)
+    assert "init-policy" not in stages and stages["sft"].data.params["base_model"] == str(
+        tiny_llama
+    )
 
 
 def test_bad_model_path_fails_with_one_line(prefect_harness, tmp_path):
     cfg = make_cfg(tmp_path, until="sft")
-    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": str(tmp_path / "no-model")})})
+    cfg = cfg.model_copy(
+        update={"model": cfg.model.model_copy(update={"name_or_path": str(tmp_path / "no-model")})}
+    )
     state = run_flow(cfg)
     assert state.is_failed() and "no such model folder" in state.message
 
@@ -200,7 +269,9 @@ def test_label_stage_rlaif(prefect_harness, tmp_path):
     client = MlflowClient(cfg.mlflow_tracking_uri)
     stages = stage_runs(client, result["mlflow_run_id"])
     m = stages["label"].data.metrics
-    assert m["n_pairs"] == 60 and m["judged"] == 60 and m["agreement_accuracy"] > 0.8  # the demo's labels are learnable
+    assert (
+        m["n_pairs"] == 60 and m["judged"] == 60 and m["agreement_accuracy"] > 0.8
+    )  # the demo's labels are learnable
     assert "principle_harmless_prefers_chosen" in m and "agreement_cohen_kappa" in m
     plots = {a.path for a in client.list_artifacts(stages["label"].info.run_id, "labels/plots")}
     assert plots == {"labels/plots/label_distribution.png", "labels/plots/calibration.png"}
@@ -210,9 +281,13 @@ def test_label_stage_rlaif(prefect_harness, tmp_path):
     import pyarrow.parquet as pq
 
     meta = pq.read_schema(result["train_file"]).metadata
-    assert meta[b"rlhf.labels.merge"] == b"ai" and meta[b"rlhf.labels.judge"].startswith(b"embedding@")
+    assert meta[b"rlhf.labels.merge"] == b"ai" and meta[b"rlhf.labels.judge"].startswith(
+        b"embedding@"
+    )
     assert len(train) == 60 and set(train["label_source"]) == {"ai"}  # merge: ai (RLAIF)
-    assert ((train["p_chosen"] >= 0) & (train["p_chosen"] <= 1)).all() and train["p_chosen"].nunique() > 10  # soft labels
+    assert ((train["p_chosen"] >= 0) & (train["p_chosen"] <= 1)).all() and train[
+        "p_chosen"
+    ].nunique() > 10  # soft labels
 
     # another merge policy re-runs the stage, but the judge is never asked again: the label cache answers
     changed = cfg.model_copy(update={"labels": cfg.labels.model_copy(update={"merge": "human"})})
@@ -225,29 +300,71 @@ def test_label_stage_rlaif(prefect_harness, tmp_path):
 def test_reward_gate_ppo_evaluation_and_registry(prefect_harness, tmp_path):
     """The whole pipeline on the tiny demo: reward gate, PPO, evaluation, registry; then re-runs."""
     cfg = make_cfg(tmp_path, until=None)
-    cfg = cfg.model_copy(update={
-        "evaluate": cfg.evaluate.model_validate({"max_prompts": 12, "perplexity_examples": 16, "safety": {"max_prompts": 4}}),
-        "registry": cfg.registry.model_validate({"gate": {"min_win_rate": 0.0, "min_score_gain": None, "max_unsafe_increase": None}}),
-        "labels": cfg.labels.model_copy(update={"max_pairs": 160}),
-        "reward": cfg.reward.model_validate({"max_steps": 16, "batch_size": 8, "lr": 1e-4, "max_length": 128, "eval_every": 8,
-                                             "norm_prompts": 8, "norm_max_new_tokens": 8, "gate": {"min_accuracy": 0.6}}),
-        "ppo": cfg.ppo.model_validate({"iterations": 3, "batch_size": 8, "mini_batch_size": 8, "micro_batch_size": 4, "max_new_tokens": 8,
-                                       "sample_every": 2, "checkpoint_every": 2})})
+    cfg = cfg.model_copy(
+        update={
+            "evaluate": cfg.evaluate.model_validate(
+                {"max_prompts": 12, "perplexity_examples": 16, "safety": {"max_prompts": 4}}
+            ),
+            "registry": cfg.registry.model_validate(
+                {"gate": {"min_win_rate": 0.0, "min_score_gain": None, "max_unsafe_increase": None}}
+            ),
+            "labels": cfg.labels.model_copy(update={"max_pairs": 160}),
+            "reward": cfg.reward.model_validate(
+                {
+                    "max_steps": 16,
+                    "batch_size": 8,
+                    "lr": 1e-4,
+                    "max_length": 128,
+                    "eval_every": 8,
+                    "norm_prompts": 8,
+                    "norm_max_new_tokens": 8,
+                    "gate": {"min_accuracy": 0.6},
+                }
+            ),
+            "ppo": cfg.ppo.model_validate(
+                {
+                    "iterations": 3,
+                    "batch_size": 8,
+                    "mini_batch_size": 8,
+                    "micro_batch_size": 4,
+                    "max_new_tokens": 8,
+                    "sample_every": 2,
+                    "checkpoint_every": 2,
+                }
+            ),
+        }
+    )
     state = run_flow(cfg)
     assert state.is_completed(), state.message
     result = state.result()
     assert result["reward"]["test_accuracy"] >= 0.6 and 0 <= result["reward"]["test_ece"] <= 1
     rm_meta = json.loads((Path(result["reward_model"]) / "reward_model.json").read_text())
-    assert rm_meta["kind"] == "encoder" and rm_meta["normalisation"]["source"].startswith("reference policy samples (8")
+    assert rm_meta["kind"] == "encoder" and rm_meta["normalisation"]["source"].startswith(
+        "reference policy samples (8"
+    )
     client = MlflowClient(cfg.mlflow_tracking_uri)
     stages = stage_runs(client, result["mlflow_run_id"])
     train, ev = stages["reward-train"], stages["reward-eval"]
-    assert [m.step for m in client.get_metric_history(train.info.run_id, "eval_accuracy")] == [8, 16]
-    assert train.data.params["train_pairs_ai"] == "160" and train.data.metrics["reward_norm_std"] > 0
-    assert "model.safetensors" in {Path(a.path).name for a in client.list_artifacts(train.info.run_id, "reward_model")}
+    assert [m.step for m in client.get_metric_history(train.info.run_id, "eval_accuracy")] == [
+        8,
+        16,
+    ]
+    assert (
+        train.data.params["train_pairs_ai"] == "160" and train.data.metrics["reward_norm_std"] > 0
+    )
+    assert "model.safetensors" in {
+        Path(a.path).name for a in client.list_artifacts(train.info.run_id, "reward_model")
+    }
     plots = {Path(a.path).name for a in client.list_artifacts(ev.info.run_id, "reward_eval/plots")}
     assert {"test_calibration.png", "test_reward_histogram.png", "val_calibration.png"} <= plots
-    assert {"test_accuracy", "test_auc", "test_ece", "test_length_correlation", "val_accuracy", "test_accuracy_human"} <= set(ev.data.metrics)
+    assert {
+        "test_accuracy",
+        "test_auc",
+        "test_ece",
+        "test_length_correlation",
+        "val_accuracy",
+        "test_accuracy_human",
+    } <= set(ev.data.metrics)
     parent = client.get_run(result["mlflow_run_id"])
     assert parent.data.metrics["reward_gate_passed"] == 1.0
 
@@ -260,22 +377,44 @@ def test_reward_gate_ppo_evaluation_and_registry(prefect_harness, tmp_path):
     assert {"score", "score_raw", "entropy", "clipfrac", "episodes_per_s"} <= set(ppo.data.metrics)
     arts = {a.path for a in client.list_artifacts(ppo.info.run_id)}
     assert {"model", "plots", "samples"} <= arts
-    table = json.loads(Path(client.download_artifacts(ppo.info.run_id, "samples/ppo_samples.json", str(tmp_path))).read_text())
-    assert len(table["data"]) == 2 * 4  # iterations 1 and 3 (sample_every 2), n_samples 4, no duplicates
+    table = json.loads(
+        Path(
+            client.download_artifacts(ppo.info.run_id, "samples/ppo_samples.json", str(tmp_path))
+        ).read_text()
+    )
+    assert (
+        len(table["data"]) == 2 * 4
+    )  # iterations 1 and 3 (sample_every 2), n_samples 4, no duplicates
     stage_out = Path(result["tuned_policy"]).parent
-    assert not stage_out.with_name(stage_out.name + ".checkpoints").exists()  # cleaned after success
+    assert not stage_out.with_name(
+        stage_out.name + ".checkpoints"
+    ).exists()  # cleaned after success
 
     # evaluation: tuned vs. reference on the demo's held-out prompts, in the stage run and on the parent run
     ev_run = stages["evaluate"]
-    assert ev_run.data.params["n_prompts"] == "12" and ev_run.data.params["safety_prompts"] == "demo held-out (harmful)"
-    expected = {"eval_win_rate", "eval_win_rate_ci_low", "eval_score_gain", "eval_kl_per_token", "eval_kl_per_response",
-                "eval_unsafe_rate_tuned", "eval_perplexity_reference", "eval_distinct_2_tuned", "eval_eos_rate_tuned"}
+    assert (
+        ev_run.data.params["n_prompts"] == "12"
+        and ev_run.data.params["safety_prompts"] == "demo held-out (harmful)"
+    )
+    expected = {
+        "eval_win_rate",
+        "eval_win_rate_ci_low",
+        "eval_score_gain",
+        "eval_kl_per_token",
+        "eval_kl_per_response",
+        "eval_unsafe_rate_tuned",
+        "eval_perplexity_reference",
+        "eval_distinct_2_tuned",
+        "eval_eos_rate_tuned",
+    }
     assert expected <= set(ev_run.data.metrics) and expected <= set(parent.data.metrics)
     assert parent.data.metrics["registry_promoted"] == 1.0
     report_files = {a.path for a in client.list_artifacts(parent.info.run_id, "evaluation")}
     assert {"evaluation/report.md", "evaluation/report.json", "evaluation/plots"} <= report_files
     assert len(client.list_artifacts(parent.info.run_id, "evaluation/plots")) == 4
-    report = Path(client.download_artifacts(parent.info.run_id, "evaluation/report.md", str(tmp_path))).read_text()
+    report = Path(
+        client.download_artifacts(parent.info.run_id, "evaluation/report.md", str(tmp_path))
+    ).read_text()
     assert "### Registry: rlhf-policy v1" in report and "**champion**" in report
 
     # registry: version 1 of both models, tagged, with the aliases; the champion loads and generates
@@ -283,19 +422,41 @@ def test_reward_gate_ppo_evaluation_and_registry(prefect_harness, tmp_path):
     import pandas as pd
 
     reg = result["registry"]
-    assert (reg["version"], reg["promoted"], sorted(reg["aliases"])) == ("1", True, ["challenger", "champion"])
+    assert (reg["version"], reg["promoted"], sorted(reg["aliases"])) == (
+        "1",
+        True,
+        ["challenger", "champion"],
+    )
     version = client.get_model_version("rlhf-policy", "1")
-    assert version.tags["rlhf.dataset_version"] == result["dataset_version"] and version.tags["rlhf.config_hash"] == cfg.config_hash()
-    assert version.tags["rlhf.git_commit"] and float(version.tags["rlhf.eval_win_rate"]) == pytest.approx(result["evaluation"]["eval_win_rate"], rel=1e-4)
+    assert (
+        version.tags["rlhf.dataset_version"] == result["dataset_version"]
+        and version.tags["rlhf.config_hash"] == cfg.config_hash()
+    )
+    assert version.tags["rlhf.git_commit"] and float(
+        version.tags["rlhf.eval_win_rate"]
+    ) == pytest.approx(result["evaluation"]["eval_win_rate"], rel=1e-4)
     assert str(client.get_model_version_by_alias("rlhf-reward-model", "champion").version) == "1"
     mlflow.set_tracking_uri(cfg.mlflow_tracking_uri)
     pipe = mlflow.transformers.load_model("models:/rlhf-policy@champion")
     prompt = "\n\nHuman: How do I make a cup of tea?\n\nAssistant:"
-    generated = pipe(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)[0]["generated_text"]
+    generated = pipe(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)[0][
+        "generated_text"
+    ]
     assert generated.startswith(prompt) and len(generated) > len(prompt)
-    assert isinstance(mlflow.pyfunc.load_model("models:/rlhf-policy@champion").predict(["How do I make a cup of tea?"])[0], str)
+    assert isinstance(
+        mlflow.pyfunc.load_model("models:/rlhf-policy@champion").predict(
+            ["How do I make a cup of tea?"]
+        )[0],
+        str,
+    )
     scores = mlflow.pyfunc.load_model("models:/rlhf-reward-model@champion").predict(
-        pd.DataFrame({"prompt": ["How do I make tea?"] * 2, "response": ["Boil water, steep the tea for three minutes.", "No."]}))
+        pd.DataFrame(
+            {
+                "prompt": ["How do I make tea?"] * 2,
+                "response": ["Boil water, steep the tea for three minutes.", "No."],
+            }
+        )
+    )
     assert list(scores.columns) == ["score", "raw_score"] and scores["score"].notna().all()
 
     # the same config again: every stage cached, no new version
@@ -305,22 +466,47 @@ def test_reward_gate_ppo_evaluation_and_registry(prefect_harness, tmp_path):
     assert len(client.search_model_versions("name = 'rlhf-reward-model'")) == 1
 
     # a new policy under a strict gate: version 2 is the challenger, compared with champion v1, not promoted
-    stricter = cfg.model_copy(update={"ppo": cfg.ppo.model_copy(update={"iterations": 4}),
-                                      "registry": cfg.registry.model_validate({"gate": {"min_win_rate": 0.99}})})
+    stricter = cfg.model_copy(
+        update={
+            "ppo": cfg.ppo.model_copy(update={"iterations": 4}),
+            "registry": cfg.registry.model_validate({"gate": {"min_win_rate": 0.99}}),
+        }
+    )
     third = run_flow(stricter).result()["registry"]
     assert (third["version"], third["promoted"], third["champion"]["version"]) == ("2", False, "1")
-    assert "registry.gate.min_win_rate" in third["message"] and any(c["metric"] == "win_rate_vs_champion_v1" for c in third["checks"])
+    assert "registry.gate.min_win_rate" in third["message"] and any(
+        c["metric"] == "win_rate_vs_champion_v1" for c in third["checks"]
+    )
     assert str(client.get_model_version_by_alias("rlhf-policy", "champion").version) == "1"
     assert str(client.get_model_version_by_alias("rlhf-policy", "challenger").version) == "2"
-    assert len(client.search_model_versions("name = 'rlhf-reward-model'")) == 1  # same reward model: registered once
+    assert (
+        len(client.search_model_versions("name = 'rlhf-reward-model'")) == 1
+    )  # same reward model: registered once
 
     # a stricter gate: same (cached) reward model, the flow stops with the metric and threshold named
-    strict = cfg.model_copy(update={"reward": cfg.reward.model_copy(update={"gate": cfg.reward.gate.model_copy(update={"max_ece": 0.0})})})
+    strict = cfg.model_copy(
+        update={
+            "reward": cfg.reward.model_copy(
+                update={"gate": cfg.reward.gate.model_copy(update={"max_ece": 0.0})}
+            )
+        }
+    )
     failed = run_flow(strict)
     assert failed.is_failed()
-    assert failed.message.startswith("reward model gate failed: test_ece = ") and "(reward.gate.max_ece)" in failed.message
-    runs = client.search_runs([parent.info.experiment_id], filter_string="tags.`rlhf.stage` = 'reward-train'")
-    assert sorted(r.info.run_name for r in runs) == ["reward-train"] + ["reward-train (cached)"] * 3  # trained once, 4 runs
-    failed_parent = client.search_runs([parent.info.experiment_id], filter_string="attributes.status = 'FAILED'")
+    assert (
+        failed.message.startswith("reward model gate failed: test_ece = ")
+        and "(reward.gate.max_ece)" in failed.message
+    )
+    runs = client.search_runs(
+        [parent.info.experiment_id], filter_string="tags.`rlhf.stage` = 'reward-train'"
+    )
+    assert (
+        sorted(r.info.run_name for r in runs) == ["reward-train"] + ["reward-train (cached)"] * 3
+    )  # trained once, 4 runs
+    failed_parent = client.search_runs(
+        [parent.info.experiment_id], filter_string="attributes.status = 'FAILED'"
+    )
     assert failed_parent and failed_parent[0].data.metrics["reward_gate_passed"] == 0.0
-    assert "ppo" not in stage_runs(client, failed_parent[0].info.run_id)  # PPO never started on the failed model
+    assert "ppo" not in stage_runs(
+        client, failed_parent[0].info.run_id
+    )  # PPO never started on the failed model

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from rlhf_core.config import PROJECT_ROOT, StackConfig
-from rlhf_core.stack import Stack, StackSettings
+from rlhf_core.stack import Stack
 
 COMPOSE = PROJECT_ROOT / "infra" / "docker-compose.yml"
 CHECK = Path(sys.executable).parent / "check-jsonschema"
@@ -16,8 +16,12 @@ CHECK = Path(sys.executable).parent / "check-jsonschema"
 
 def validate(path: Path) -> subprocess.CompletedProcess:
     """The compose-spec JSON schema vendored by check-jsonschema (offline)."""
-    return subprocess.run([str(CHECK), "--builtin-schema", "vendor.compose-spec", str(path)], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [str(CHECK), "--builtin-schema", "vendor.compose-spec", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_compose_file_is_valid_compose():
@@ -27,7 +31,9 @@ def test_compose_file_is_valid_compose():
 
 def test_the_validator_rejects_a_broken_compose_file(tmp_path):
     broken = yaml.safe_load(COMPOSE.read_text())
-    broken["services"]["mlflow"]["depends_on"] = {"postgres": {"condition": "when_it_feels_like_it"}}
+    broken["services"]["mlflow"]["depends_on"] = {
+        "postgres": {"condition": "when_it_feels_like_it"}
+    }
     broken["services"]["worker"]["restart_policy"] = "always"  # not a compose key
     (tmp_path / "compose.yml").write_text(yaml.safe_dump(broken))
     result = validate(tmp_path / "compose.yml")
@@ -40,19 +46,31 @@ def test_compose_and_the_local_stack_run_the_same_services(monkeypatch, tmp_path
     compose = yaml.safe_load(COMPOSE.read_text())
     services = compose["services"]
     defaults = StackConfig()
-    local = Stack(StackSettings(root=tmp_path))._commands()
+    local = Stack(StackConfig(), tmp_path)._commands()
     assert set(local) == {"s3", "mlflow", "prefect", "worker"}
-    assert set(services) == {"postgres", "seaweedfs", "mlflow", "prefect-server", "worker"}  # + Postgres for both servers
+    assert set(services) == {
+        "postgres",
+        "seaweedfs",
+        "mlflow",
+        "prefect-server",
+        "worker",
+    }  # + Postgres for both servers
 
     assert services["seaweedfs"]["ports"] == [f"{defaults.s3_port}:8333"]
-    assert f"-s3.port={defaults.s3_port}" in local["s3"][0] and "mini" in services["seaweedfs"]["command"]
+    assert (
+        f"-s3.port={defaults.s3_port}" in local["s3"][0]
+        and "mini" in services["seaweedfs"]["command"]
+    )
     assert services["mlflow"]["ports"] == [f"{defaults.mlflow_port}:5000"]
     assert services["prefect-server"]["ports"] == [f"{defaults.prefect_port}:4200"]
 
     # MLflow: proxied artifacts to s3://<bucket>/mlflow, the server alone holding S3 credentials, one worker
     for cmd in (services["mlflow"]["command"], local["mlflow"][0]):
         assert "--serve-artifacts" in cmd and cmd[cmd.index("--workers") + 1] == "1"
-        assert cmd[cmd.index("--artifacts-destination") + 1] in ("s3://${RLHF_BUCKET:-rlhf}/mlflow", f"s3://{defaults.bucket}/mlflow")
+        assert cmd[cmd.index("--artifacts-destination") + 1] in (
+            "s3://${RLHF_BUCKET:-rlhf}/mlflow",
+            f"s3://{defaults.bucket}/mlflow",
+        )
     assert services["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://seaweedfs:8333"
     assert local["mlflow"][1]["MLFLOW_S3_ENDPOINT_URL"] == f"http://127.0.0.1:{defaults.s3_port}"
 
@@ -61,7 +79,10 @@ def test_compose_and_the_local_stack_run_the_same_services(monkeypatch, tmp_path
         assert cmd[cmd.index("--type") + 1] == "process"
         assert cmd[cmd.index("--pool") + 1] in ("${RLHF_WORK_POOL:-rlhf}", defaults.work_pool)
     env = services["worker"]["environment"]
-    assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api" and env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert (
+        env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+        and env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    )
     assert local["worker"][1]["PREFECT_API_URL"].endswith(f":{defaults.prefect_port}/api")
     # analytics off on both
     assert services["prefect-server"]["environment"]["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
@@ -71,8 +92,11 @@ def test_compose_and_the_local_stack_run_the_same_services(monkeypatch, tmp_path
 def test_env_example_names_every_variable_the_compose_file_requires():
     text = COMPOSE.read_text()
     required = {line.split("${", 1)[1].split(":?")[0] for line in text.splitlines() if ":?" in line}
-    example = {line.split("=", 1)[0] for line in (PROJECT_ROOT / "infra" / ".env.example").read_text().splitlines()
-               if line and not line.startswith("#")}
+    example = {
+        line.split("=", 1)[0]
+        for line in (PROJECT_ROOT / "infra" / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    }
     assert required and required <= example
 
 
@@ -81,6 +105,8 @@ def test_kubernetes_gpu_template_patch_is_json_with_a_gpu_limit(name):
     import json
 
     patch = json.loads((PROJECT_ROOT / "infra" / "kubernetes" / name).read_text())
-    container = patch["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    container = patch["job_configuration"]["job_manifest"]["spec"]["template"]["spec"][
+        "containers"
+    ][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
     assert patch["variables"]["properties"]["gpu_count"]["default"] == 1

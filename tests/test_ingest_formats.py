@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 
 from rlhf_core.config import ColumnMap, DataConfig, S3Config, SourceConfig
+from rlhf_core.data.dataset import ingest_sources, validate_normalised
 from rlhf_core.data.formats import HH_ASSISTANT, detect_format, split_hh_dialogue
-from rlhf_core.data.pipeline import ingest_sources, validate_normalised
 from rlhf_core.errors import UnusableInputError
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -28,16 +28,46 @@ KEYS = ["prompt", "chosen", "rejected", "label_source", "p_chosen", "margin", "s
 # Content chosen to stress quoting: commas, double quotes, non-ASCII, emoji, backslashes (no newlines, so a
 # CSV record is exactly one line and source_row is the same for every source kind).
 PAIRS = [
-    {"prompt": "Say hello, politely.", "chosen": "Hello, how can I help?", "rejected": "What.",
-     "label_source": "human", "p_chosen": 1.0, "margin": 2.5},
-    {"prompt": 'He said "hi" to me', "chosen": 'Reply "hi" back', "rejected": "Ignore him",
-     "label_source": "human", "p_chosen": 0.75, "margin": 1.0},
-    {"prompt": "Café naïve — ünïcödé ✓ 🙂", "chosen": "Ça va très bien", "rejected": "nope",
-     "label_source": "ai", "p_chosen": 0.6, "margin": 0.5},
-    {"prompt": r"A path C:\temp\x", "chosen": "Use a raw string", "rejected": "Use one backslash",
-     "label_source": "human", "p_chosen": 1.0, "margin": 3.0},
-    {"prompt": "Name a colour", "chosen": "Blue", "rejected": "Seven",
-     "label_source": "ai", "p_chosen": 0.9, "margin": 0.25},
+    {
+        "prompt": "Say hello, politely.",
+        "chosen": "Hello, how can I help?",
+        "rejected": "What.",
+        "label_source": "human",
+        "p_chosen": 1.0,
+        "margin": 2.5,
+    },
+    {
+        "prompt": 'He said "hi" to me',
+        "chosen": 'Reply "hi" back',
+        "rejected": "Ignore him",
+        "label_source": "human",
+        "p_chosen": 0.75,
+        "margin": 1.0,
+    },
+    {
+        "prompt": "Café naïve — ünïcödé ✓ 🙂",
+        "chosen": "Ça va très bien",
+        "rejected": "nope",
+        "label_source": "ai",
+        "p_chosen": 0.6,
+        "margin": 0.5,
+    },
+    {
+        "prompt": r"A path C:\temp\x",
+        "chosen": "Use a raw string",
+        "rejected": "Use one backslash",
+        "label_source": "human",
+        "p_chosen": 1.0,
+        "margin": 3.0,
+    },
+    {
+        "prompt": "Name a colour",
+        "chosen": "Blue",
+        "rejected": "Seven",
+        "label_source": "ai",
+        "p_chosen": 0.9,
+        "margin": 0.25,
+    },
 ]
 EXPECTED_PAIRS = [{**p, "source_row": i} for i, p in enumerate(PAIRS, start=1)]
 
@@ -55,8 +85,11 @@ def write_lines(path: Path, lines: list[bytes | str]) -> Path:
 
 def write_csv(path: Path, rows: list[dict], gz: bool = False) -> Path:
     header = list(rows[0])
-    opener = (lambda: gzip.open(path, "wt", encoding="utf-8", newline="")) if gz else \
-        (lambda: open(path, "w", encoding="utf-8", newline=""))
+    opener = (
+        (lambda: gzip.open(path, "wt", encoding="utf-8", newline=""))
+        if gz
+        else (lambda: open(path, "w", encoding="utf-8", newline=""))
+    )
     with opener() as fh:
         w = csv.writer(fh)
         w.writerow(header)
@@ -114,6 +147,7 @@ def no_partials(folder: Path) -> bool:
 
 # -- pairwise through every source kind -----------------------------------------------------
 
+
 def _make_source(kind: str, tmp_path: Path) -> Path:
     if kind == "jsonl":
         return write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
@@ -150,8 +184,19 @@ def expected_for(path: Path) -> list[dict]:
     return [{**r, "source_row": r["source_row"] + shift} for r in EXPECTED_PAIRS]
 
 
-SOURCE_KINDS = ["jsonl", "ndjson", "jsonl.gz", "json-list", "json-data", "json-lines-in-.json", "csv", "csv.gz",
-                "parquet", "parquet.gz", "datasets"]
+SOURCE_KINDS = [
+    "jsonl",
+    "ndjson",
+    "jsonl.gz",
+    "json-list",
+    "json-data",
+    "json-lines-in-.json",
+    "csv",
+    "csv.gz",
+    "parquet",
+    "parquet.gz",
+    "datasets",
+]
 
 
 @pytest.mark.parametrize("kind", SOURCE_KINDS)
@@ -164,7 +209,16 @@ def test_pairwise_source_kinds_give_identical_rows(kind: str, tmp_path: Path) ->
     assert report["sources"][0]["path"] == str(path)
     assert records(frame) == expected_for(path)
     assert set(frame["source"]) == {str(path)}
-    assert list(frame.columns) == ["prompt", "chosen", "rejected", "label_source", "p_chosen", "margin", "source", "source_row"]
+    assert list(frame.columns) == [
+        "prompt",
+        "chosen",
+        "rejected",
+        "label_source",
+        "p_chosen",
+        "margin",
+        "source",
+        "source_row",
+    ]
     # the report on disk is the returned one
     assert json.loads((tmp_path / "ingest" / "report.json").read_text()) == report
 
@@ -191,7 +245,9 @@ def test_datasetdict_split_is_selected(tmp_path: Path) -> None:
     train = [{"prompt": f"train {i}", "chosen": "good", "rejected": "bad"} for i in range(3)]
     test = [{"prompt": f"test {i}", "chosen": "yes", "rejected": "no"} for i in range(2)]
     folder = tmp_path / "dd"
-    DatasetDict({"train": Dataset.from_list(train), "test": Dataset.from_list(test)}).save_to_disk(str(folder))
+    DatasetDict({"train": Dataset.from_list(train), "test": Dataset.from_list(test)}).save_to_disk(
+        str(folder)
+    )
 
     _, frame, _ = ingest(tmp_path, folder, split="test", out_name="test")
     assert triples(frame) == [("test 0", "yes", "no"), ("test 1", "yes", "no")]
@@ -209,7 +265,9 @@ def test_datasetdict_without_train_needs_a_split(tmp_path: Path) -> None:
     from datasets import Dataset, DatasetDict
 
     folder = tmp_path / "dd"
-    DatasetDict({"a": Dataset.from_list(PAIRS[:1]), "b": Dataset.from_list(PAIRS[1:3])}).save_to_disk(str(folder))
+    DatasetDict(
+        {"a": Dataset.from_list(PAIRS[:1]), "b": Dataset.from_list(PAIRS[1:3])}
+    ).save_to_disk(str(folder))
     with pytest.raises(UnusableInputError, match=r"several splits .*'split'"):
         ingest(tmp_path, folder)
     _, frame, _ = ingest(tmp_path, folder, split="b", out_name="b")
@@ -218,14 +276,20 @@ def test_datasetdict_without_train_needs_a_split(tmp_path: Path) -> None:
 
 # -- S3 -------------------------------------------------------------------------------------------
 
+
 def test_s3_jsonl_matches_local(s3_env, tmp_path: Path) -> None:
     key = f"pairs-{uuid.uuid4().hex[:8]}.jsonl"
     local = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     s3_env.client().put_object(Bucket="prefs", Key=key, Body=local.read_bytes())
     uri = f"s3://prefs/{key}"
     out = tmp_path / "ingest"
-    report = ingest_sources([SourceConfig(path=uri)], out, chunk_rows=1000,
-                            s3=S3Config(endpoint_url=s3_env.endpoint_url), cache_dir=tmp_path / "s3cache")
+    report = ingest_sources(
+        [SourceConfig(path=uri)],
+        out,
+        chunk_rows=1000,
+        s3=S3Config(endpoint_url=s3_env.endpoint_url),
+        cache_dir=tmp_path / "s3cache",
+    )
     frame = pd.read_parquet(out / "normalised.parquet")
     assert report["sources"][0]["path"] == uri and report["sources"][0]["format"] == "pairwise"
     assert records(frame) == EXPECTED_PAIRS
@@ -241,8 +305,12 @@ def test_s3_gz_parquet_object(s3_env, tmp_path: Path) -> None:
     local = write_parquet(tmp_path / "pairs.parquet.gz", PAIRS, gz=True)
     s3_env.client().put_object(Bucket="prefs", Key=key, Body=local.read_bytes())
     out = tmp_path / "ingest"
-    ingest_sources([SourceConfig(path=f"s3://prefs/{key}")], out, s3=S3Config(endpoint_url=s3_env.endpoint_url),
-                   cache_dir=tmp_path / "s3cache")
+    ingest_sources(
+        [SourceConfig(path=f"s3://prefs/{key}")],
+        out,
+        s3=S3Config(endpoint_url=s3_env.endpoint_url),
+        cache_dir=tmp_path / "s3cache",
+    )
     assert records(pd.read_parquet(out / "normalised.parquet")) == EXPECTED_PAIRS
 
 
@@ -250,8 +318,12 @@ def test_s3_missing_key_is_unusable_input(s3_env, tmp_path: Path) -> None:
     uri = f"s3://prefs/does-not-exist-{uuid.uuid4().hex[:8]}.jsonl"
     out = tmp_path / "ingest"
     with pytest.raises(UnusableInputError) as info:
-        ingest_sources([SourceConfig(path=uri)], out, s3=S3Config(endpoint_url=s3_env.endpoint_url),
-                       cache_dir=tmp_path / "s3cache")
+        ingest_sources(
+            [SourceConfig(path=uri)],
+            out,
+            s3=S3Config(endpoint_url=s3_env.endpoint_url),
+            cache_dir=tmp_path / "s3cache",
+        )
     msg = str(info.value)
     assert uri in msg
     assert "\n" not in msg
@@ -261,21 +333,39 @@ def test_s3_missing_key_is_unusable_input(s3_env, tmp_path: Path) -> None:
 
 # -- HH dialogues -----------------------------------------------------------------------------------
 
+
 def test_split_hh_single_turn_known_answer() -> None:
     chosen = "\n\nHuman: What is 2+2?\n\nAssistant:  It is 4. "
     rejected = "\n\nHuman: What is 2+2?\n\nAssistant: \n\t5, obviously."
-    assert split_hh_dialogue(chosen, rejected) == ("\n\nHuman: What is 2+2?\n\nAssistant:", "It is 4. ", "5, obviously.")
+    assert split_hh_dialogue(chosen, rejected) == (
+        "\n\nHuman: What is 2+2?\n\nAssistant:",
+        "It is 4. ",
+        "5, obviously.",
+    )
 
 
 def test_split_hh_multi_turn_known_answer() -> None:
-    prefix = "\n\nHuman: Hi\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke\n\nAssistant:"
+    prefix = (
+        "\n\nHuman: Hi\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke\n\nAssistant:"
+    )
     assert split_hh_dialogue(prefix + " Why did the chicken cross the road?", prefix + " No.") == (
-        prefix, "Why did the chicken cross the road?", "No.")
+        prefix,
+        "Why did the chicken cross the road?",
+        "No.",
+    )
     # the chosen dialogue goes on for more turns: the prompt is still the last SHARED '...Assistant:'
     longer = prefix + " Sure.\n\nHuman: thanks\n\nAssistant: You're welcome"
-    assert split_hh_dialogue(longer, prefix + " No.") == (prefix, "Sure.\n\nHuman: thanks\n\nAssistant: You're welcome", "No.")
+    assert split_hh_dialogue(longer, prefix + " No.") == (
+        prefix,
+        "Sure.\n\nHuman: thanks\n\nAssistant: You're welcome",
+        "No.",
+    )
     # replies that start with the same words do not extend the prompt
-    assert split_hh_dialogue(prefix + " Yes, I can.", prefix + " Yes, but no.") == (prefix, "Yes, I can.", "Yes, but no.")
+    assert split_hh_dialogue(prefix + " Yes, I can.", prefix + " Yes, but no.") == (
+        prefix,
+        "Yes, I can.",
+        "Yes, but no.",
+    )
 
 
 def test_split_hh_no_shared_prompt() -> None:
@@ -288,14 +378,20 @@ def test_hh_ingest_known_answers_and_no_shared_prompt(tmp_path: Path) -> None:
     p1 = "\n\nHuman: How do I boil an egg?\n\nAssistant:"
     p2 = "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: What's the capital of France?\n\nAssistant:"
     rows = [
-        {"chosen": p1 + " Put it in boiling water for 8 minutes.", "rejected": p1 + " Microwave it."},
+        {
+            "chosen": p1 + " Put it in boiling water for 8 minutes.",
+            "rejected": p1 + " Microwave it.",
+        },
         {"chosen": p2 + " Paris.", "rejected": p2 + "  Lyon."},
         {"chosen": "\n\nHuman: A\n\nAssistant: yes", "rejected": "\n\nHuman: B\n\nAssistant: no"},
     ]
     path = write_jsonl(tmp_path / "hh.jsonl", rows)
     report, frame, failures = ingest(tmp_path, path)
     assert report["sources"][0]["format"] == "hh"
-    assert triples(frame) == [(p1, "Put it in boiling water for 8 minutes.", "Microwave it."), (p2, "Paris.", "Lyon.")]
+    assert triples(frame) == [
+        (p1, "Put it in boiling water for 8 minutes.", "Microwave it."),
+        (p2, "Paris.", "Lyon."),
+    ]
     assert frame["source_row"].tolist() == [1, 2]
     assert len(failures) == 1
     assert failures[0]["source_row"] == 3
@@ -303,20 +399,31 @@ def test_hh_ingest_known_answers_and_no_shared_prompt(tmp_path: Path) -> None:
     assert "no shared prompt" in failures[0]["reasons"][0]
     assert failures[0]["record"] == rows[2]
 
-    report = validate_normalised(tmp_path / "ingest", tmp_path / "valid", DataConfig(), enforce=False)
-    assert report["valid"] == 2 and report["quarantined"] == 1 and report["quarantined_at_ingest"] == 1
-    quarantine = [json.loads(x) for x in (tmp_path / "valid" / "quarantine.jsonl").read_text().splitlines()]
+    report = validate_normalised(
+        tmp_path / "ingest", tmp_path / "valid", DataConfig(), enforce=False
+    )
+    assert (
+        report["valid"] == 2 and report["quarantined"] == 1 and report["quarantined_at_ingest"] == 1
+    )
+    quarantine = [
+        json.loads(x) for x in (tmp_path / "valid" / "quarantine.jsonl").read_text().splitlines()
+    ]
     assert [q["source_row"] for q in quarantine] == [3]
 
 
 def test_hh_missing_field_is_not_also_no_shared_prompt(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "hh.jsonl", [
-        {"chosen": "\n\nHuman: x\n\nAssistant: a", "rejected": "\n\nHuman: x\n\nAssistant: b"},
-        {"chosen": "\n\nHuman: x\n\nAssistant: a", "rejected": None},
-    ])
+    path = write_jsonl(
+        tmp_path / "hh.jsonl",
+        [
+            {"chosen": "\n\nHuman: x\n\nAssistant: a", "rejected": "\n\nHuman: x\n\nAssistant: b"},
+            {"chosen": "\n\nHuman: x\n\nAssistant: a", "rejected": None},
+        ],
+    )
     _, frame, failures = ingest(tmp_path, path)
     assert len(frame) == 1
-    assert [(f["source_row"], f["reasons"]) for f in failures] == [(2, ["missing field 'rejected'"])]
+    assert [(f["source_row"], f["reasons"]) for f in failures] == [
+        (2, ["missing field 'rejected'"])
+    ]
 
 
 @pytest.mark.shared_data
@@ -324,10 +431,14 @@ def test_hh_real_sample(hh_sample: Path, tmp_path: Path) -> None:
     report = ingest_sources([SourceConfig(path=str(hh_sample))], tmp_path / "ingest")
     assert report["records"] == 1800
     assert report["sources"][0]["format"] == "hh"
-    vreport = validate_normalised(tmp_path / "ingest", tmp_path / "valid", DataConfig(), enforce=False)
+    vreport = validate_normalised(
+        tmp_path / "ingest", tmp_path / "valid", DataConfig(), enforce=False
+    )
     assert vreport["records"] == 1800
     assert vreport["valid"] + vreport["quarantined"] == 1800
-    assert vreport["valid"] > 1700  # the sample is real, clean data: only a handful of rows may fail
+    assert (
+        vreport["valid"] > 1700
+    )  # the sample is real, clean data: only a handful of rows may fail
     quarantine = (tmp_path / "valid" / "quarantine.jsonl").read_text().splitlines()
     assert len(quarantine) == vreport["quarantined"]
     valid = pd.read_parquet(tmp_path / "valid" / "valid.parquet")
@@ -344,15 +455,21 @@ def test_hh_real_sample(hh_sample: Path, tmp_path: Path) -> None:
 
 # -- ranked -------------------------------------------------------------------------------------------
 
+
 def test_ranked_three_distinct_ranks_orientation(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "ranked.jsonl", [
-        {"prompt": "Pick", "responses": ["middle", "best", "worst"], "ranks": [2.0, 1.0, 3.0]},
-    ])
+    path = write_jsonl(
+        tmp_path / "ranked.jsonl",
+        [
+            {"prompt": "Pick", "responses": ["middle", "best", "worst"], "ranks": [2.0, 1.0, 3.0]},
+        ],
+    )
     report, frame, failures = ingest(tmp_path, path)
     assert failures == []
     assert report["sources"][0]["format"] == "ranked"
     assert report["records"] == 1 and report["pairs"] == 3
-    assert sorted(triples(frame)) == sorted([("Pick", "best", "middle"), ("Pick", "best", "worst"), ("Pick", "middle", "worst")])
+    assert sorted(triples(frame)) == sorted(
+        [("Pick", "best", "middle"), ("Pick", "best", "worst"), ("Pick", "middle", "worst")]
+    )
     assert frame["source_row"].tolist() == [1, 1, 1]
     assert (frame["p_chosen"] == 1.0).all()
 
@@ -360,18 +477,35 @@ def test_ranked_three_distinct_ranks_orientation(tmp_path: Path) -> None:
 @pytest.mark.parametrize("kind", ["jsonl", "parquet"])
 def test_ranked_integer_ranks(kind: str, tmp_path: Path) -> None:
     rows = [{"prompt": "Pick", "responses": ["middle", "best", "worst"], "ranks": [2, 1, 3]}]
-    path = write_jsonl(tmp_path / "r.jsonl", rows) if kind == "jsonl" else write_parquet(tmp_path / "r.parquet", rows)
+    path = (
+        write_jsonl(tmp_path / "r.jsonl", rows)
+        if kind == "jsonl"
+        else write_parquet(tmp_path / "r.parquet", rows)
+    )
     report, frame, failures = ingest(tmp_path, path)
     assert failures == []
-    assert sorted(triples(frame)) == sorted([("Pick", "best", "middle"), ("Pick", "best", "worst"), ("Pick", "middle", "worst")])
+    assert sorted(triples(frame)) == sorted(
+        [("Pick", "best", "middle"), ("Pick", "best", "worst"), ("Pick", "middle", "worst")]
+    )
 
 
 def test_ranked_ties_skipped_and_counted(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "ranked.jsonl", [
-        {"prompt": "P1", "responses": ["a", "b", "c"], "ranks": [1.0, 1.0, 2.0]},  # 1 tie, 2 pairs
-        {"prompt": "P2", "responses": ["x", "y"], "ranks": [3.0, 3.0]},  # 1 tie, 0 pairs
-        {"prompt": "P3", "responses": ["d", "e", "f", "g"], "ranks": [4.0, 1.0, 2.0, 3.0]},  # 6 pairs
-    ])
+    path = write_jsonl(
+        tmp_path / "ranked.jsonl",
+        [
+            {
+                "prompt": "P1",
+                "responses": ["a", "b", "c"],
+                "ranks": [1.0, 1.0, 2.0],
+            },  # 1 tie, 2 pairs
+            {"prompt": "P2", "responses": ["x", "y"], "ranks": [3.0, 3.0]},  # 1 tie, 0 pairs
+            {
+                "prompt": "P3",
+                "responses": ["d", "e", "f", "g"],
+                "ranks": [4.0, 1.0, 2.0, 3.0],
+            },  # 6 pairs
+        ],
+    )
     report, frame, failures = ingest(tmp_path, path)
     assert failures == []
     assert report["ties_skipped"] == 2 and report["sources"][0]["ties_skipped"] == 2
@@ -379,22 +513,27 @@ def test_ranked_ties_skipped_and_counted(tmp_path: Path) -> None:
     assert sorted(t for t in triples(frame) if t[0] == "P1") == [("P1", "a", "c"), ("P1", "b", "c")]
     p3 = {(c, r) for p, c, r in triples(frame) if p == "P3"}
     assert p3 == {("e", "f"), ("e", "g"), ("e", "d"), ("f", "g"), ("f", "d"), ("g", "d")}
-    vreport = validate_normalised(tmp_path / "ingest", tmp_path / "valid", DataConfig(), enforce=False)
+    vreport = validate_normalised(
+        tmp_path / "ingest", tmp_path / "valid", DataConfig(), enforce=False
+    )
     assert vreport["ties_skipped"] == 2
     assert vreport["valid"] == 8 and vreport["quarantined"] == 0
 
 
 def test_ranked_bad_records_quarantined_with_reasons(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "ranked.jsonl", [
-        {"prompt": "ok", "responses": ["good", "bad"], "ranks": [1.0, 2.0]},
-        {"prompt": "mismatch", "responses": ["a", "b", "c"], "ranks": [1.0, 2.0]},
-        {"prompt": "one", "responses": ["only"], "ranks": [1.0]},
-        {"prompt": "string", "responses": "not a list", "ranks": [1.0, 2.0]},
-        {"prompt": "ranks string", "responses": ["a", "b"], "ranks": "1,2"},
-        {"prompt": "non-str response", "responses": ["a", 7], "ranks": [1.0, 2.0]},
-        {"prompt": "bad rank", "responses": ["a", "b"], "ranks": [1.0, "first"]},
-        {"prompt": "null responses", "responses": None, "ranks": [1.0, 2.0]},
-    ])
+    path = write_jsonl(
+        tmp_path / "ranked.jsonl",
+        [
+            {"prompt": "ok", "responses": ["good", "bad"], "ranks": [1.0, 2.0]},
+            {"prompt": "mismatch", "responses": ["a", "b", "c"], "ranks": [1.0, 2.0]},
+            {"prompt": "one", "responses": ["only"], "ranks": [1.0]},
+            {"prompt": "string", "responses": "not a list", "ranks": [1.0, 2.0]},
+            {"prompt": "ranks string", "responses": ["a", "b"], "ranks": "1,2"},
+            {"prompt": "non-str response", "responses": ["a", 7], "ranks": [1.0, 2.0]},
+            {"prompt": "bad rank", "responses": ["a", "b"], "ranks": [1.0, "first"]},
+            {"prompt": "null responses", "responses": None, "ranks": [1.0, 2.0]},
+        ],
+    )
     report, frame, failures = ingest(tmp_path, path)
     assert triples(frame) == [("ok", "good", "bad")]
     assert report["records"] == 8 and report["ingest_failures"] == 7
@@ -412,11 +551,15 @@ def test_ranked_bad_records_quarantined_with_reasons(tmp_path: Path) -> None:
 
 # -- comparison ---------------------------------------------------------------------------------------------
 
+
 def test_comparison_default_columns(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "cmp.jsonl", [
-        {"text": "post 1", "summary_1": "first", "summary_2": "second", "preference": 1},
-        {"text": "post 2", "summary_1": "first", "summary_2": "second", "preference": 2},
-    ])
+    path = write_jsonl(
+        tmp_path / "cmp.jsonl",
+        [
+            {"text": "post 1", "summary_1": "first", "summary_2": "second", "preference": 1},
+            {"text": "post 2", "summary_1": "first", "summary_2": "second", "preference": 2},
+        ],
+    )
     report, frame, failures = ingest(tmp_path, path)
     assert failures == []
     assert report["sources"][0]["format"] == "comparison"
@@ -430,8 +573,14 @@ def test_comparison_custom_column_map(kind: str, tmp_path: Path) -> None:
         {"post": "y", "a": "A2", "b": "B2", "choice": 1},
         {"post": "z", "a": "A3", "b": "B3", "choice": 1},
     ]
-    path = write_jsonl(tmp_path / "c.jsonl", rows) if kind == "jsonl" else write_csv(tmp_path / "c.csv", rows)
-    cols = ColumnMap(prompt="post", response_1="a", response_2="b", label="choice", label_values=(0, 1))
+    path = (
+        write_jsonl(tmp_path / "c.jsonl", rows)
+        if kind == "jsonl"
+        else write_csv(tmp_path / "c.csv", rows)
+    )
+    cols = ColumnMap(
+        prompt="post", response_1="a", response_2="b", label="choice", label_values=(0, 1)
+    )
     report, frame, failures = ingest(tmp_path, path, columns=cols)
     assert failures == []
     assert report["sources"][0]["format"] == "comparison"
@@ -439,21 +588,29 @@ def test_comparison_custom_column_map(kind: str, tmp_path: Path) -> None:
 
 
 def test_comparison_bad_label_names_column(tmp_path: Path) -> None:
-    cols = ColumnMap(prompt="post", response_1="a", response_2="b", label="choice", label_values=(0, 1))
-    path = write_jsonl(tmp_path / "c.jsonl", [
-        {"post": "x", "a": "A", "b": "B", "choice": 0},
-        {"post": "y", "a": "A", "b": "B", "choice": 2},
-    ])
+    cols = ColumnMap(
+        prompt="post", response_1="a", response_2="b", label="choice", label_values=(0, 1)
+    )
+    path = write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            {"post": "x", "a": "A", "b": "B", "choice": 0},
+            {"post": "y", "a": "A", "b": "B", "choice": 2},
+        ],
+    )
     _, frame, failures = ingest(tmp_path, path, columns=cols)
     assert triples(frame) == [("x", "A", "B")]
     assert len(failures) == 1 and failures[0]["source_row"] == 2
     reason = failures[0]["reasons"][0]
     assert "'choice'" in reason and "0 or 1" in reason and "2" in reason
 
-    path = write_jsonl(tmp_path / "d.jsonl", [
-        {"text": "t", "summary_1": "A", "summary_2": "B", "preference": 1},
-        {"text": "t", "summary_1": "A", "summary_2": "B", "preference": "left"},
-    ])
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"text": "t", "summary_1": "A", "summary_2": "B", "preference": 1},
+            {"text": "t", "summary_1": "A", "summary_2": "B", "preference": "left"},
+        ],
+    )
     _, frame, failures = ingest(tmp_path, path, out_name="d")
     assert len(frame) == 1
     assert [f["source_row"] for f in failures] == [2]
@@ -461,11 +618,14 @@ def test_comparison_bad_label_names_column(tmp_path: Path) -> None:
 
 
 def test_comparison_one_missing_label_quarantines_only_that_row(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "c.jsonl", [
-        {"text": "t1", "summary_1": "A", "summary_2": "B", "preference": 1},
-        {"text": "t2", "summary_1": "A", "summary_2": "B", "preference": 2},
-        {"text": "t3", "summary_1": "A", "summary_2": "B", "preference": None},
-    ])
+    path = write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            {"text": "t1", "summary_1": "A", "summary_2": "B", "preference": 1},
+            {"text": "t2", "summary_1": "A", "summary_2": "B", "preference": 2},
+            {"text": "t3", "summary_1": "A", "summary_2": "B", "preference": None},
+        ],
+    )
     _, frame, failures = ingest(tmp_path, path)
     assert [f["source_row"] for f in failures] == [3]
     assert triples(frame) == [("t1", "A", "B"), ("t2", "B", "A")]
@@ -473,14 +633,21 @@ def test_comparison_one_missing_label_quarantines_only_that_row(tmp_path: Path) 
 
 # -- format detection and whole-source problems -------------------------------------------------------------
 
-@pytest.mark.parametrize("columns, expected", [
-    (["prompt", "chosen", "rejected"], "pairwise"),
-    (["prompt", "chosen", "rejected", "p_chosen", "margin", "label_source", "extra"], "pairwise"),
-    (["chosen", "rejected"], "hh"),
-    (["prompt", "responses", "ranks"], "ranked"),
-    (["prompt", "responses", "ranks", "chosen", "rejected"], "ranked"),
-    (["text", "summary_1", "summary_2", "preference"], "comparison"),
-])
+
+@pytest.mark.parametrize(
+    "columns, expected",
+    [
+        (["prompt", "chosen", "rejected"], "pairwise"),
+        (
+            ["prompt", "chosen", "rejected", "p_chosen", "margin", "label_source", "extra"],
+            "pairwise",
+        ),
+        (["chosen", "rejected"], "hh"),
+        (["prompt", "responses", "ranks"], "ranked"),
+        (["prompt", "responses", "ranks", "chosen", "rejected"], "ranked"),
+        (["text", "summary_1", "summary_2", "preference"], "comparison"),
+    ],
+)
 def test_detect_format_known_answers(columns, expected) -> None:
     assert detect_format(columns, ColumnMap(), "x") == expected
 
@@ -488,7 +655,9 @@ def test_detect_format_known_answers(columns, expected) -> None:
 def test_detect_format_custom_column_map_and_failure() -> None:
     cols = ColumnMap(prompt="post", response_1="a", response_2="b", label="choice")
     assert detect_format(["post", "a", "b", "choice"], cols, "x") == "comparison"
-    with pytest.raises(UnusableInputError, match=r"src: no recognisable preference format \(columns: a, post;"):
+    with pytest.raises(
+        UnusableInputError, match=r"src: no recognisable preference format \(columns: a, post;"
+    ):
         detect_format(["post", "a"], cols, "src")
 
 
@@ -500,8 +669,15 @@ _DETECT_ROWS = {
 }
 
 
-@pytest.mark.parametrize("expected, kind", [(f, k) for f in _DETECT_ROWS for k in ("jsonl", "csv", "parquet")
-                                            if not (f == "ranked" and k == "csv")])  # CSV has no list values
+@pytest.mark.parametrize(
+    "expected, kind",
+    [
+        (f, k)
+        for f in _DETECT_ROWS
+        for k in ("jsonl", "csv", "parquet")
+        if not (f == "ranked" and k == "csv")
+    ],
+)  # CSV has no list values
 def test_auto_detection_per_source_kind(expected, kind, tmp_path: Path) -> None:
     rows = _DETECT_ROWS[expected]
     writer = {"jsonl": write_jsonl, "csv": write_csv, "parquet": write_parquet}[kind]
@@ -517,7 +693,10 @@ def test_explicit_format_with_missing_columns(tmp_path: Path) -> None:
         ingest(tmp_path, path, format="ranked")
     msg = str(info.value)
     assert str(path) in msg and "responses, ranks" in msg and "'ranked'" in msg
-    with pytest.raises(UnusableInputError, match=r"missing required column\(s\) text, summary_1, summary_2, preference"):
+    with pytest.raises(
+        UnusableInputError,
+        match=r"missing required column\(s\) text, summary_1, summary_2, preference",
+    ):
         ingest(tmp_path, path, format="comparison")
     # an explicit format that fits is used even when auto-detection would say otherwise
     report, frame, _ = ingest(tmp_path, path, format="hh", out_name="hh")
@@ -527,32 +706,44 @@ def test_explicit_format_with_missing_columns(tmp_path: Path) -> None:
 
 def test_unrecognisable_columns(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "x.jsonl", [{"question": "q", "answer": "a"}])
-    with pytest.raises(UnusableInputError, match=r"no recognisable preference format \(columns: answer, question;"):
+    with pytest.raises(
+        UnusableInputError, match=r"no recognisable preference format \(columns: answer, question;"
+    ):
         ingest(tmp_path, path)
     assert not (tmp_path / "ingest").exists() and no_partials(tmp_path)
 
 
-@pytest.mark.parametrize("case, match", [
-    ("empty.jsonl", "empty file"),
-    ("empty.csv", "empty file"),
-    ("empty.parquet", "empty file"),
-    ("header_only.csv", "no records"),
-    ("blank_only.jsonl", "no records"),
-    ("missing.jsonl", "no such file"),
-    ("data.txt", "unknown file type"),
-    ("not_a_dataset", "not a dataset saved with datasets.save_to_disk"),
-    ("empty_list.json", "no records"),
-    ("object.json", "without a list of records"),
-    ("scalar.json", "expected a list of records, got int"),
-    ("broken.json", "not valid JSON"),
-    ("garbage.parquet", "not a readable parquet file"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("empty.jsonl", "empty file"),
+        ("empty.csv", "empty file"),
+        ("empty.parquet", "empty file"),
+        ("header_only.csv", "no records"),
+        ("blank_only.jsonl", "no records"),
+        ("missing.jsonl", "no such file"),
+        ("data.txt", "unknown file type"),
+        ("not_a_dataset", "not a dataset saved with datasets.save_to_disk"),
+        ("empty_list.json", "no records"),
+        ("object.json", "without a list of records"),
+        ("scalar.json", "expected a list of records, got int"),
+        ("broken.json", "not valid JSON"),
+        ("garbage.parquet", "not a readable parquet file"),
+    ],
+)
 def test_unusable_sources(case: str, match: str, tmp_path: Path) -> None:
     path = tmp_path / case
     contents = {
-        "empty.jsonl": b"", "empty.csv": b"", "empty.parquet": b"", "header_only.csv": b"prompt,chosen,rejected\n",
-        "blank_only.jsonl": b"\n  \n\n", "data.txt": b"prompt,chosen,rejected\na,b,c\n", "empty_list.json": b"[]",
-        "object.json": b'{"meta": {"n": 1}}', "scalar.json": b"42", "broken.json": b'[{"prompt": ',
+        "empty.jsonl": b"",
+        "empty.csv": b"",
+        "empty.parquet": b"",
+        "header_only.csv": b"prompt,chosen,rejected\n",
+        "blank_only.jsonl": b"\n  \n\n",
+        "data.txt": b"prompt,chosen,rejected\na,b,c\n",
+        "empty_list.json": b"[]",
+        "object.json": b'{"meta": {"n": 1}}',
+        "scalar.json": b"42",
+        "broken.json": b'[{"prompt": ',
         "garbage.parquet": b"this is not parquet at all",
     }
     if case == "not_a_dataset":
@@ -579,20 +770,20 @@ GOOD = '{"prompt": "p%d", "chosen": "c%d", "rejected": "r%d"}'
 
 def test_broken_jsonl_lines_each_quarantined_with_line_and_reason(tmp_path: Path) -> None:
     lines: list[bytes | str] = [
-        GOOD % (1, 1, 1),                                                    # 1 ok
-        '{"prompt": "p2", "chosen": "c2", "rejected": ',                    # 2 broken JSON
-        '["a", "list"]',                                                      # 3 not an object
-        "",                                                                   # 4 blank
-        '{"prompt": "p5", "chosen": 5, "rejected": "r5"}',                  # 5 chosen is a number
+        GOOD % (1, 1, 1),  # 1 ok
+        '{"prompt": "p2", "chosen": "c2", "rejected": ',  # 2 broken JSON
+        '["a", "list"]',  # 3 not an object
+        "",  # 4 blank
+        '{"prompt": "p5", "chosen": 5, "rejected": "r5"}',  # 5 chosen is a number
         '{"prompt": "p6", "chosen": "c6", "rejected": "r6", "p_chosen": "abc"}',  # 6 p_chosen not a number
-        '{"prompt": "p7", "chosen": "c7"}',                                  # 7 rejected missing
-        b'\xff\xfe{"prompt": "p8", "chosen": "c8", "rejected": "r8"}',       # 8 undecodable bytes
-        "   \t",                                                              # 9 whitespace only
-        '"just a string"',                                                   # 10 not an object
-        '{"prompt": null, "chosen": "c11", "rejected": "r11"}',              # 11 prompt null
+        '{"prompt": "p7", "chosen": "c7"}',  # 7 rejected missing
+        b'\xff\xfe{"prompt": "p8", "chosen": "c8", "rejected": "r8"}',  # 8 undecodable bytes
+        "   \t",  # 9 whitespace only
+        '"just a string"',  # 10 not an object
+        '{"prompt": null, "chosen": "c11", "rejected": "r11"}',  # 11 prompt null
         '{"prompt": "p12", "chosen": "c12", "rejected": "r12", "margin": "big"}',  # 12 margin not a number
-        '{"prompt": "p13", "chosen": "c13", "rejected": ["r13"]}',           # 13 rejected is a list
-        GOOD % (14, 14, 14),                                                 # 14 ok
+        '{"prompt": "p13", "chosen": "c13", "rejected": ["r13"]}',  # 13 rejected is a list
+        GOOD % (14, 14, 14),  # 14 ok
     ]
     path = write_lines(tmp_path / "broken.jsonl", lines)
     report, frame, failures = ingest(tmp_path, path)
@@ -614,7 +805,9 @@ def test_broken_jsonl_lines_each_quarantined_with_line_and_reason(tmp_path: Path
     assert report["blank_lines"] == 2
     assert report["records"] == 12 and report["ingest_failures"] == 10
 
-    vreport = validate_normalised(tmp_path / "ingest", tmp_path / "valid", DataConfig(), enforce=False)
+    vreport = validate_normalised(
+        tmp_path / "ingest", tmp_path / "valid", DataConfig(), enforce=False
+    )
     assert vreport["valid"] + vreport["quarantined"] + vreport["blank_lines"] == len(lines)
     assert vreport["valid"] == 2 and vreport["quarantined_at_ingest"] == 10
     assert vreport["reasons"]["broken JSON"] == 1
@@ -627,28 +820,38 @@ def test_broken_jsonl_lines_each_quarantined_with_line_and_reason(tmp_path: Path
 
 def test_wrong_types_on_the_arrow_fast_path(tmp_path: Path) -> None:
     """A chunk arrow can parse (consistent types) but whose values are of the wrong type."""
-    path = write_lines(tmp_path / "types.jsonl", [
-        '{"prompt": "p1", "chosen": 1, "rejected": "r1", "p_chosen": 0.5}',
-        '{"prompt": "p2", "chosen": 2, "rejected": "r2", "p_chosen": 0.5}',
-    ])
+    path = write_lines(
+        tmp_path / "types.jsonl",
+        [
+            '{"prompt": "p1", "chosen": 1, "rejected": "r1", "p_chosen": 0.5}',
+            '{"prompt": "p2", "chosen": 2, "rejected": "r2", "p_chosen": 0.5}',
+        ],
+    )
     _, frame, failures = ingest(tmp_path, path)
     assert len(frame) == 0
     assert [(f["source_row"], f["reasons"]) for f in failures] == [
-        (1, ["field 'chosen' must be a string, got int"]), (2, ["field 'chosen' must be a string, got int"])]
+        (1, ["field 'chosen' must be a string, got int"]),
+        (2, ["field 'chosen' must be a string, got int"]),
+    ]
 
 
 def test_bool_p_chosen_alone_is_rejected(tmp_path: Path) -> None:
-    path = write_lines(tmp_path / "b.jsonl", ['{"prompt": "p", "chosen": "a", "rejected": "b", "p_chosen": true}'])
+    path = write_lines(
+        tmp_path / "b.jsonl", ['{"prompt": "p", "chosen": "a", "rejected": "b", "p_chosen": true}']
+    )
     _, frame, failures = ingest(tmp_path, path)
     assert len(frame) == 0
     assert failures[0]["reasons"] == ["field 'p_chosen' must be a number, got bool"]
 
 
 def test_bool_p_chosen_mixed_with_numbers_is_rejected(tmp_path: Path) -> None:
-    path = write_lines(tmp_path / "b.jsonl", [
-        '{"prompt": "p", "chosen": "a", "rejected": "b", "p_chosen": 0.5}',
-        '{"prompt": "q", "chosen": "a", "rejected": "b", "p_chosen": false}',
-    ])
+    path = write_lines(
+        tmp_path / "b.jsonl",
+        [
+            '{"prompt": "p", "chosen": "a", "rejected": "b", "p_chosen": 0.5}',
+            '{"prompt": "q", "chosen": "a", "rejected": "b", "p_chosen": false}',
+        ],
+    )
     _, frame, failures = ingest(tmp_path, path)
     assert frame["source_row"].tolist() == [1]
     assert [f["source_row"] for f in failures] == [2]
@@ -657,19 +860,29 @@ def test_bool_p_chosen_mixed_with_numbers_is_rejected(tmp_path: Path) -> None:
 
 def test_broken_csv_rows(tmp_path: Path) -> None:
     path = tmp_path / "broken.csv"
-    path.write_bytes(b"".join([
-        b"prompt,chosen,rejected,p_chosen\n",      # 1 header
-        b"p2,c2,r2,0.5\n",                         # 2 ok
-        b"p3,c3,r3,0.5,extra\n",                   # 3 too many fields
-        b"p4,c4\xff\xfe,r4,1\n",                   # 4 undecodable bytes
-        b"p5,c5,r5,abc\n",                         # 5 p_chosen not a number
-        b"p6,c6\n",                                # 6 too few fields
-        b'"p7, quoted","c7 ""q""",r7,\n',          # 7 ok (quoted; empty p_chosen -> 1.0)
-    ]))
+    path.write_bytes(
+        b"".join(
+            [
+                b"prompt,chosen,rejected,p_chosen\n",  # 1 header
+                b"p2,c2,r2,0.5\n",  # 2 ok
+                b"p3,c3,r3,0.5,extra\n",  # 3 too many fields
+                b"p4,c4\xff\xfe,r4,1\n",  # 4 undecodable bytes
+                b"p5,c5,r5,abc\n",  # 5 p_chosen not a number
+                b"p6,c6\n",  # 6 too few fields
+                b'"p7, quoted","c7 ""q""",r7,\n',  # 7 ok (quoted; empty p_chosen -> 1.0)
+            ]
+        )
+    )
     report, frame, failures = ingest(tmp_path, path)
     assert records(frame, ["prompt", "chosen", "rejected", "p_chosen", "source_row"]) == [
         {"prompt": "p2", "chosen": "c2", "rejected": "r2", "p_chosen": 0.5, "source_row": 2},
-        {"prompt": "p7, quoted", "chosen": 'c7 "q"', "rejected": "r7", "p_chosen": 1.0, "source_row": 7},
+        {
+            "prompt": "p7, quoted",
+            "chosen": 'c7 "q"',
+            "rejected": "r7",
+            "p_chosen": 1.0,
+            "source_row": 7,
+        },
     ]
     by_row = {f["source_row"]: f["reasons"] for f in failures}
     assert by_row == {
@@ -678,7 +891,9 @@ def test_broken_csv_rows(tmp_path: Path) -> None:
         5: ["field 'p_chosen' must be a number, got 'abc'"],
         6: ["malformed CSV row: 2 fields, header has 4"],
     }
-    vreport = validate_normalised(tmp_path / "ingest", tmp_path / "valid", DataConfig(), enforce=False)
+    vreport = validate_normalised(
+        tmp_path / "ingest", tmp_path / "valid", DataConfig(), enforce=False
+    )
     assert vreport["valid"] + vreport["quarantined"] == 6  # data lines (header excluded)
     assert vreport["reasons"]["malformed CSV row: 5 fields, header has 4"] == 1
 
@@ -688,20 +903,27 @@ def test_undecodable_bytes_in_gz_csv(tmp_path: Path) -> None:
     path.write_bytes(gzip.compress(b"prompt,chosen,rejected\n\xff\xfe,c,r\np,c,r\n"))
     _, frame, failures = ingest(tmp_path, path)
     assert triples(frame) == [("p", "c", "r")]
-    assert [(f["source_row"], f["reasons"]) for f in failures] == [(2, ["undecodable bytes (not UTF-8)"])]
+    assert [(f["source_row"], f["reasons"]) for f in failures] == [
+        (2, ["undecodable bytes (not UTF-8)"])
+    ]
 
 
 def test_undecodable_bytes_inside_a_json_string(tmp_path: Path) -> None:
-    path = write_lines(tmp_path / "u.jsonl", [
-        GOOD % (1, 1, 1),
-        b'{"prompt": "p2\xff\xfe", "chosen": "c2", "rejected": "r2"}',
-        GOOD % (3, 3, 3),
-    ])
+    path = write_lines(
+        tmp_path / "u.jsonl",
+        [
+            GOOD % (1, 1, 1),
+            b'{"prompt": "p2\xff\xfe", "chosen": "c2", "rejected": "r2"}',
+            GOOD % (3, 3, 3),
+        ],
+    )
     _, frame, failures = ingest(tmp_path, path)
     assert [f["source_row"] for f in failures] == [2]
     assert failures[0]["reasons"][0].startswith("undecodable bytes (not UTF-8)")
     assert frame["source_row"].tolist() == [1, 3]
-    report = validate_normalised(tmp_path / "ingest", tmp_path / "valid", DataConfig(), enforce=False)
+    report = validate_normalised(
+        tmp_path / "ingest", tmp_path / "valid", DataConfig(), enforce=False
+    )
     assert report["valid"] == 2 and report["quarantined"] == 1
 
 
@@ -715,18 +937,26 @@ def test_jsonl_line_count_invariant(tmp_path: Path) -> None:
         elif roll < 0.10:
             lines.append('{"prompt": "broken')
         elif roll < 0.15:
-            lines.append(f'{{"prompt": "p{i}", "chosen": "same", "rejected": "same"}}')  # fails validation
+            lines.append(
+                f'{{"prompt": "p{i}", "chosen": "same", "rejected": "same"}}'
+            )  # fails validation
         else:
             lines.append(GOOD % (i, i, i))
     path = write_lines(tmp_path / "mix.jsonl", lines)
     ingest(tmp_path, path, chunk_rows=64)
-    report = validate_normalised(tmp_path / "ingest", tmp_path / "valid", DataConfig(), enforce=False)
+    report = validate_normalised(
+        tmp_path / "ingest", tmp_path / "valid", DataConfig(), enforce=False
+    )
     assert report["valid"] + report["quarantined"] + report["blank_lines"] == len(lines)
     assert report["blank_lines"] == sum(1 for ln in lines if not ln)
     valid = pd.read_parquet(tmp_path / "valid" / "valid.parquet")
-    quarantine = [json.loads(x) for x in (tmp_path / "valid" / "quarantine.jsonl").read_text().splitlines()]
+    quarantine = [
+        json.loads(x) for x in (tmp_path / "valid" / "quarantine.jsonl").read_text().splitlines()
+    ]
     blank = [i for i, ln in enumerate(lines, start=1) if not ln]
-    assert sorted(valid["source_row"].tolist() + [q["source_row"] for q in quarantine] + blank) == list(range(1, len(lines) + 1))
+    assert sorted(
+        valid["source_row"].tolist() + [q["source_row"] for q in quarantine] + blank
+    ) == list(range(1, len(lines) + 1))
 
 
 def test_csv_blank_lines_are_counted(tmp_path: Path) -> None:
@@ -739,7 +969,9 @@ def test_csv_blank_lines_are_counted(tmp_path: Path) -> None:
 
 def test_file_with_only_broken_lines_names_the_first_problem(tmp_path: Path) -> None:
     path = write_lines(tmp_path / "broken.jsonl", ['{"prompt": ', "{nope"])
-    with pytest.raises(UnusableInputError, match=r"no record could be parsed \(first problem: broken JSON"):
+    with pytest.raises(
+        UnusableInputError, match=r"no record could be parsed \(first problem: broken JSON"
+    ):
         ingest(tmp_path, path)
 
 
@@ -752,10 +984,15 @@ def test_file_with_only_broken_lines_is_unusable(tmp_path: Path) -> None:
 
 # -- fast arrow path vs exact fallback ---------------------------------------------------------------------
 
+
 def _big_rows(n: int) -> list[dict]:
     rows = []
     for i in range(1, n + 1):
-        row = {"prompt": f"prompt {i}, \"quoted\" é", "chosen": f"chosen {i}", "rejected": f"rejected {i}"}
+        row = {
+            "prompt": f'prompt {i}, "quoted" é',
+            "chosen": f"chosen {i}",
+            "rejected": f"rejected {i}",
+        }
         if i % 3 == 0:
             row["p_chosen"] = 0.5 + (i % 5) / 10
         if i % 7 == 0:
@@ -787,9 +1024,18 @@ def test_fast_and_exact_paths_agree(tmp_path: Path) -> None:
     assert exact_failures == broken_failures
 
     # the expected rows straight from the input (defaults: label_source human, p_chosen 1.0, margin null)
-    expected = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
-                 "label_source": r.get("label_source", "human"), "p_chosen": r.get("p_chosen", 1.0),
-                 "margin": r.get("margin"), "source_row": i} for i, r in enumerate(rows, start=1)]
+    expected = [
+        {
+            "prompt": r["prompt"],
+            "chosen": r["chosen"],
+            "rejected": r["rejected"],
+            "label_source": r.get("label_source", "human"),
+            "p_chosen": r.get("p_chosen", 1.0),
+            "margin": r.get("margin"),
+            "source_row": i,
+        }
+        for i, r in enumerate(rows, start=1)
+    ]
     assert records(clean_frame) == expected
     expected = [r for r in expected if r["source_row"] != broken_line]
     assert records(broken_frame) == expected
@@ -797,8 +1043,14 @@ def test_fast_and_exact_paths_agree(tmp_path: Path) -> None:
 
 
 def test_fast_path_keeps_date_like_strings(tmp_path: Path) -> None:
-    rows = [{"prompt": "When did the Berlin wall fall?", "chosen": "1989-11-09", "rejected": "1961-08-13"},
-            {"prompt": "When is new year?", "chosen": "2024-01-01", "rejected": "2024-12-25"}]
+    rows = [
+        {
+            "prompt": "When did the Berlin wall fall?",
+            "chosen": "1989-11-09",
+            "rejected": "1961-08-13",
+        },
+        {"prompt": "When is new year?", "chosen": "2024-01-01", "rejected": "2024-12-25"},
+    ]
     path = write_jsonl(tmp_path / "dates.jsonl", rows)
     _, frame, failures = ingest(tmp_path, path)
     assert failures == []

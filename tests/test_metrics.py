@@ -1,7 +1,13 @@
 import numpy as np
 import pytest
 
-from rlhf_core.metrics import accuracy, calibration_curve, cohen_kappa, expected_calibration_error, roc_auc
+from rlhf_core.metrics import (
+    accuracy,
+    calibration_curve,
+    cohen_kappa,
+    expected_calibration_error,
+    roc_auc,
+)
 
 
 def test_accuracy_known_answers():
@@ -32,5 +38,7 @@ def test_calibration_and_ece_known_answers():
     assert [b["count"] for b in curve] == [1, 1, 0, 0, 0, 0, 0, 0, 0, 2]
     assert curve[9]["mean_predicted"] == pytest.approx(0.95) and curve[9]["observed"] == 0.5
     # ECE = 1/4*|.05-0| + 1/4*|.15-1| + 2/4*|.95-.5|
-    assert expected_calibration_error(p, truth) == pytest.approx(0.25 * 0.05 + 0.25 * 0.85 + 0.5 * 0.45)
+    assert expected_calibration_error(p, truth) == pytest.approx(
+        0.25 * 0.05 + 0.25 * 0.85 + 0.5 * 0.45
+    )
     assert expected_calibration_error(np.array([1.0, 0.0]), np.array([1, 0])) == 0.0

@@ -6,9 +6,10 @@ import shutil
 import pytest
 import torch
 
+from rlhf_core.config import LoraSection
 from rlhf_core.errors import UserError
 from rlhf_core.models.chat import ChatFormat
-from rlhf_core.models.loading import LoraSettings, add_lora, load_causal_lm, load_sequence_classifier, save_model
+from rlhf_core.models.loading import add_lora, load_causal_lm, load_sequence_classifier, save_model
 from rlhf_core.models.scratch import PRESETS
 
 
@@ -27,7 +28,9 @@ def test_scratch_model_is_a_normal_hf_folder_and_round_trips(arch, tiny_gpt2, ti
     a = load_causal_lm(str(src), device="cpu")
     n = sum(p.numel() for p in a.model.parameters())
     assert 1_000_000 <= n <= 3_000_000  # the 'tiny' preset
-    assert json.loads((src / "config.json").read_text())["model_type"] == ("gpt2" if arch == "gpt2" else "llama")
+    assert json.loads((src / "config.json").read_text())["model_type"] == (
+        "gpt2" if arch == "gpt2" else "llama"
+    )
     save_model(a.model, a.tokenizer, tmp_path / "copy")
     b = load_causal_lm(str(tmp_path / "copy"), device="cpu")
     assert torch.equal(logits(a.model, a.tokenizer), logits(b.model, b.tokenizer))
@@ -38,7 +41,7 @@ def test_scratch_model_is_a_normal_hf_folder_and_round_trips(arch, tiny_gpt2, ti
 def test_small_preset_size():
     p = PRESETS["small"]
     # embeddings + 12 h^2 per layer: the demo model is 10-30M parameters
-    approx = p.vocab_size * p.hidden + p.context * p.hidden + p.layers * 12 * p.hidden ** 2
+    approx = p.vocab_size * p.hidden + p.context * p.hidden + p.layers * 12 * p.hidden**2
     assert 10e6 <= approx <= 30e6
 
 
@@ -70,7 +73,7 @@ def test_lora_off_and_on(tiny_gpt2, tmp_path):
     base = load_causal_lm(str(tiny_gpt2), device="cpu", eval_mode=False)
     ref_logits = logits(base.model, base.tokenizer)
     total = sum(p.numel() for p in base.model.parameters())
-    lora = add_lora(base.model, LoraSettings(r=4, alpha=8))
+    lora = add_lora(base.model, LoraSection(enabled=True, r=4, alpha=8))
     trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
     assert 0 < trainable < total * 0.2
 
@@ -107,20 +110,27 @@ def test_plain_chat_format_known_answer(tiny_gpt2):
     tok = load_causal_lm(str(tiny_gpt2), device="cpu").tokenizer
     fmt = ChatFormat(tok)
     assert not fmt.has_template
-    assert fmt.prompt_text("How do I boil an egg?") == "\n\nHuman: How do I boil an egg?\n\nAssistant:"
+    assert (
+        fmt.prompt_text("How do I boil an egg?") == "\n\nHuman: How do I boil an egg?\n\nAssistant:"
+    )
     assert fmt.response_text("  Put it in water.  ") == " Put it in water."
     # HH-RLHF transcripts already end in the assistant marker and are used as they are
     hh = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bye\n\nAssistant:"
     assert fmt.prompt_text(hh) == hh
     p_ids, r_ids = fmt.encode("How do I boil an egg?", "Put it in water.")
     assert r_ids[-1] == tok.eos_token_id
-    assert tok.decode(p_ids + r_ids[:-1]) == "\n\nHuman: How do I boil an egg?\n\nAssistant: Put it in water."
+    assert (
+        tok.decode(p_ids + r_ids[:-1])
+        == "\n\nHuman: How do I boil an egg?\n\nAssistant: Put it in water."
+    )
 
 
 def test_chat_template_used_when_present(tiny_gpt2):
     tok = load_causal_lm(str(tiny_gpt2), device="cpu").tokenizer
-    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
-                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
     fmt = ChatFormat(tok)
     assert fmt.has_template
     assert fmt.prompt_text("Hi") == "<|user|>Hi<|assistant|>"

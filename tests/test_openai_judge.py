@@ -17,8 +17,10 @@ from rlhf_core.judges.labeling import LabelCache, label_pairs
 from rlhf_core.judges.openai_compat import OpenAIJudge, RateLimiter, backoff_delays
 from rlhf_core.services import free_ports
 
-CHAT_TEMPLATE = ("{% for m in messages %}\n\n{{ 'Human' if m['role'] == 'user' else 'Assistant' }}: {{ m['content'] }}{% endfor %}"
-                 "{% if add_generation_prompt %}\n\nAssistant:{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}\n\n{{ 'Human' if m['role'] == 'user' else 'Assistant' }}: {{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}\n\nAssistant:{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +35,31 @@ def served_model(tiny_gpt2, tmp_path_factory):
     exe = shutil.which("transformers") or str(Path(sys.executable).parent / "transformers")
     (port,) = free_ports(1)
     log = open(folder.parent / "serve.log", "wb")
-    proc = subprocess.Popen([exe, "serve", str(folder), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            exe,
+            "serve",
+            str(folder),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        start_new_session=True,
+    )
     import httpx
 
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"transformers serve exited: {(folder.parent / 'serve.log').read_text()[-2000:]}")
+            pytest.fail(
+                f"transformers serve exited: {(folder.parent / 'serve.log').read_text()[-2000:]}"
+            )
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                 break
@@ -55,7 +74,10 @@ def short_constitution():
     """The tiny served model has a 256-token context: keep the judge's question short."""
     from rlhf_core.judges.constitution import Constitution, Principle
 
-    return Constitution(intro="Pick the better reply.", principles=[Principle(name="helpful", text="Prefer the more helpful reply.")])
+    return Constitution(
+        intro="Pick the better reply.",
+        principles=[Principle(name="helpful", text="Prefer the more helpful reply.")],
+    )
 
 
 PROMPTS = ["How do I boil an egg?", "What is rain?"]
@@ -66,28 +88,56 @@ B = ["No.", "Look it up yourself."]
 def test_judges_through_a_real_server_by_votes(served_model, tmp_path, monkeypatch):
     url, model = served_model
     monkeypatch.setenv("RLHF_TEST_KEY", "sk-test-secret")
-    judge = OpenAIJudge(short_constitution(), url, model, api_key_env="RLHF_TEST_KEY", votes=3, concurrency=2, seed=7)
+    judge = OpenAIJudge(
+        short_constitution(),
+        url,
+        model,
+        api_key_env="RLHF_TEST_KEY",
+        votes=3,
+        concurrency=2,
+        seed=7,
+    )
     p = judge.prefer(PROMPTS, A, B)
     assert p.shape == (2,) and ((p > 0) & (p < 1)).all()
-    assert judge._server_gives_logprobs is False  # transformers serve ignores logprobs: votes were used
+    assert (
+        judge._server_gives_logprobs is False
+    )  # transformers serve ignores logprobs: votes were used
     # 1 logprob probe + 3 votes for the first; the second may skip the probe
     assert 2 * 3 + 1 <= judge.stats.requests <= 2 * 4 and judge.stats.errors == 0
     assert judge.stats.prompt_tokens > 0 and judge.stats.completion_tokens > 0
     assert "sk-test-secret" not in judge.label_version  # versions are logged; keys never are
     # seeded sampling: the same question gives the same votes
-    again = OpenAIJudge(short_constitution(), url, model, api_key_env="RLHF_TEST_KEY", votes=3, concurrency=2, seed=7)
+    again = OpenAIJudge(
+        short_constitution(),
+        url,
+        model,
+        api_key_env="RLHF_TEST_KEY",
+        votes=3,
+        concurrency=2,
+        seed=7,
+    )
     assert np.allclose(again.prefer(PROMPTS, A, B), p)
     # through the labeller: both orders, cached
     cache = LabelCache(tmp_path / "c.sqlite")
     first = label_pairs(judge, PROMPTS, A, B, cache=cache)
     assert first.p_backward is not None and first.position_consistency is not None
     requests = judge.stats.requests
-    assert label_pairs(judge, PROMPTS, A, B, cache=cache).judged == 0 and judge.stats.requests == requests
+    assert (
+        label_pairs(judge, PROMPTS, A, B, cache=cache).judged == 0
+        and judge.stats.requests == requests
+    )
 
 
 def test_unreachable_endpoint_fails_after_retries_with_one_line():
     (port,) = free_ports(1)  # nothing listens there
-    judge = OpenAIJudge(load_constitution(), f"http://127.0.0.1:{port}/v1", "m", max_retries=2, backoff_base=0.01, timeout=2)
+    judge = OpenAIJudge(
+        load_constitution(),
+        f"http://127.0.0.1:{port}/v1",
+        "m",
+        max_retries=2,
+        backoff_base=0.01,
+        timeout=2,
+    )
     with pytest.raises(UserError) as err:
         judge.prefer(PROMPTS[:1], A[:1], B[:1])
     assert "after 3 attempts" in str(err.value) and "\n" not in str(err.value)
@@ -114,5 +164,7 @@ def test_rate_limiter_spaces_requests():
     limiter = RateLimiter(4.0, clock=lambda: now[0], sleep=sleep)
     for _ in range(5):
         limiter.wait()
-    assert slept == pytest.approx([0.25, 0.25, 0.25, 0.25])  # the first goes at once, then 4 per second
+    assert slept == pytest.approx(
+        [0.25, 0.25, 0.25, 0.25]
+    )  # the first goes at once, then 4 per second
     assert RateLimiter(None).interval == 0

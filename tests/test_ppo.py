@@ -7,8 +7,8 @@ import torch
 
 from rlhf_core.config import ModelConfig, PPOConfig
 from rlhf_core.models.loading import load_causal_lm
+from rlhf_core.ppo.build import build_ppo_trainer
 from rlhf_core.ppo.core import logprobs_from_logits
-from rlhf_core.ppo.pipeline import build_ppo_trainer
 from rlhf_core.ppo.rollout import left_pad, response_logits, sample
 from rlhf_core.ppo.trainer import PPODiverged
 from tests.helpers import assert_kill_and_resume_is_exact, demo_rows, untrained_reward_dir
@@ -28,13 +28,25 @@ def test_sampling_logprobs_match_a_full_forward_pass(tiny_gpt2):
     assert len({len(i) for i in ids}) > 1  # the batch really is left-padded
     queries, qmask = left_pad(ids, tok.pad_token_id, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
-    batch, logprobs = sample(lm.model, queries, qmask, 20, temperature=0.7, top_p=0.9, eos_id=tok.eos_token_id,
-                             pad_id=tok.pad_token_id, generator=g)
+    batch, logprobs = sample(
+        lm.model,
+        queries,
+        qmask,
+        20,
+        temperature=0.7,
+        top_p=0.9,
+        eos_id=tok.eos_token_id,
+        pad_id=tok.pad_token_id,
+        generator=g,
+    )
     with torch.no_grad():
         full = logprobs_from_logits(response_logits(lm.model, batch)[0], batch.responses, 0.7)
         # the LM head on response positions only (logits_to_keep) gives what slicing every position's logits gives
-        every = lm.model(input_ids=batch.input_ids.masked_fill(~batch.attention_mask, 0), attention_mask=batch.attention_mask,
-                         position_ids=batch.position_ids).logits[:, queries.size(1) - 1:-1]
+        every = lm.model(
+            input_ids=batch.input_ids.masked_fill(~batch.attention_mask, 0),
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+        ).logits[:, queries.size(1) - 1 : -1]
     assert torch.allclose(response_logits(lm.model, batch)[0], every, atol=1e-5)
     assert torch.allclose(full * batch.mask, logprobs, atol=1e-4)
     for row, m in zip(batch.responses, batch.mask):
@@ -43,10 +55,27 @@ def test_sampling_logprobs_match_a_full_forward_pass(tiny_gpt2):
         assert (row[~m] == tok.pad_token_id).all()
     # one row alone gives the same tokens as in the padded batch (padding does not shift positions)
     g1 = torch.Generator().manual_seed(5)
-    single, _ = sample(lm.model, queries[:1, qmask[0].long().argmax():], qmask[:1, qmask[0].long().argmax():], 8, temperature=1e-4,
-                       eos_id=None, pad_id=tok.pad_token_id, generator=g1)
+    single, _ = sample(
+        lm.model,
+        queries[:1, qmask[0].long().argmax() :],
+        qmask[:1, qmask[0].long().argmax() :],
+        8,
+        temperature=1e-4,
+        eos_id=None,
+        pad_id=tok.pad_token_id,
+        generator=g1,
+    )
     g2 = torch.Generator().manual_seed(5)
-    padded, _ = sample(lm.model, queries, qmask, 8, temperature=1e-4, eos_id=None, pad_id=tok.pad_token_id, generator=g2)
+    padded, _ = sample(
+        lm.model,
+        queries,
+        qmask,
+        8,
+        temperature=1e-4,
+        eos_id=None,
+        pad_id=tok.pad_token_id,
+        generator=g2,
+    )
     assert single.responses[0].tolist() == padded.responses[0].tolist()
 
 
@@ -60,12 +89,23 @@ def test_compiled_decoding_samples_what_eager_decoding_samples(tiny_gpt2):
     lm = load_causal_lm(str(tiny_gpt2), device="cpu")
     tok, model = lm.tokenizer, lm.model
     fmt = ChatFormat(tok)
-    queries, qmask = left_pad([fmt.encode(p)[0] for p in PROMPTS[:5]], tok.pad_token_id, torch.device("cpu"))
+    queries, qmask = left_pad(
+        [fmt.encode(p)[0] for p in PROMPTS[:5]], tok.pad_token_id, torch.device("cpu")
+    )
     compiled = CompiledDecoding(model, queries.size(1) + 12)
 
     def run(seed, with_compiled):
-        return sample(model, queries, qmask, 12, temperature=0.8, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                      generator=torch.Generator().manual_seed(seed), compiled=compiled if with_compiled else None)
+        return sample(
+            model,
+            queries,
+            qmask,
+            12,
+            temperature=0.8,
+            eos_id=tok.eos_token_id,
+            pad_id=tok.pad_token_id,
+            generator=torch.Generator().manual_seed(seed),
+            compiled=compiled if with_compiled else None,
+        )
 
     for step in range(2):
         (eager, lp_eager), (comp, lp_comp) = run(step, False), run(step, True)
@@ -80,7 +120,9 @@ def test_compiled_decoding_samples_what_eager_decoding_samples(tiny_gpt2):
         fallback, lp_fallback = run(3, True)
     eager, lp_eager = run(3, False)
     assert compiled.failure == "RuntimeError: no C++ compiler"
-    assert torch.equal(fallback.responses, eager.responses) and torch.allclose(lp_fallback, lp_eager)
+    assert torch.equal(fallback.responses, eager.responses) and torch.allclose(
+        lp_fallback, lp_eager
+    )
 
 
 def test_fused_gelu_is_the_same_function_and_leaves_the_saved_model_alone(tiny_gpt2, tmp_path):
@@ -102,7 +144,9 @@ def test_fused_gelu_is_the_same_function_and_leaves_the_saved_model_alone(tiny_g
     assert fuse_activations(model) == 0  # idempotent
     assert torch.allclose(model(input_ids=ids).logits, before, atol=1e-5)
     model(input_ids=ids).logits.sum().backward()
-    assert all(torch.allclose(p.grad, g, atol=1e-4, rtol=1e-4) for p, g in zip(model.parameters(), grads))
+    assert all(
+        torch.allclose(p.grad, g, atol=1e-4, rtol=1e-4) for p, g in zip(model.parameters(), grads)
+    )
     save_model(model, lm.tokenizer, tmp_path / "saved")
     reloaded = load_causal_lm(str(tmp_path / "saved"), device="cpu").model
     assert reloaded.config.activation_function == "gelu_new"
@@ -111,19 +155,53 @@ def test_fused_gelu_is_the_same_function_and_leaves_the_saved_model_alone(tiny_g
 
 def test_ppo_raises_the_reward_with_bounded_kl(demo_policy_and_reward):
     sft, rm = demo_policy_and_reward
-    cfg = PPOConfig(iterations=30, batch_size=16, mini_batch_size=8, micro_batch_size=8, ppo_epochs=2, max_new_tokens=24, lr=5e-5,
-                    beta=0.05, device="cpu", kl_hard_limit=20.0, checkpoint_every=1000)
+    cfg = PPOConfig(
+        iterations=30,
+        batch_size=16,
+        mini_batch_size=8,
+        micro_batch_size=8,
+        ppo_epochs=2,
+        max_new_tokens=24,
+        lr=5e-5,
+        beta=0.05,
+        device="cpu",
+        kl_hard_limit=20.0,
+        checkpoint_every=1000,
+    )
     logged = []
-    trainer = build_ppo_trainer(str(sft), str(rm), PROMPTS, cfg, ModelConfig(), seed=0, progress=False,
-                                on_log=lambda it, m: logged.append(m))
-    assert not trainer.rm_reads_policy_tokens  # MiniLM WordPiece vs the policy's BPE: decoded and re-tokenised
+    trainer = build_ppo_trainer(
+        str(sft),
+        str(rm),
+        PROMPTS,
+        cfg,
+        ModelConfig(),
+        seed=0,
+        progress=False,
+        on_log=lambda it, m: logged.append(m),
+    )
+    assert (
+        not trainer.rm_reads_policy_tokens
+    )  # MiniLM WordPiece vs the policy's BPE: decoded and re-tokenised
     trainer.train()
     first = sum(m["score"] for m in logged[:5]) / 5
     last = sum(m["score"] for m in logged[-5:]) / 5
     assert last > first + 0.25, (first, last)
     assert max(m["kl"] for m in logged) < 20.0
-    assert {"score_raw", "kl", "non_score_reward", "entropy", "clipfrac", "approx_kl", "policy_loss", "value_loss",
-            "explained_variance", "response_length", "eos_rate", "episodes_per_s", "tokens_per_s"} <= set(logged[0])
+    assert {
+        "score_raw",
+        "kl",
+        "non_score_reward",
+        "entropy",
+        "clipfrac",
+        "approx_kl",
+        "policy_loss",
+        "value_loss",
+        "explained_variance",
+        "response_length",
+        "eos_rate",
+        "episodes_per_s",
+        "tokens_per_s",
+    } <= set(logged[0])
 
 
 def test_killed_ppo_run_resumes_to_the_same_result(tiny_gpt2, tmp_path):
@@ -133,28 +211,62 @@ def test_killed_ppo_run_resumes_to_the_same_result(tiny_gpt2, tmp_path):
 
 def test_kl_guard_stops_with_one_line_and_keeps_the_checkpoint(tiny_gpt2, tmp_path):
     reward = untrained_reward_dir(tmp_path, str(tiny_gpt2))
-    cfg = PPOConfig(iterations=50, batch_size=8, mini_batch_size=8, micro_batch_size=8, max_new_tokens=12, lr=3e-3, beta=0.0,
-                    device="cpu", kl_hard_limit=0.5, checkpoint_every=1)
-    trainer = build_ppo_trainer(str(tiny_gpt2), str(reward), PROMPTS[:40], cfg, ModelConfig(), checkpoint_dir=tmp_path / "ckpt",
-                                progress=False)
+    cfg = PPOConfig(
+        iterations=50,
+        batch_size=8,
+        mini_batch_size=8,
+        micro_batch_size=8,
+        max_new_tokens=12,
+        lr=3e-3,
+        beta=0.0,
+        device="cpu",
+        kl_hard_limit=0.5,
+        checkpoint_every=1,
+    )
+    trainer = build_ppo_trainer(
+        str(tiny_gpt2),
+        str(reward),
+        PROMPTS[:40],
+        cfg,
+        ModelConfig(),
+        checkpoint_dir=tmp_path / "ckpt",
+        progress=False,
+    )
     with pytest.raises(PPODiverged) as err:
         trainer.train()
     msg = str(err.value)
-    assert "exceeds ppo.kl_hard_limit 0.5" in msg and "last good checkpoint" in msg and "\n" not in msg
+    assert (
+        "exceeds ppo.kl_hard_limit 0.5" in msg and "last good checkpoint" in msg and "\n" not in msg
+    )
     assert list((tmp_path / "ckpt").glob("iter-*"))
 
 
 def test_lora_policy_with_adapter_reference_and_shared_value_head(tiny_gpt2, tmp_path):
     reward = untrained_reward_dir(tmp_path, str(tiny_gpt2))
-    cfg = PPOConfig(iterations=2, batch_size=4, mini_batch_size=4, micro_batch_size=2, max_new_tokens=8, device="cpu",
-                    reference="adapter", value_model="shared", lora={"enabled": True, "r": 4, "alpha": 8})
-    trainer = build_ppo_trainer(str(tiny_gpt2), str(reward), PROMPTS[:20], cfg, ModelConfig(), progress=False)
+    cfg = PPOConfig(
+        iterations=2,
+        batch_size=4,
+        mini_batch_size=4,
+        micro_batch_size=2,
+        max_new_tokens=8,
+        device="cpu",
+        reference="adapter",
+        value_model="shared",
+        lora={"enabled": True, "r": 4, "alpha": 8},
+    )
+    trainer = build_ppo_trainer(
+        str(tiny_gpt2), str(reward), PROMPTS[:20], cfg, ModelConfig(), progress=False
+    )
     assert trainer.reference is None and trainer.shared_value
     base = {k: v.clone() for k, v in trainer.policy.state_dict().items() if "lora" not in k}
     result = trainer.train()
-    assert result.iterations == 2 and result.history[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # adapter starts at zero
+    assert result.iterations == 2 and result.history[0]["kl"] == pytest.approx(
+        0.0, abs=1e-4
+    )  # adapter starts at zero
     after = trainer.policy.state_dict()
-    assert all(torch.equal(base[k], after[k]) for k in base)  # only the adapter (and the value head) trained
+    assert all(
+        torch.equal(base[k], after[k]) for k in base
+    )  # only the adapter (and the value head) trained
 
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])
@@ -164,16 +276,37 @@ def test_every_update_starts_at_ratio_one(tiny_gpt2, tmp_path, precision):
     response positions, fused GELU); with bf16 autocast (opt-in on CPU) the old log-probabilities come from a
     full forward pass like the update's. Weights stay fp32."""
     reward = untrained_reward_dir(tmp_path, str(tiny_gpt2))
-    cfg = PPOConfig(iterations=2, batch_size=8, mini_batch_size=8, micro_batch_size=4, ppo_epochs=1, max_new_tokens=10, device="cpu",
-                    mixed_precision=precision)
-    trainer = build_ppo_trainer(str(tiny_gpt2), str(reward), PROMPTS[:20], cfg, ModelConfig(), progress=False)
+    cfg = PPOConfig(
+        iterations=2,
+        batch_size=8,
+        mini_batch_size=8,
+        micro_batch_size=4,
+        ppo_epochs=1,
+        max_new_tokens=10,
+        device="cpu",
+        mixed_precision=precision,
+    )
+    trainer = build_ppo_trainer(
+        str(tiny_gpt2), str(reward), PROMPTS[:20], cfg, ModelConfig(), progress=False
+    )
     assert trainer.autocast == (torch.bfloat16 if precision == "bf16" else None)
     history = trainer.train().history
     for h in history:  # one mini-batch, one epoch: the only update is at the rollout's own weights
-        assert h["clipfrac"] == 0.0 and abs(h["approx_kl"]) < 1e-4 and math.isfinite(h["policy_loss"])
+        assert (
+            h["clipfrac"] == 0.0 and abs(h["approx_kl"]) < 1e-4 and math.isfinite(h["policy_loss"])
+        )
     assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())
-    assert build_ppo_trainer(str(tiny_gpt2), str(reward), PROMPTS[:4], cfg.model_copy(update={"mixed_precision": "auto"}),
-                             ModelConfig(), progress=False).autocast is None  # auto: only on a GPU with bf16
+    assert (
+        build_ppo_trainer(
+            str(tiny_gpt2),
+            str(reward),
+            PROMPTS[:4],
+            cfg.model_copy(update={"mixed_precision": "auto"}),
+            ModelConfig(),
+            progress=False,
+        ).autocast
+        is None
+    )  # auto: only on a GPU with bf16
 
 
 def test_batch_sizes_must_divide():

@@ -8,9 +8,23 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhf_core.ppo.core import (AdaptiveKLController, FixedKLController, entropy_from_logits, explained_variance, gae,
-                                kl_estimate, logprobs_and_entropy, logprobs_from_logits, masked_mean, masked_var, masked_whiten, policy_loss,
-                                response_mask, token_rewards, value_loss)
+from rlhf_core.ppo.core import (
+    AdaptiveKLController,
+    FixedKLController,
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    kl_estimate,
+    logprobs_and_entropy,
+    logprobs_from_logits,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    policy_loss,
+    response_mask,
+    token_rewards,
+    value_loss,
+)
 
 
 def test_gae_by_hand():
@@ -19,12 +33,12 @@ def test_gae_by_hand():
     v = torch.tensor([[0.5, 0.4, 0.2]])
     m = torch.ones(1, 3, dtype=torch.bool)
     adv, ret = gae(r, v, m, gamma=0.9, lam=0.8)
-    d2 = 1.0 - 0.2                     # 0.8 (no next value after the last token)
-    d1 = 0.0 + 0.9 * 0.2 - 0.4         # -0.22
-    d0 = 0.0 + 0.9 * 0.4 - 0.5         # -0.14
+    d2 = 1.0 - 0.2  # 0.8 (no next value after the last token)
+    d1 = 0.0 + 0.9 * 0.2 - 0.4  # -0.22
+    d0 = 0.0 + 0.9 * 0.4 - 0.5  # -0.14
     a2 = d2
-    a1 = d1 + 0.72 * a2                # 0.356
-    a0 = d0 + 0.72 * a1                # 0.11632
+    a1 = d1 + 0.72 * a2  # 0.356
+    a0 = d0 + 0.72 * a1  # 0.11632
     assert adv[0].tolist() == pytest.approx([a0, a1, a2], abs=1e-6)
     assert ret[0].tolist() == pytest.approx([a0 + 0.5, a1 + 0.4, a2 + 0.2], abs=1e-6)
 
@@ -34,7 +48,9 @@ def test_gae_ignores_padding_after_eos():
     v = torch.tensor([[0.5, 0.4, 9.0, 9.0]])  # garbage after EOS must not leak in
     m = torch.tensor([[True, True, False, False]])
     adv, ret = gae(r, v, m, gamma=1.0, lam=1.0)
-    assert adv[0].tolist() == pytest.approx([0.5, 0.6, 0.0, 0.0])  # A_t = sum of rewards to go - V_t
+    assert adv[0].tolist() == pytest.approx(
+        [0.5, 0.6, 0.0, 0.0]
+    )  # A_t = sum of rewards to go - V_t
     assert ret[0, :2].tolist() == pytest.approx([1.0, 1.0])
 
 
@@ -65,7 +81,9 @@ def test_whitening_known_answers():
     assert float(masked_var(x, m, unbiased=False)) == pytest.approx(2 / 3)
     w = masked_whiten(x, m)
     assert w[0, :3].tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-6)
-    assert masked_whiten(x, m, shift_mean=False)[0, :3].tolist() == pytest.approx([1.0, 2.0, 3.0], abs=1e-6)
+    assert masked_whiten(x, m, shift_mean=False)[0, :3].tolist() == pytest.approx(
+        [1.0, 2.0, 3.0], abs=1e-6
+    )
 
 
 def test_policy_loss_clips():
@@ -78,7 +96,9 @@ def test_policy_loss_clips():
     # token 2: A>0, r=0.9 inside the range -> -0.9
     assert float(loss) == pytest.approx((-1.2 + 1.5 - 0.9) / 3)
     assert float(stats["clipfrac"]) == pytest.approx(1 / 3)  # only token 0 was clipped
-    assert float(stats["approx_kl"]) == pytest.approx(0.5 * (2 * math.log(1.5) ** 2 + math.log(0.9) ** 2) / 3)
+    assert float(stats["approx_kl"]) == pytest.approx(
+        0.5 * (2 * math.log(1.5) ** 2 + math.log(0.9) ** 2) / 3
+    )
 
 
 def test_value_loss_clips():
@@ -96,15 +116,23 @@ def test_masks_stop_at_the_first_eos_and_losses_ignore_padding():
     eos = 7
     responses = torch.tensor([[3, 7, 7, 2], [3, 4, 5, 6], [7, 1, 1, 1]])
     m = response_mask(responses, eos)
-    assert m.tolist() == [[True, True, False, False], [True, True, True, True], [True, False, False, False]]
+    assert m.tolist() == [
+        [True, True, False, False],
+        [True, True, True, True],
+        [True, False, False, False],
+    ]
     adv = torch.ones(3, 4)
     logp = torch.zeros(3, 4)
     garbage = logp.clone()
     garbage[~m] = 50.0  # anything after EOS
-    assert float(policy_loss(garbage, logp, adv, m)[0]) == pytest.approx(float(policy_loss(logp, logp, adv, m)[0]))
+    assert float(policy_loss(garbage, logp, adv, m)[0]) == pytest.approx(
+        float(policy_loss(logp, logp, adv, m)[0])
+    )
     scores = torch.tensor([1.0, 2.0, 3.0])
     rewards, non_score = token_rewards(scores, torch.ones(3, 4), m, beta=0.1)
-    assert torch.allclose(rewards, torch.tensor([[-0.1, 0.9, 0, 0], [-0.1, -0.1, -0.1, 1.9], [2.9, 0, 0, 0]]))
+    assert torch.allclose(
+        rewards, torch.tensor([[-0.1, 0.9, 0, 0], [-0.1, -0.1, -0.1, 1.9], [2.9, 0, 0, 0]])
+    )
     assert float(non_score.sum()) == pytest.approx(-0.1 * 7)
 
 
@@ -115,12 +143,16 @@ def test_temperature_scaling_of_logprobs_and_entropy():
         p0 = math.exp(2 / t) / (math.exp(2 / t) + 2)
         assert float(logprobs_from_logits(logits, tok, t)) == pytest.approx(math.log(p0), abs=1e-6)
         probs = torch.tensor([p0, (1 - p0) / 2, (1 - p0) / 2])
-        assert float(entropy_from_logits(logits, t)) == pytest.approx(float(-(probs * probs.log()).sum()), abs=1e-6)
+        assert float(entropy_from_logits(logits, t)) == pytest.approx(
+            float(-(probs * probs.log()).sum()), abs=1e-6
+        )
     # one log-softmax for both (the update's path): the same numbers; the entropy has a gradient only for a bonus
     x = torch.randn(2, 5, 11, requires_grad=True)
     toks = torch.randint(0, 11, (2, 5))
     lp, ent = logprobs_and_entropy(x, toks, 0.7)
-    assert torch.allclose(lp, logprobs_from_logits(x, toks, 0.7)) and torch.allclose(ent, entropy_from_logits(x, 0.7))
+    assert torch.allclose(lp, logprobs_from_logits(x, toks, 0.7)) and torch.allclose(
+        ent, entropy_from_logits(x, 0.7)
+    )
     assert lp.requires_grad and not ent.requires_grad
     _, ent = logprobs_and_entropy(x, toks, 0.7, entropy_grad=True)
     ent.sum().backward()
@@ -157,13 +189,18 @@ def _trl_block(first: str, last: str) -> str:
     lines = inspect.getsource(PPOTrainer.train).splitlines()
     start = next(i for i, line in enumerate(lines) if line.strip().startswith(first))
     end = next(i for i in range(start, len(lines)) if lines[i].strip().startswith(last))
-    return textwrap.dedent("\n".join(lines[start:end + 1]))
+    return textwrap.dedent("\n".join(lines[start : end + 1]))
 
 
 def _trl_namespace(**values):
     from trl.experimental.ppo import ppo_trainer
 
-    return {"torch": torch, "masked_mean": ppo_trainer.masked_mean, "masked_whiten": ppo_trainer.masked_whiten, **values}
+    return {
+        "torch": torch,
+        "masked_mean": ppo_trainer.masked_mean,
+        "masked_whiten": ppo_trainer.masked_whiten,
+        **values,
+    }
 
 
 @pytest.fixture
@@ -176,24 +213,50 @@ def rollout():
     ref = -torch.rand(B, T, generator=g) * 3
     values = torch.randn(B, T, generator=g)
     scores = torch.randn(B, generator=g)
-    return SimpleNamespace(B=B, T=T, mask=mask, logprobs=logprobs, ref=ref, values=values, scores=scores, lens=responses_len)
+    return SimpleNamespace(
+        B=B,
+        T=T,
+        mask=mask,
+        logprobs=logprobs,
+        ref=ref,
+        values=values,
+        scores=scores,
+        lens=responses_len,
+    )
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k3"])
 def test_kl_parity_with_trl(rollout, estimator):
-    ns = _trl_namespace(logprobs=rollout.logprobs, ref_logprobs=rollout.ref, args=SimpleNamespace(kl_estimator=estimator))
+    ns = _trl_namespace(
+        logprobs=rollout.logprobs,
+        ref_logprobs=rollout.ref,
+        args=SimpleNamespace(kl_estimator=estimator),
+    )
     exec(_trl_block("logr = ref_logprobs - logprobs", "kl = "), ns)
-    assert torch.allclose(kl_estimate(rollout.logprobs, rollout.ref, estimator), ns["kl"], atol=1e-6)
+    assert torch.allclose(
+        kl_estimate(rollout.logprobs, rollout.ref, estimator), ns["kl"], atol=1e-6
+    )
 
 
 def test_gae_and_whitening_parity_with_trl(rollout):
     # TRL zeroes values and rewards past the response; on identical tensors our masked GAE must agree
     m = rollout.mask
     values = rollout.values * m
-    rewards, _ = token_rewards(rollout.scores, kl_estimate(rollout.logprobs, rollout.ref), m, beta=0.05)
+    rewards, _ = token_rewards(
+        rollout.scores, kl_estimate(rollout.logprobs, rollout.ref), m, beta=0.05
+    )
     args = SimpleNamespace(gamma=0.99, lam=0.95)
-    ns = _trl_namespace(values=values, rewards=rewards, responses=torch.zeros(rollout.B, rollout.T), args=args, padding_mask=~m)
-    exec(_trl_block("lastgaelam = 0", "advantages = torch.masked_fill(advantages, padding_mask, 0)"), ns)
+    ns = _trl_namespace(
+        values=values,
+        rewards=rewards,
+        responses=torch.zeros(rollout.B, rollout.T),
+        args=args,
+        padding_mask=~m,
+    )
+    exec(
+        _trl_block("lastgaelam = 0", "advantages = torch.masked_fill(advantages, padding_mask, 0)"),
+        ns,
+    )
     adv, ret = gae(rewards, values, m, gamma=0.99, lam=0.95)
     assert torch.allclose(ret, ns["returns"], atol=1e-5)
     ours = masked_whiten(adv, m) * m
@@ -209,9 +272,18 @@ def test_clipped_losses_parity_with_trl(rollout):
     adv = torch.randn(rollout.B, rollout.T, generator=g)
     idx = torch.arange(rollout.B)
     args = SimpleNamespace(cliprange=0.2, cliprange_value=0.2, vf_coef=0.1)
-    ns = _trl_namespace(vpred=vpred, mb_values=rollout.values, mb_return=returns, new_logprobs=new_logprobs,
-                        mb_logprobs=rollout.logprobs, mb_advantage=adv, args=args, padding_mask=~m, padding_mask_p1=~m,
-                        micro_batch_inds=idx)
+    ns = _trl_namespace(
+        vpred=vpred,
+        mb_values=rollout.values,
+        mb_return=returns,
+        new_logprobs=new_logprobs,
+        mb_logprobs=rollout.logprobs,
+        mb_advantage=adv,
+        args=args,
+        padding_mask=~m,
+        padding_mask_p1=~m,
+        micro_batch_inds=idx,
+    )
     exec(_trl_block("vpredclipped = torch.clamp(", "loss = pg_loss + args.vf_coef * vf_loss"), ns)
     pg, pg_stats = policy_loss(new_logprobs, rollout.logprobs, adv, m, clip=0.2)
     vf, vf_stats = value_loss(vpred, rollout.values, returns, m, clip=0.2)

@@ -11,13 +11,17 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from rlhf_core.config import ModelConfig, RewardConfig
-from rlhf_core.reward.evaluate import check_gate, evaluate_reward_model, markdown_summary, pair_metrics, write_plots
+from rlhf_core.reward.evaluate import (
+    check_gate,
+    evaluate_reward_model,
+    markdown_summary,
+    pair_metrics,
+    write_plots,
+)
 from rlhf_core.reward.losses import bradley_terry_loss
 from rlhf_core.reward.model import build_reward_model, head_of, load_reward_model
-from rlhf_core.reward.pipeline import train_reward
-from rlhf_core.reward.trainer import RewardSettings, RewardTrainer, encode_pairs
+from rlhf_core.reward.trainer import RewardTrainer, encode_pairs, train_reward
 from tests.helpers import assert_kill_and_resume_is_exact, demo_frame, demo_rows
-
 
 
 def sig(x: float) -> float:
@@ -29,7 +33,9 @@ def test_hard_bradley_terry_known_answers():
     per, total = bradley_terry_loss(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]))
     assert per.tolist() == pytest.approx([-math.log(sig(1.0)), math.log(2)], abs=1e-6)
     assert float(total) == pytest.approx(-math.log(sig(1.0)) + math.log(2), abs=1e-6)
-    per, _ = bradley_terry_loss(torch.tensor([1.0]), torch.tensor([0.0]), margin=torch.tensor([0.5]))
+    per, _ = bradley_terry_loss(
+        torch.tensor([1.0]), torch.tensor([0.0]), margin=torch.tensor([0.5])
+    )
     assert float(per[0]) == pytest.approx(-math.log(sig(0.5)), abs=1e-6)  # 0.474077
 
 
@@ -39,16 +45,22 @@ def test_soft_bradley_terry_known_answers_and_gradient():
     expected = -(0.7 * math.log(sig(2.0)) + 0.3 * math.log(sig(-2.0)))
     assert float(per[0].detach()) == pytest.approx(expected, abs=1e-6)  # 0.726928
     total.backward()
-    assert float(r_c.grad[0]) == pytest.approx(sig(2.0) - 0.7, abs=1e-6)  # the optimum is sigmoid(d) = p
+    assert float(r_c.grad[0]) == pytest.approx(
+        sig(2.0) - 0.7, abs=1e-6
+    )  # the optimum is sigmoid(d) = p
     hard, _ = bradley_terry_loss(torch.tensor([0.3]), torch.tensor([1.1]))
-    soft_one, _ = bradley_terry_loss(torch.tensor([0.3]), torch.tensor([1.1]), p_chosen=torch.tensor([1.0]))
+    soft_one, _ = bradley_terry_loss(
+        torch.tensor([0.3]), torch.tensor([1.1]), p_chosen=torch.tensor([1.0])
+    )
     assert float(hard[0]) == pytest.approx(float(soft_one[0]), abs=1e-7)
 
 
 def test_centring_and_weights():
     per, _ = bradley_terry_loss(torch.tensor([1.0]), torch.tensor([1.0]), center_coef=0.01)
     assert float(per[0]) == pytest.approx(math.log(2) + 0.01 * 4, abs=1e-6)
-    per, total = bradley_terry_loss(torch.tensor([0.0, 0.0]), torch.tensor([0.0, 0.0]), weight=torch.tensor([2.0, 0.5]))
+    per, total = bradley_terry_loss(
+        torch.tensor([0.0, 0.0]), torch.tensor([0.0, 0.0]), weight=torch.tensor([2.0, 0.5])
+    )
     assert per.tolist() == pytest.approx([2 * math.log(2), 0.5 * math.log(2)], abs=1e-6)
 
 
@@ -87,10 +99,16 @@ def test_evaluation_flags_a_reward_that_measures_length(tmp_path):
     assert ev.report["length"]["flagged"]
     longer = np.mean(df["chosen"].str.len() > df["rejected"].str.len())
     assert ev.report["accuracy"] == pytest.approx(longer, abs=0.01)
-    assert ev.report["length"]["longer_wins_accuracy"] == pytest.approx(ev.report["accuracy"], abs=1e-9)
+    assert ev.report["length"]["longer_wins_accuracy"] == pytest.approx(
+        ev.report["accuracy"], abs=1e-9
+    )
     assert {"short", "medium", "long"} == set(ev.report["by_length_bucket"])
-    assert len(write_plots(ev, tmp_path)) == 3 and all(p.stat().st_size > 1000 for p in tmp_path.iterdir())
-    assert "may mostly measure length" in markdown_summary({"test": ev.report}, check_gate(ev.metrics, 0.5))
+    assert len(write_plots(ev, tmp_path)) == 3 and all(
+        p.stat().st_size > 1000 for p in tmp_path.iterdir()
+    )
+    assert "may mostly measure length" in markdown_summary(
+        {"test": ev.report}, check_gate(ev.metrics, 0.5)
+    )
 
 
 # -- models and training ----------------------------------------------------------------------
@@ -104,20 +122,34 @@ def test_head_initialisation(tiny_gpt2):
     enc = build_reward_model("minilm", device="cpu", seed=3)
     h = head_of(enc.model)
     assert enc.kind == "encoder" and float(h.bias.abs().max()) == 0.0
-    assert float(h.weight.detach().std()) == pytest.approx(1 / math.sqrt(h.in_features + 1), rel=0.35)
+    assert float(h.weight.detach().std()) == pytest.approx(
+        1 / math.sqrt(h.in_features + 1), rel=0.35
+    )
 
 
 def test_training_raises_validation_accuracy_on_demo_data():
     rm = build_reward_model("minilm", max_length=128, device="cpu", seed=0)
-    settings = RewardSettings(max_steps=30, batch_size=8, lr=1e-4, warmup_ratio=0.1, eval_every=15, early_stopping_patience=None,
-                              checkpoint_every=1000)
+    settings = RewardConfig(
+        max_steps=30,
+        batch_size=8,
+        lr=1e-4,
+        warmup_ratio=0.1,
+        eval_every=15,
+        early_stopping_patience=None,
+        checkpoint_every=1000,
+    )
     val = encode_pairs(rm, demo_frame(500, 580), settings)
-    trainer = RewardTrainer(rm, encode_pairs(rm, demo_frame(0, 300), settings), val, settings, progress=False)
+    trainer = RewardTrainer(
+        rm, encode_pairs(rm, demo_frame(0, 300), settings), val, settings, progress=False
+    )
     before = trainer.evaluate()["eval_accuracy"]
     logged = []
     trainer.on_log = lambda step, m: logged.append((step, m))
     result = trainer.train()
-    assert result.best_metric >= 0.85 and result.best_metric > before + 0.15, (before, result.best_metric)
+    assert result.best_metric >= 0.85 and result.best_metric > before + 0.15, (
+        before,
+        result.best_metric,
+    )
     assert [s for s, m in logged if "eval_accuracy" in m] == [15, 30]
     assert any("pairs_per_s" in m for _, m in logged)
     assert not rm.model.training  # dropout off after training
@@ -130,11 +162,25 @@ def test_killed_reward_training_resumes_to_the_same_weights(tiny_gpt2, tmp_path)
 def test_encoder_reward_model_scores_text_from_a_policy_with_another_tokenizer(tiny_gpt2, tmp_path):
     """The policy (BPE, 2k vocab) and the reward model (WordPiece, 30k vocab) share no vocabulary:
     normalisation statistics come from decoded policy samples, and the saved model scores text."""
-    cfg = RewardConfig(max_steps=4, batch_size=8, norm_prompts=6, norm_max_new_tokens=12, device="cpu")
-    rm, _ = train_reward(demo_frame(0, 64), None, cfg, ModelConfig(), "minilm", policy_dir=str(tiny_gpt2), progress=False)
+    cfg = RewardConfig(
+        max_steps=4, batch_size=8, norm_prompts=6, norm_max_new_tokens=12, device="cpu"
+    )
+    rm, _ = train_reward(
+        demo_frame(0, 64),
+        None,
+        cfg,
+        ModelConfig(),
+        "minilm",
+        policy_dir=str(tiny_gpt2),
+        progress=False,
+    )
     assert len(rm.tokenizer) != 2000 and rm.kind == "encoder"
     norm = rm.normalisation
-    assert norm["source"].startswith("reference policy samples (6") and norm["n"] == 6 and norm["std"] > 0
+    assert (
+        norm["source"].startswith("reference policy samples (6")
+        and norm["n"] == 6
+        and norm["std"] > 0
+    )
     rm.save(tmp_path / "rm")
     back = load_reward_model(str(tmp_path / "rm"), device="cpu")
     assert back.normalisation == norm and back.kind == "encoder"
@@ -164,13 +210,19 @@ def test_long_pairs_keep_the_end_of_the_prompt(tiny_gpt2):
 
 
 def test_lora_reward_model_saves_a_plain_model(tiny_gpt2, tmp_path):
-    cfg = RewardConfig(max_steps=3, batch_size=8, device="cpu", lr=1e-3, lora={"enabled": True, "r": 4, "alpha": 8})
-    rm, _ = train_reward(demo_frame(0, 40), demo_frame(500, 520), cfg, ModelConfig(), str(tiny_gpt2), progress=False)
+    cfg = RewardConfig(
+        max_steps=3, batch_size=8, device="cpu", lr=1e-3, lora={"enabled": True, "r": 4, "alpha": 8}
+    )
+    rm, _ = train_reward(
+        demo_frame(0, 40), demo_frame(500, 520), cfg, ModelConfig(), str(tiny_gpt2), progress=False
+    )
     rm.save(tmp_path / "rm")
     assert not (tmp_path / "rm" / "adapter_config.json").exists()
     back = load_reward_model(str(tmp_path / "rm"), device="cpu")
     df = demo_frame(500, 520)
-    assert np.allclose(back.score(df["prompt"], df["chosen"]), rm.score(df["prompt"], df["chosen"]), atol=1e-5)
+    assert np.allclose(
+        back.score(df["prompt"], df["chosen"]), rm.score(df["prompt"], df["chosen"]), atol=1e-5
+    )
 
 
 def test_any_hf_sequence_classifier_loads_as_a_reward_model(tiny_gpt2, tmp_path):
@@ -189,23 +241,74 @@ def test_any_hf_sequence_classifier_loads_as_a_reward_model(tiny_gpt2, tmp_path)
 # -- CLI --------------------------------------------------------------------------------------
 def test_cli_reward_train_and_eval(tiny_gpt2, tmp_path):
     data = tmp_path / "prefs.jsonl"
-    data.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}) + "\n"
-                            for r in demo_rows()[:200]))
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]})
+            + "\n"
+            for r in demo_rows()[:200]
+        )
+    )
     runner = CliRunner()
     out = tmp_path / "rm"
-    res = runner.invoke(app, ["reward", "train", "--data", str(data), "--base", str(tiny_gpt2), "--out", str(out), "--json",
-                              "--set", "reward.max_steps=4", "--set", "reward.batch_size=8", "--set", "reward.device=cpu",
-                              "--set", f"run.work_dir={tmp_path / 'work'}"])
+    res = runner.invoke(
+        app,
+        [
+            "reward",
+            "train",
+            "--data",
+            str(data),
+            "--base",
+            str(tiny_gpt2),
+            "--out",
+            str(out),
+            "--json",
+            "--set",
+            "reward.max_steps=4",
+            "--set",
+            "reward.batch_size=8",
+            "--set",
+            "reward.device=cpu",
+            "--set",
+            f"run.work_dir={tmp_path / 'work'}",
+        ],
+    )
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
-    assert summary["steps"] == 4 and (out / "reward_model.json").exists() and (out / "model.safetensors").exists()
+    assert (
+        summary["steps"] == 4
+        and (out / "reward_model.json").exists()
+        and (out / "model.safetensors").exists()
+    )
     assert not (tmp_path / "rm.checkpoints").exists()
-    res = runner.invoke(app, ["reward", "eval", "--model", str(out), "--data", str(data), "--json", "--plots", str(tmp_path / "plots")])
+    res = runner.invoke(
+        app,
+        [
+            "reward",
+            "eval",
+            "--model",
+            str(out),
+            "--data",
+            str(data),
+            "--json",
+            "--plots",
+            str(tmp_path / "plots"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     metrics = json.loads(res.stdout.strip().splitlines()[-1])
-    assert metrics["n_pairs"] == 200 and {"accuracy", "auc", "ece", "length_correlation"} <= set(metrics)
+    assert metrics["n_pairs"] == 200 and {"accuracy", "auc", "ece", "length_correlation"} <= set(
+        metrics
+    )
     assert 0 <= metrics["accuracy"] <= 1 and len(list((tmp_path / "plots").glob("*.png"))) == 3
-    res = runner.invoke(app, ["reward", "eval", "--model", str(tmp_path / "nope"), "--data", str(data)])
-    assert res.exit_code == 2 and "no such model folder" in res.output and "Traceback" not in res.output
-    res = runner.invoke(app, ["reward", "eval", "--model", str(out), "--data", str(tmp_path / "missing.jsonl")])
+    res = runner.invoke(
+        app, ["reward", "eval", "--model", str(tmp_path / "nope"), "--data", str(data)]
+    )
+    assert (
+        res.exit_code == 2
+        and "no such model folder" in res.output
+        and "Traceback" not in res.output
+    )
+    res = runner.invoke(
+        app, ["reward", "eval", "--model", str(out), "--data", str(tmp_path / "missing.jsonl")]
+    )
     assert res.exit_code == 2 and "no such file" in res.output

@@ -5,19 +5,32 @@ import math
 import pytest
 import torch
 
+from rlhf_core.config import SFTConfig
 from rlhf_core.models.chat import ChatFormat
 from rlhf_core.models.loading import load_causal_lm
-from rlhf_core.sft import IGNORE, Example, SFTSettings, SFTTrainer, collate, encode_examples, generate_samples, token_nll
+from rlhf_core.sft import (
+    IGNORE,
+    Example,
+    SFTTrainer,
+    collate,
+    encode_examples,
+    generate_samples,
+    token_nll,
+)
 from rlhf_core.training import length_bucketed_batches, lr_factor
 from tests.helpers import assert_kill_and_resume_is_exact, demo_rows
 
 
-
 def test_collate_masks_prompt_and_padding():
-    batch = collate([Example([5, 6, 7, 8, 2], n_prompt=3), Example([9, 10, 11], n_prompt=2)], pad_id=0)
+    batch = collate(
+        [Example([5, 6, 7, 8, 2], n_prompt=3), Example([9, 10, 11], n_prompt=2)], pad_id=0
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 2], [9, 10, 11, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
-    assert batch["labels"].tolist() == [[IGNORE, IGNORE, IGNORE, 8, 2], [IGNORE, IGNORE, 11, IGNORE, IGNORE]]
+    assert batch["labels"].tolist() == [
+        [IGNORE, IGNORE, IGNORE, 8, 2],
+        [IGNORE, IGNORE, 11, IGNORE, IGNORE],
+    ]
 
 
 class FixedLogits(torch.nn.Module):
@@ -48,10 +61,15 @@ def test_encode_truncates_and_drops(tiny_gpt2):
     tok = load_causal_lm(str(tiny_gpt2), device="cpu").tokenizer
     fmt = ChatFormat(tok)
     long_prompt = "word " * 200
-    examples, stats = encode_examples([("short question?", "short answer."), (long_prompt, "an answer that fits.")], fmt, 32)
+    examples, stats = encode_examples(
+        [("short question?", "short answer."), (long_prompt, "an answer that fits.")], fmt, 32
+    )
     assert stats.examples == 2 and stats.truncated == 1 and stats.dropped == 0
     assert all(len(e) <= 32 for e in examples)
-    assert examples[1].n_prompt == 32 - len(fmt.encode("x", "an answer that fits.")[1]) or examples[1].n_prompt >= 16
+    assert (
+        examples[1].n_prompt == 32 - len(fmt.encode("x", "an answer that fits.")[1])
+        or examples[1].n_prompt >= 16
+    )
     # the response keeps its EOS and is never cut to nothing while max_length allows it
     assert examples[0].input_ids[-1] == tok.eos_token_id
     _, stats = encode_examples([("q", "a " * 100)], fmt, 8)
@@ -92,14 +110,24 @@ def test_sft_lowers_validation_loss_on_demo_data(tiny_gpt2):
     fmt = ChatFormat(lm.tokenizer)
     rows = demo_rows()
     train, val = _examples(fmt, rows[:500]), _examples(fmt, rows[500:580])
-    trainer = SFTTrainer(lm.model, lm.tokenizer, train, val,
-                         SFTSettings(max_steps=60, batch_size=16, lr=3e-3, eval_every=20, log_every=10, checkpoint_every=1000),
-                         progress=False)
+    trainer = SFTTrainer(
+        lm.model,
+        lm.tokenizer,
+        train,
+        val,
+        SFTConfig(
+            max_steps=60, batch_size=16, lr=3e-3, eval_every=20, log_every=10, checkpoint_every=1000
+        ),
+        progress=False,
+    )
     before = trainer.evaluate()["eval_loss"]
     logged = []
     trainer.on_log = lambda step, m: logged.append((step, m))
     result = trainer.train()
-    assert result.steps == 60 and result.best_eval_loss < before - 1.0, (before, result.best_eval_loss)
+    assert result.steps == 60 and result.best_eval_loss < before - 1.0, (
+        before,
+        result.best_eval_loss,
+    )
     assert {"train_loss", "lr", "grad_norm", "tokens_per_s"} <= set(logged[0][1])
     assert any("eval_perplexity" in m for _, m in logged)
     # the model now writes on-topic-looking text, ending on EOS within the budget for some prompts
@@ -112,9 +140,22 @@ def test_early_stopping_keeps_best_weights(tiny_gpt2):
     fmt = ChatFormat(lm.tokenizer)
     rows = demo_rows()
     # a huge learning rate makes validation loss get worse after the first evaluation
-    trainer = SFTTrainer(lm.model, lm.tokenizer, _examples(fmt, rows[:200]), _examples(fmt, rows[500:540]),
-                         SFTSettings(max_steps=200, batch_size=8, lr=0.5, warmup_ratio=0, eval_every=2,
-                                     early_stopping_patience=2, checkpoint_every=1000), progress=False)
+    trainer = SFTTrainer(
+        lm.model,
+        lm.tokenizer,
+        _examples(fmt, rows[:200]),
+        _examples(fmt, rows[500:540]),
+        SFTConfig(
+            max_steps=200,
+            batch_size=8,
+            lr=0.5,
+            warmup_ratio=0,
+            eval_every=2,
+            early_stopping_patience=2,
+            checkpoint_every=1000,
+        ),
+        progress=False,
+    )
     result = trainer.train()
     assert result.stopped_early and result.steps < 200
     assert trainer.evaluate()["eval_loss"] == pytest.approx(result.best_eval_loss, rel=1e-5)
@@ -125,21 +166,31 @@ def test_killed_run_resumes_to_the_same_weights(tiny_gpt2, tmp_path):
 
 
 def test_lora_sft_trains_only_the_adapter(tiny_gpt2):
-    from rlhf_core.models.loading import LoraSettings, add_lora
+    from rlhf_core.config import LoraSection
+    from rlhf_core.models.loading import add_lora
 
     lm = load_causal_lm(str(tiny_gpt2), device="cpu", eval_mode=False)
     base_state = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    policy = add_lora(lm.model, LoraSettings(r=8, alpha=16))
+    policy = add_lora(lm.model, LoraSection(enabled=True, r=8, alpha=16))
     fmt = ChatFormat(lm.tokenizer)
     rows = demo_rows()
-    trainer = SFTTrainer(policy, lm.tokenizer, _examples(fmt, rows[:200]), _examples(fmt, rows[500:540]),
-                         SFTSettings(max_steps=20, batch_size=8, lr=5e-3, eval_every=10, checkpoint_every=1000), progress=False)
+    trainer = SFTTrainer(
+        policy,
+        lm.tokenizer,
+        _examples(fmt, rows[:200]),
+        _examples(fmt, rows[500:540]),
+        SFTConfig(max_steps=20, batch_size=8, lr=5e-3, eval_every=10, checkpoint_every=1000),
+        progress=False,
+    )
     before = trainer.evaluate()["eval_loss"]
     result = trainer.train()
     assert result.best_eval_loss < before
     with policy.disable_adapter():
-        base_now = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
-                    for k, v in policy.state_dict().items() if "lora_" not in k}
+        base_now = {
+            k.replace("base_model.model.", "").replace(".base_layer", ""): v
+            for k, v in policy.state_dict().items()
+            if "lora_" not in k
+        }
     for k, v in base_state.items():
         assert torch.equal(base_now[k], v), k  # frozen base: the reference policy for PPO is free
 
@@ -161,6 +212,8 @@ def test_instruction_data_errors(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         load_instruction_pairs(tmp_path / "none.jsonl")
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"instruction": "x", "instances": [{"input": "", "output": "y"}]}\n{"nope": 1}\n')
+    bad.write_text(
+        '{"instruction": "x", "instances": [{"input": "", "output": "y"}]}\n{"nope": 1}\n'
+    )
     with pytest.raises(UserError, match=r"bad.jsonl:2: expected an object"):
         load_instruction_pairs(bad)

@@ -18,30 +18,68 @@ from rlhf_core.stack import Started, _http_ok, is_ours
 pytestmark = pytest.mark.slow
 RLHF = str(Path(sys.executable).parent / "rlhf")
 TINY_PIPELINE = {
-    "model": {"preset": "tiny"}, "tracking": {"experiment_name": "stack-test"},
+    "model": {"preset": "tiny"},
+    "tracking": {"experiment_name": "stack-test"},
     "data": {"demo": {"n_prompts": 300, "n_heldout": 12}},
-    "sft": {"max_steps": 8, "batch_size": 8, "eval_every": 4, "checkpoint_every": 4, "n_samples": 1, "sample_max_new_tokens": 6},
+    "sft": {
+        "max_steps": 8,
+        "batch_size": 8,
+        "eval_every": 4,
+        "checkpoint_every": 4,
+        "n_samples": 1,
+        "sample_max_new_tokens": 6,
+    },
     "labels": {"max_pairs": 80},
-    "reward": {"max_steps": 8, "batch_size": 8, "lr": 1e-4, "max_length": 96, "eval_every": 4, "norm_prompts": 4, "norm_max_new_tokens": 6,
-               "gate": {"min_accuracy": 0.0}},
-    "ppo": {"iterations": 2, "batch_size": 4, "mini_batch_size": 4, "micro_batch_size": 4, "max_new_tokens": 6, "checkpoint_every": 2},
+    "reward": {
+        "max_steps": 8,
+        "batch_size": 8,
+        "lr": 1e-4,
+        "max_length": 96,
+        "eval_every": 4,
+        "norm_prompts": 4,
+        "norm_max_new_tokens": 6,
+        "gate": {"min_accuracy": 0.0},
+    },
+    "ppo": {
+        "iterations": 2,
+        "batch_size": 4,
+        "mini_batch_size": 4,
+        "micro_batch_size": 4,
+        "max_new_tokens": 6,
+        "checkpoint_every": 2,
+    },
     "evaluate": {"max_prompts": 8, "perplexity_examples": 8, "safety": {"max_prompts": 2}},
 }
 
 
-ARTIFACTS = Path(os.environ.get("RLHF_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
+ARTIFACTS = Path(
+    os.environ.get("RLHF_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts")
+)
 
 
 def browse(url: str, png: Path) -> str:
     """Load a page in headless Chromium (Debian's package; `make test` installs it): save a screenshot, return the DOM."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium:
-        pytest.fail("headless Chromium not found: apt-get install chromium (make test installs it when it can)")
+        pytest.fail(
+            "headless Chromium not found: apt-get install chromium (make test installs it when it can)"
+        )
     png.parent.mkdir(parents=True, exist_ok=True)
-    flags = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,900",
-             "--virtual-time-budget=20000"]
-    subprocess.run([*flags, f"--screenshot={png}", url], capture_output=True, timeout=120, check=True)
-    return subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True).stdout
+    flags = [
+        chromium,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,900",
+        "--virtual-time-budget=20000",
+    ]
+    subprocess.run(
+        [*flags, f"--screenshot={png}", url], capture_output=True, timeout=120, check=True
+    )
+    return subprocess.run(
+        [*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
 
 
 def rlhf(*args: str, env: dict, timeout: float = 400) -> subprocess.CompletedProcess:
@@ -51,7 +89,9 @@ def rlhf(*args: str, env: dict, timeout: float = 400) -> subprocess.CompletedPro
 def wait_for_run(api: str, data_path: str, timeout: float) -> dict:
     """The pipeline run started for data_path, once it is in a final state."""
     deadline = time.monotonic() + timeout
-    body = {"flow_runs": {"state": {"type": {"any_": ["COMPLETED", "FAILED", "CRASHED", "CANCELLED"]}}}}
+    body = {
+        "flow_runs": {"state": {"type": {"any_": ["COMPLETED", "FAILED", "CRASHED", "CANCELLED"]}}}
+    }
     while time.monotonic() < deadline:
         ok, runs = _http_ok(f"{api}/flow_runs/filter", "POST", body)
         found = [r for r in runs if r["parameters"].get("data_path") == data_path] if ok else []
@@ -65,12 +105,26 @@ def test_stack_deploy_and_a_data_arrival_run(tmp_path):
     """The issue's integration test: stack up, deploy, upload a preference file, the trigger's run completes on the
     worker; Prefect, MLflow (through its server) and S3 hold the results; stack down leaves nothing behind."""
     s3, mlflow_port, prefect_port = free_ports(3, with_grpc=True)
-    sets = ["--set", f"run.work_dir={tmp_path / 'work'}", "--set", f"stack.s3_port={s3}", "--set", f"stack.mlflow_port={mlflow_port}",
-            "--set", f"stack.prefect_port={prefect_port}", "--set", "stack.work_pool=test-pool"]
+    sets = [
+        "--set",
+        f"run.work_dir={tmp_path / 'work'}",
+        "--set",
+        f"stack.s3_port={s3}",
+        "--set",
+        f"stack.mlflow_port={mlflow_port}",
+        "--set",
+        f"stack.prefect_port={prefect_port}",
+        "--set",
+        "stack.work_pool=test-pool",
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "AWS_"))}
 
     missing = rlhf("stack", "up", *sets, env=env)
-    assert missing.returncode == 2 and "AWS_ACCESS_KEY_ID" in missing.stderr and "Traceback" not in missing.stderr
+    assert (
+        missing.returncode == 2
+        and "AWS_ACCESS_KEY_ID" in missing.stderr
+        and "Traceback" not in missing.stderr
+    )
 
     env.update(AWS_ACCESS_KEY_ID="stack-test", AWS_SECRET_ACCESS_KEY="stack-test-secret")
     state_file = tmp_path / "work" / "stack" / "stack.json"
@@ -78,51 +132,104 @@ def test_stack_deploy_and_a_data_arrival_run(tmp_path):
         up = rlhf("stack", "up", *sets, env=env)
         assert up.returncode == 0, up.stdout + up.stderr
         assert f"export PREFECT_API_URL=http://127.0.0.1:{prefect_port}/api" in up.stdout
-        started = {k: Started(**v) for k, v in json.loads(state_file.read_text())["services"].items()}
-        assert set(started) == {"s3", "mlflow", "prefect", "worker"} and all(is_ours(s) for s in started.values())
+        started = {
+            k: Started(**v) for k, v in json.loads(state_file.read_text())["services"].items()
+        }
+        assert set(started) == {"s3", "mlflow", "prefect", "worker"} and all(
+            is_ours(s) for s in started.values()
+        )
         assert all(Path(s.log).exists() for s in started.values())
 
         status = rlhf("stack", "status", *sets, env=env)
         assert status.returncode == 0 and status.stdout.count("healthy") == 4, status.stdout
         again = rlhf("stack", "up", *sets, env=env)  # idempotent: nothing restarted
         assert again.returncode == 0 and again.stderr.count("already running") == 4
-        assert json.loads(state_file.read_text())["services"]["mlflow"]["pid"] == started["mlflow"].pid
+        assert (
+            json.loads(state_file.read_text())["services"]["mlflow"]["pid"] == started["mlflow"].pid
+        )
 
         # MLflow through its server stores artifacts in the S3 bucket (proxied: the client has no S3 settings)
-        script = ("import mlflow, tempfile, pathlib; mlflow.set_tracking_uri('http://127.0.0.1:%d');"
-                  "r = mlflow.start_run(); p = pathlib.Path(tempfile.mkdtemp()) / 'x.txt'; p.write_text('hello');"
-                  "mlflow.log_artifact(str(p)); mlflow.end_run(); print(r.info.artifact_uri)") % mlflow_port
+        script = (
+            f"import mlflow, tempfile, pathlib; mlflow.set_tracking_uri('http://127.0.0.1:{mlflow_port}');"
+            "r = mlflow.start_run(); p = pathlib.Path(tempfile.mkdtemp()) / 'x.txt'; p.write_text('hello');"
+            "mlflow.log_artifact(str(p)); mlflow.end_run(); print(r.info.artifact_uri)"
+        )
         client_env = {k: v for k, v in env.items() if not k.startswith("AWS_")}
-        logged = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=client_env, timeout=120)
+        logged = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            env=client_env,
+            timeout=120,
+        )
         assert logged.returncode == 0, logged.stderr[-2000:]
         import boto3
 
-        s3c = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{s3}", aws_access_key_id="stack-test",
-                           aws_secret_access_key="stack-test-secret", region_name="us-east-1")
-        keys = [o["Key"] for o in s3c.list_objects_v2(Bucket="rlhf", Prefix="mlflow/").get("Contents", [])]
+        s3c = boto3.client(
+            "s3",
+            endpoint_url=f"http://127.0.0.1:{s3}",
+            aws_access_key_id="stack-test",
+            aws_secret_access_key="stack-test-secret",
+            region_name="us-east-1",
+        )
+        keys = [
+            o["Key"]
+            for o in s3c.list_objects_v2(Bucket="rlhf", Prefix="mlflow/").get("Contents", [])
+        ]
         assert any(k.endswith("/artifacts/x.txt") for k in keys), keys
 
         # deploy; a preference file lands under the watched prefix; the sensor's event starts a pipeline run for it
         # on the worker, which completes against the stack's servers
         config = tmp_path / "tiny.yaml"
-        config.write_text(yaml.safe_dump(TINY_PIPELINE | {"run": {"name": "stack", "work_dir": str(tmp_path / "pipeline")},
-                                                          "tracking": {"experiment_name": "stack-test",
-                                                                       "result_storage": "s3://rlhf/prefect-results"}}))
-        run_env = {**env, "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
-                   "RLHF_S3_ENDPOINT_URL": f"http://127.0.0.1:{s3}"}
-        deployed = rlhf("deploy", "--config", str(config), *sets, "--set", "deploy.watch_prefix=s3://rlhf/incoming/",
-                        "--set", "deploy.sensor_interval_s=10", env=run_env, timeout=300)
+        config.write_text(
+            yaml.safe_dump(
+                TINY_PIPELINE
+                | {
+                    "run": {"name": "stack", "work_dir": str(tmp_path / "pipeline")},
+                    "tracking": {
+                        "experiment_name": "stack-test",
+                        "result_storage": "s3://rlhf/prefect-results",
+                    },
+                }
+            )
+        )
+        run_env = {
+            **env,
+            "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
+            "RLHF_S3_ENDPOINT_URL": f"http://127.0.0.1:{s3}",
+        }
+        deployed = rlhf(
+            "deploy",
+            "--config",
+            str(config),
+            *sets,
+            "--set",
+            "deploy.watch_prefix=s3://rlhf/incoming/",
+            "--set",
+            "deploy.sensor_interval_s=10",
+            env=run_env,
+            timeout=300,
+        )
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
         api = f"http://127.0.0.1:{prefect_port}/api"
         ok, deployments = _http_ok(f"{api}/deployments/filter", "POST", {})
         nightly = next(d for d in deployments if d["name"] == "nightly")
-        assert nightly["schedules"][0]["schedule"]["cron"] == "0 2 * * *" and nightly["global_concurrency_limit"]["limit"] == 1
+        assert (
+            nightly["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+            and nightly["global_concurrency_limit"]["limit"] == 1
+        )
         assert nightly["work_pool_name"] == "test-pool"
 
         uri = "s3://rlhf/incoming/batch-001.jsonl"
         rows = generate_demo_pairs(300, seed=7)
-        s3c.put_object(Bucket="rlhf", Key="incoming/batch-001.jsonl",
-                       Body="\n".join(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) for r in rows).encode())
+        s3c.put_object(
+            Bucket="rlhf",
+            Key="incoming/batch-001.jsonl",
+            Body="\n".join(
+                json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) for r in rows
+            ).encode(),
+        )
         run = wait_for_run(api, uri, timeout=600)
         assert run["state_type"] == "COMPLETED", run["state"]
         assert run["deployment_id"] == nightly["id"]
@@ -131,24 +238,57 @@ def test_stack_deploy_and_a_data_arrival_run(tmp_path):
 
         client = mlflow.MlflowClient(f"http://127.0.0.1:{mlflow_port}")
         experiment = client.get_experiment_by_name("stack-test")
-        stages = {r.data.tags.get("rlhf.stage") for r in client.search_runs([experiment.experiment_id])}
-        assert {"ingest", "validate", "split", "sft", "label", "reward-train", "reward-eval", "ppo", "evaluate", "register"} <= stages
+        stages = {
+            r.data.tags.get("rlhf.stage") for r in client.search_runs([experiment.experiment_id])
+        }
+        assert {
+            "ingest",
+            "validate",
+            "split",
+            "sft",
+            "label",
+            "reward-train",
+            "reward-eval",
+            "ppo",
+            "evaluate",
+            "register",
+        } <= stages
         parent = client.search_runs([experiment.experiment_id], "tags.`rlhf.kind` = 'pipeline'")[0]
-        assert parent.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied through the server
-        keys = [o["Key"] for page in s3c.get_paginator("list_objects_v2").paginate(Bucket="rlhf", Prefix="mlflow/")
-                for o in page.get("Contents", [])]
+        assert parent.info.artifact_uri.startswith(
+            "mlflow-artifacts:"
+        )  # proxied through the server
+        keys = [
+            o["Key"]
+            for page in s3c.get_paginator("list_objects_v2").paginate(
+                Bucket="rlhf", Prefix="mlflow/"
+            )
+            for o in page.get("Contents", [])
+        ]
         assert any(k.endswith(f"{parent.info.run_id}/artifacts/evaluation/report.md") for k in keys)
-        assert any(k.endswith("/artifacts/MLmodel") and "/models/" in k for k in keys)  # the registered models' files
-        assert [str(v.version) for v in client.search_model_versions("name = 'rlhf-policy'")] == ["1"]
-        assert not (tmp_path / "pipeline" / "artifacts").exists()  # nothing went to a local artifact folder
+        assert any(
+            k.endswith("/artifacts/MLmodel") and "/models/" in k for k in keys
+        )  # the registered models' files
+        assert [str(v.version) for v in client.search_model_versions("name = 'rlhf-policy'")] == [
+            "1"
+        ]
+        assert not (
+            tmp_path / "pipeline" / "artifacts"
+        ).exists()  # nothing went to a local artifact folder
         results = s3c.list_objects_v2(Bucket="rlhf", Prefix="prefect-results/").get("KeyCount", 0)
         assert results >= 10  # every stage's cached result (tracking.result_storage: s3://...)
         assert not (tmp_path / "pipeline" / "results").exists()
 
         # what a person sees: the flow run in the Prefect UI and the pipeline run in the MLflow UI (headless Chromium)
-        pages = {"prefect-flow-run": (f"http://127.0.0.1:{prefect_port}/runs/flow-run/{run['id']}", run["name"]),
-                 "mlflow-run": (f"http://127.0.0.1:{mlflow_port}/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}",
-                                parent.info.run_name)}
+        pages = {
+            "prefect-flow-run": (
+                f"http://127.0.0.1:{prefect_port}/runs/flow-run/{run['id']}",
+                run["name"],
+            ),
+            "mlflow-run": (
+                f"http://127.0.0.1:{mlflow_port}/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}",
+                parent.info.run_name,
+            ),
+        }
         for name, (url, expected_text) in pages.items():
             png = ARTIFACTS / f"{name}.png"
             dom = browse(url, png)

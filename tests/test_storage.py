@@ -27,12 +27,28 @@ def test_unreachable_store_retries_then_fails_with_one_line(tmp_path, monkeypatc
         s3_download("s3://b/data.jsonl", tmp_path, cfg)
         raise AssertionError("no error")
     except UserError as err:
-        assert str(err).startswith("s3://b/data.jsonl: S3 error (EndpointConnectionError") and "\n" not in str(err)
+        assert str(err).startswith(
+            "s3://b/data.jsonl: S3 error (EndpointConnectionError"
+        ) and "\n" not in str(err)
     assert not list(tmp_path.rglob("*.part"))  # nothing half-written
-    cli = subprocess.run([str(Path(sys.executable).parent / "rlhf"), "data", "validate", "s3://b/data.jsonl"], capture_output=True,
-                         text=True, timeout=120, env={"PATH": "/usr/bin:/bin", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
-                                                     "RLHF_S3_ENDPOINT_URL": cfg.endpoint_url, "HOME": str(tmp_path)})
-    assert cli.returncode == 2 and cli.stderr.strip().count("\n") == 0 and "Could not connect" in cli.stderr
+    cli = subprocess.run(
+        [str(Path(sys.executable).parent / "rlhf"), "data", "validate", "s3://b/data.jsonl"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "AWS_ACCESS_KEY_ID": "k",
+            "AWS_SECRET_ACCESS_KEY": "s",
+            "RLHF_S3_ENDPOINT_URL": cfg.endpoint_url,
+            "HOME": str(tmp_path),
+        },
+    )
+    assert (
+        cli.returncode == 2
+        and cli.stderr.strip().count("\n") == 0
+        and "Could not connect" in cli.stderr
+    )
     assert "Traceback" not in cli.stderr
 
 
@@ -50,7 +66,9 @@ def test_new_objects_since_the_last_look(s3_env):
     later, state = new_s3_objects("s3://prefs/watch/", cfg, state)
     assert sorted(later) == ["s3://prefs/watch/c.csv.gz", "s3://prefs/watch/sub/d.parquet"]
     assert new_s3_objects("s3://prefs/watch/", cfg, state)[0] == []
-    client.put_object(Bucket="prefs", Key="watch/a.jsonl", Body=b'{"new": 1}\n')  # the same file again, other content
+    client.put_object(
+        Bucket="prefs", Key="watch/a.jsonl", Body=b'{"new": 1}\n'
+    )  # the same file again, other content
     assert new_s3_objects("s3://prefs/watch/", cfg, state)[0] == ["s3://prefs/watch/a.jsonl"]
     _, narrow = new_s3_objects("s3://prefs/watch/", cfg, state, lookback_s=0)
     assert len(narrow["recent"]) <= 3  # only what is inside the look-back window is remembered

@@ -20,7 +20,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rlhf_core.config import DataConfig, S3Config, SourceConfig, SplitRatios
-from rlhf_core.data.formats import NORMALISED_COLUMNS, NORMALISERS, check_columns, detect_format, empty_normalised
+from rlhf_core.data.formats import (
+    NORMALISED_COLUMNS,
+    NORMALISERS,
+    check_columns,
+    detect_format,
+    empty_normalised,
+)
 from rlhf_core.data.readers import ROW, RawChunk, read_hub, read_local
 from rlhf_core.data.validate import PreferenceValidator
 from rlhf_core.errors import TooManyInvalidRowsError, UnusableInputError
@@ -39,7 +45,9 @@ _ARROW_SCHEMA = pa.Schema.from_pandas(empty_normalised(), preserve_index=False)
 
 
 def to_normalised_arrow(frame: pd.DataFrame) -> pa.Table:
-    return pa.Table.from_pandas(frame[NORMALISED_COLUMNS], schema=_ARROW_SCHEMA, preserve_index=False)
+    return pa.Table.from_pandas(
+        frame[NORMALISED_COLUMNS], schema=_ARROW_SCHEMA, preserve_index=False
+    )
 
 
 def _chunks_for(source: SourceConfig, chunk_rows: int, s3: S3Config, cache_dir: Path):
@@ -50,23 +58,45 @@ def _chunks_for(source: SourceConfig, chunk_rows: int, s3: S3Config, cache_dir: 
     return read_local(Path(source.path), chunk_rows, source.split)
 
 
-def ingest_sources(sources: list[SourceConfig], out_dir: Path, *, chunk_rows: int = 200_000, s3: S3Config | None = None,
-                   cache_dir: Path | None = None, progress: Progress | None = None) -> dict:
+def ingest_sources(
+    sources: list[SourceConfig],
+    out_dir: Path,
+    *,
+    chunk_rows: int = 200_000,
+    s3: S3Config | None = None,
+    cache_dir: Path | None = None,
+    progress: Progress | None = None,
+) -> dict:
     """Read and normalise every source into out_dir/normalised.parquet; unparseable records go to
     out_dir/ingest_failures.jsonl. Returns the ingest report (also written as report.json)."""
     if not sources:
         raise UnusableInputError("no data sources configured")
     s3 = s3 or S3Config()
     cache_dir = Path(cache_dir or Path(out_dir).parent / "s3-cache")
-    report = {"sources": [], "records": 0, "pairs": 0, "ingest_failures": 0, "blank_lines": 0, "ties_skipped": 0}
+    report = {
+        "sources": [],
+        "records": 0,
+        "pairs": 0,
+        "ingest_failures": 0,
+        "blank_lines": 0,
+        "ties_skipped": 0,
+    }
     with atomic_dir(Path(out_dir)) as staging:
         writer = pq.ParquetWriter(staging / NORMALISED_FILE, _ARROW_SCHEMA)
         try:
             with open(staging / INGEST_FAILURES_FILE, "wb") as failures_out:
                 for source in sources:
-                    stats = _ingest_one(source, chunk_rows, s3, cache_dir, writer, failures_out, progress)
+                    stats = _ingest_one(
+                        source, chunk_rows, s3, cache_dir, writer, failures_out, progress
+                    )
                     report["sources"].append(stats)
-                    for key in ("records", "pairs", "ingest_failures", "blank_lines", "ties_skipped"):
+                    for key in (
+                        "records",
+                        "pairs",
+                        "ingest_failures",
+                        "blank_lines",
+                        "ties_skipped",
+                    ):
                         report[key] += stats[key]
         finally:
             writer.close()
@@ -74,10 +104,20 @@ def ingest_sources(sources: list[SourceConfig], out_dir: Path, *, chunk_rows: in
     return report
 
 
-def _ingest_one(source: SourceConfig, chunk_rows, s3, cache_dir, writer, failures_out, progress) -> dict:
+def _ingest_one(
+    source: SourceConfig, chunk_rows, s3, cache_dir, writer, failures_out, progress
+) -> dict:
     where = source.path
     fmt = None if source.format == "auto" else source.format
-    stats = {"path": source.path, "format": fmt, "records": 0, "pairs": 0, "ingest_failures": 0, "blank_lines": 0, "ties_skipped": 0}
+    stats = {
+        "path": source.path,
+        "format": fmt,
+        "records": 0,
+        "pairs": 0,
+        "ingest_failures": 0,
+        "blank_lines": 0,
+        "ties_skipped": 0,
+    }
     chunk: RawChunk
     for chunk in _chunks_for(source, chunk_rows, s3, cache_dir):
         columns = [c for c in chunk.frame.columns if c != ROW]
@@ -91,10 +131,14 @@ def _ingest_one(source: SourceConfig, chunk_rows, s3, cache_dir, writer, failure
             check_columns(stats["format"], columns, source.columns, where)
         failures = list(chunk.failures)
         if len(chunk.frame) and stats["format"] is not None:
-            norm = NORMALISERS[stats["format"]](chunk.frame, source.path, source.label_source, source.columns)
+            norm = NORMALISERS[stats["format"]](
+                chunk.frame, source.path, source.label_source, source.columns
+            )
             failures += norm.failures
             stats["ties_skipped"] += norm.ties_skipped
-            if source.label_source == "none":  # unlabelled: which response is 'chosen' means nothing yet
+            if (
+                source.label_source == "none"
+            ):  # unlabelled: which response is 'chosen' means nothing yet
                 norm.frame["label_source"] = "none"
                 norm.frame["p_chosen"] = np.nan
             if len(norm.frame):
@@ -105,7 +149,13 @@ def _ingest_one(source: SourceConfig, chunk_rows, s3, cache_dir, writer, failure
         if failures and "first_failure" not in stats:
             stats["first_failure"] = failures[0]["reasons"][0]
         for f in failures:
-            failures_out.write(orjson.dumps({"source": source.path, "stage": "ingest", **f}, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+            failures_out.write(
+                orjson.dumps(
+                    {"source": source.path, "stage": "ingest", **f},
+                    option=orjson.OPT_SERIALIZE_NUMPY,
+                )
+                + b"\n"
+            )
         n_records = len(chunk.frame) + len(chunk.failures)
         stats["records"] += n_records
         stats["ingest_failures"] += len(failures)
@@ -115,7 +165,9 @@ def _ingest_one(source: SourceConfig, chunk_rows, s3, cache_dir, writer, failure
     if stats["records"] == 0:
         raise UnusableInputError(f"{where}: no records")
     if stats["format"] is None:
-        raise UnusableInputError(f"{where}: no record could be parsed (first problem: {stats.get('first_failure', 'unknown')})")
+        raise UnusableInputError(
+            f"{where}: no record could be parsed (first problem: {stats.get('first_failure', 'unknown')})"
+        )
     stats.pop("first_failure", None)
     return stats
 
@@ -133,8 +185,12 @@ def reason_kind(reason: str) -> str:
 def _length_stats(lengths: np.ndarray) -> dict:
     if not len(lengths):
         return {"mean": 0.0, "p50": 0, "p95": 0, "max": 0}
-    return {"mean": round(float(lengths.mean()), 1), "p50": int(np.percentile(lengths, 50)), "p95": int(np.percentile(lengths, 95)),
-            "max": int(lengths.max())}
+    return {
+        "mean": round(float(lengths.mean()), 1),
+        "p50": int(np.percentile(lengths, 50)),
+        "p95": int(np.percentile(lengths, 95)),
+        "max": int(lengths.max()),
+    }
 
 
 _RECORD_FIELDS = ("prompt", "chosen", "rejected", "label_source", "p_chosen", "margin")
@@ -143,20 +199,32 @@ _RECORD_FIELDS = ("prompt", "chosen", "rejected", "label_source", "p_chosen", "m
 def _content_bytes(valid: pd.DataFrame, hashes: np.ndarray) -> bytes:
     """What the dataset version digests: the pair hash and label fields, row-major, so the digest
     does not depend on how the rows were chunked."""
-    return np.column_stack([
-        hashes.astype(np.uint64), valid["p_chosen"].to_numpy("float64").view(np.uint64),
-        valid["margin"].to_numpy("float64").view(np.uint64), (valid["label_source"] == "ai").to_numpy().astype(np.uint64),
-    ]).tobytes()
+    return np.column_stack(
+        [
+            hashes.astype(np.uint64),
+            valid["p_chosen"].to_numpy("float64").view(np.uint64),
+            valid["margin"].to_numpy("float64").view(np.uint64),
+            (valid["label_source"] == "ai").to_numpy().astype(np.uint64),
+        ]
+    ).tobytes()
 
 
-def validate_normalised(ingest_dir: Path, out_dir: Path, data: DataConfig, *, progress: Progress | None = None,
-                        enforce: bool = True) -> dict:
+def validate_normalised(
+    ingest_dir: Path,
+    out_dir: Path,
+    data: DataConfig,
+    *,
+    progress: Progress | None = None,
+    enforce: bool = True,
+) -> dict:
     """Validate ingest_dir's normalised table. Writes valid.parquet, quarantine.jsonl (ingest failures
     plus rule failures, each with its reasons) and report.json to out_dir; every input record is
     accounted for. Raises TooManyInvalidRowsError (after writing everything) when over the limit."""
     ingest_dir = Path(ingest_dir)
     ingest_report = json.loads((ingest_dir / REPORT_FILE).read_text())
-    validator = PreferenceValidator(data.max_prompt_chars, data.max_response_chars, data.drop_duplicates)
+    validator = PreferenceValidator(
+        data.max_prompt_chars, data.max_response_chars, data.drop_duplicates
+    )
     reasons: Counter[str] = Counter()
     lengths = {"prompt": [], "chosen": [], "rejected": []}
     n_valid = n_invalid = 0
@@ -170,18 +238,30 @@ def validate_normalised(ingest_dir: Path, out_dir: Path, data: DataConfig, *, pr
                         reasons[reason_kind(r)] += 1
             writer = pq.ParquetWriter(staging / VALID_FILE, _ARROW_SCHEMA)
             try:
-                for batch in pq.ParquetFile(ingest_dir / NORMALISED_FILE).iter_batches(batch_size=data.chunk_rows):
+                for batch in pq.ParquetFile(ingest_dir / NORMALISED_FILE).iter_batches(
+                    batch_size=data.chunk_rows
+                ):
                     frame = batch.to_pandas()
                     ok, why, hashes = validator.validate(frame)
                     if why:
                         positions = sorted(why)
                         bad_rows = frame.iloc[positions][["source", "source_row", *_RECORD_FIELDS]]
-                        bad_rows = bad_rows.astype(object).where(bad_rows.notna(), None).to_dict("records")
+                        bad_rows = (
+                            bad_rows.astype(object).where(bad_rows.notna(), None).to_dict("records")
+                        )
                         for pos, rec in zip(positions, bad_rows):
-                            quarantine.write(orjson.dumps({
-                                "source": rec["source"], "stage": "validate", "source_row": int(rec["source_row"]),
-                                "reasons": why[pos], "record": {k: rec[k] for k in _RECORD_FIELDS},
-                            }) + b"\n")
+                            quarantine.write(
+                                orjson.dumps(
+                                    {
+                                        "source": rec["source"],
+                                        "stage": "validate",
+                                        "source_row": int(rec["source_row"]),
+                                        "reasons": why[pos],
+                                        "record": {k: rec[k] for k in _RECORD_FIELDS},
+                                    }
+                                )
+                                + b"\n"
+                            )
                             for r in why[pos]:
                                 reasons[reason_kind(r)] += 1
                     valid = frame[ok]
@@ -214,31 +294,43 @@ def validate_normalised(ingest_dir: Path, out_dir: Path, data: DataConfig, *, pr
             "max_invalid_fraction": data.max_invalid_fraction,
             "passed": invalid_fraction <= data.max_invalid_fraction,
             "reasons": dict(reasons.most_common()),
-            "lengths_chars": {c: _length_stats(np.concatenate(v) if v else np.array([])) for c, v in lengths.items()},
+            "lengths_chars": {
+                c: _length_stats(np.concatenate(v) if v else np.array([]))
+                for c, v in lengths.items()
+            },
         }
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2))
     if enforce and not report["passed"]:
         raise TooManyInvalidRowsError(
             f"{invalid_fraction:.1%} of rows are invalid (limit data.max_invalid_fraction={data.max_invalid_fraction:g}); "
-            f"see {Path(out_dir) / QUARANTINE_FILE}")
+            f"see {Path(out_dir) / QUARANTINE_FILE}"
+        )
     return report
 
 
 def split_by_prompt(prompts: pd.Series, ratios: SplitRatios, seed: int) -> np.ndarray:
     """0/1/2 = train/val/test per row, from a hash of the prompt: one prompt never lands in two splits."""
     key = f"{seed:016d}"[-16:]
-    u = (pd.util.hash_pandas_object(prompts, index=False, hash_key=key).to_numpy() % 1_000_000) / 1_000_000
-    return np.where(u < ratios.train, 0, np.where(u < ratios.train + ratios.val, 1, 2)).astype(np.int8)
+    u = (
+        pd.util.hash_pandas_object(prompts, index=False, hash_key=key).to_numpy() % 1_000_000
+    ) / 1_000_000
+    return np.where(u < ratios.train, 0, np.where(u < ratios.train + ratios.val, 1, 2)).astype(
+        np.int8
+    )
 
 
-def make_splits(valid_dir: Path, out_dir: Path, ratios: SplitRatios, seed: int, *, chunk_rows: int = 200_000) -> dict:
+def make_splits(
+    valid_dir: Path, out_dir: Path, ratios: SplitRatios, seed: int, *, chunk_rows: int = 200_000
+) -> dict:
     """Write train/val/test parquet files and a manifest.json with the dataset version and counts."""
     valid_report = json.loads((Path(valid_dir) / REPORT_FILE).read_text())
     counts = dict.fromkeys(SPLITS, 0)
     with atomic_dir(Path(out_dir)) as staging:
         writers = {s: pq.ParquetWriter(staging / f"{s}.parquet", _ARROW_SCHEMA) for s in SPLITS}
         try:
-            for batch in pq.ParquetFile(Path(valid_dir) / VALID_FILE).iter_batches(batch_size=chunk_rows):
+            for batch in pq.ParquetFile(Path(valid_dir) / VALID_FILE).iter_batches(
+                batch_size=chunk_rows
+            ):
                 frame = batch.to_pandas()
                 which = split_by_prompt(frame["prompt"], ratios, seed)
                 for code, name in enumerate(SPLITS):
@@ -249,14 +341,26 @@ def make_splits(valid_dir: Path, out_dir: Path, ratios: SplitRatios, seed: int, 
         finally:
             for w in writers.values():
                 w.close()
-        manifest = {"dataset_version": valid_report["dataset_version"], "counts": counts,
-                    "ratios": ratios.model_dump(), "seed": seed, "files": {s: f"{s}.parquet" for s in SPLITS}}
+        manifest = {
+            "dataset_version": valid_report["dataset_version"],
+            "counts": counts,
+            "ratios": ratios.model_dump(),
+            "seed": seed,
+            "files": {s: f"{s}.parquet" for s in SPLITS},
+        }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
 
 
-def read_valid_pairs(path: str, data: DataConfig, *, fmt: str = "auto", s3: S3Config | None = None,
-                     cache_dir: Path | None = None, quarantine_dir: Path | None = None) -> tuple[pd.DataFrame, dict]:
+def read_valid_pairs(
+    path: str,
+    data: DataConfig,
+    *,
+    fmt: str = "auto",
+    s3: S3Config | None = None,
+    cache_dir: Path | None = None,
+    quarantine_dir: Path | None = None,
+) -> tuple[pd.DataFrame, dict]:
     """One preference source (anything `rlhf data validate` accepts, or a split parquet the pipeline
     wrote) -> its valid rows, after the same ingest and validation as the pipeline. Bad rows go to
     quarantine_dir (kept) and too many of them stop here with the usual one-line error."""
@@ -265,8 +369,13 @@ def read_valid_pairs(path: str, data: DataConfig, *, fmt: str = "auto", s3: S3Co
     if not path.startswith(("s3://", "hf://")) and not Path(path).exists():
         raise UnusableInputError(f"{path}: no such file")
     with tempfile.TemporaryDirectory(prefix="rlhf-pairs-") as tmp:
-        ingest_sources([SourceConfig(path=path, format=fmt)], Path(tmp) / "ingest", chunk_rows=data.chunk_rows, s3=s3,
-                       cache_dir=cache_dir or Path(tmp) / "s3-cache")
+        ingest_sources(
+            [SourceConfig(path=path, format=fmt)],
+            Path(tmp) / "ingest",
+            chunk_rows=data.chunk_rows,
+            s3=s3,
+            cache_dir=cache_dir or Path(tmp) / "s3-cache",
+        )
         out = Path(quarantine_dir) if quarantine_dir else Path(tmp) / "valid"
         report = validate_normalised(Path(tmp) / "ingest", out, data)
         frame = pd.read_parquet(out / VALID_FILE)

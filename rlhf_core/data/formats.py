@@ -18,17 +18,33 @@ from rlhf_core.config import ColumnMap
 from rlhf_core.data.readers import ROW
 from rlhf_core.errors import UnusableInputError
 
-NORMALISED_COLUMNS = ["prompt", "chosen", "rejected", "label_source", "p_chosen", "margin", "source", "source_row"]
+NORMALISED_COLUMNS = [
+    "prompt",
+    "chosen",
+    "rejected",
+    "label_source",
+    "p_chosen",
+    "margin",
+    "source",
+    "source_row",
+]
 HH_ASSISTANT = "\n\nAssistant:"
 FORMATS = ("pairwise", "hh", "ranked", "comparison")
 
 
 def empty_normalised() -> pd.DataFrame:
-    return pd.DataFrame({
-        "prompt": pd.Series([], dtype="str"), "chosen": pd.Series([], dtype="str"), "rejected": pd.Series([], dtype="str"),
-        "label_source": pd.Series([], dtype="str"), "p_chosen": pd.Series([], dtype="float64"),
-        "margin": pd.Series([], dtype="float64"), "source": pd.Series([], dtype="str"), "source_row": pd.Series([], dtype="int64"),
-    })
+    return pd.DataFrame(
+        {
+            "prompt": pd.Series([], dtype="str"),
+            "chosen": pd.Series([], dtype="str"),
+            "rejected": pd.Series([], dtype="str"),
+            "label_source": pd.Series([], dtype="str"),
+            "p_chosen": pd.Series([], dtype="float64"),
+            "margin": pd.Series([], dtype="float64"),
+            "source": pd.Series([], dtype="str"),
+            "source_row": pd.Series([], dtype="int64"),
+        }
+    )
 
 
 def required_columns(fmt: str, cols: ColumnMap) -> list[str]:
@@ -46,13 +62,17 @@ def detect_format(columns: list[str], cols: ColumnMap, where: str) -> str:
         if set(required_columns(fmt, cols)) <= present:
             return fmt
     expected = "; ".join(f"{f}: {', '.join(required_columns(f, cols))}" for f in FORMATS)
-    raise UnusableInputError(f"{where}: no recognisable preference format (columns: {', '.join(sorted(present)) or 'none'}; expected {expected})")
+    raise UnusableInputError(
+        f"{where}: no recognisable preference format (columns: {', '.join(sorted(present)) or 'none'}; expected {expected})"
+    )
 
 
 def check_columns(fmt: str, columns: list[str], cols: ColumnMap, where: str) -> None:
     missing = [c for c in required_columns(fmt, cols) if c not in columns]
     if missing:
-        raise UnusableInputError(f"{where}: missing required column(s) {', '.join(missing)} for format '{fmt}'")
+        raise UnusableInputError(
+            f"{where}: missing required column(s) {', '.join(missing)} for format '{fmt}'"
+        )
 
 
 @dataclass
@@ -72,7 +92,9 @@ class _Problems:
 
     def flag(self, mask, reason: str | Callable[[int], str]) -> None:
         for i in np.flatnonzero(np.asarray(mask, dtype=bool)):
-            self.reasons.setdefault(int(i), []).append(reason(int(i)) if callable(reason) else reason)
+            self.reasons.setdefault(int(i), []).append(
+                reason(int(i)) if callable(reason) else reason
+            )
 
     @property
     def bad(self) -> np.ndarray:
@@ -84,12 +106,16 @@ class _Problems:
 
 def _record_of(frame: pd.DataFrame, i: int) -> dict:
     rec = {k: v for k, v in frame.iloc[i].items() if k != ROW}
-    return json.loads(json.dumps(rec, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+    return json.loads(
+        json.dumps(rec, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    )
 
 
 def _is_number(v) -> bool:
     """A real number; arrow-backed columns give numpy scalars, and a bool is not a number here."""
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(
+        v, (bool, np.bool_)
+    )
 
 
 def _label_key(v) -> str | None:
@@ -102,8 +128,10 @@ def _label_key(v) -> str | None:
 
 
 def _failures(frame: pd.DataFrame, problems: _Problems) -> list[dict]:
-    return [{"source_row": int(frame[ROW].iloc[i]), "reasons": reasons, "record": _record_of(frame, i)}
-            for i, reasons in sorted(problems.reasons.items())]
+    return [
+        {"source_row": int(frame[ROW].iloc[i]), "reasons": reasons, "record": _record_of(frame, i)}
+        for i, reasons in sorted(problems.reasons.items())
+    ]
 
 
 def _type_name(v) -> str:
@@ -122,23 +150,36 @@ def _string_column(frame: pd.DataFrame, name: str, problems: _Problems) -> pd.Se
         return col.fillna("")
     values = col.to_numpy(dtype=object)
     is_str = np.fromiter((isinstance(v, str) for v in values), bool, len(values))
-    is_missing = np.fromiter((v is None or (isinstance(v, float) and np.isnan(v)) for v in values), bool, len(values))
+    is_missing = np.fromiter(
+        (v is None or (isinstance(v, float) and np.isnan(v)) for v in values), bool, len(values)
+    )
     problems.flag(is_missing, f"missing field '{name}'")
-    problems.flag(~is_str & ~is_missing, lambda i: f"field '{name}' must be a string, got {_type_name(values[i])}")
+    problems.flag(
+        ~is_str & ~is_missing,
+        lambda i: f"field '{name}' must be a string, got {_type_name(values[i])}",
+    )
     return pd.Series(np.where(is_str, values, ""), dtype="str", index=frame.index)
 
 
-def _float_column(frame: pd.DataFrame, name: str, default: float | None, problems: _Problems) -> pd.Series:
+def _float_column(
+    frame: pd.DataFrame, name: str, default: float | None, problems: _Problems
+) -> pd.Series:
     """Optional numeric column: missing -> default; a non-number is flagged."""
     if name not in frame.columns:
-        return pd.Series(np.full(len(frame), np.nan if default is None else default), dtype="float64", index=frame.index)
+        return pd.Series(
+            np.full(len(frame), np.nan if default is None else default),
+            dtype="float64",
+            index=frame.index,
+        )
     col = frame[name]
     if pd.api.types.is_bool_dtype(col.dtype):
         problems.flag(np.ones(len(frame), bool), f"field '{name}' must be a number, got bool")
         return pd.Series(np.nan, index=frame.index, dtype="float64")
     is_bool = np.zeros(len(frame), bool)
     if col.dtype == object:  # mixed JSON values: a bool must not pass as 0/1
-        is_bool = np.fromiter((isinstance(v, (bool, np.bool_)) for v in col.to_numpy()), bool, len(col))
+        is_bool = np.fromiter(
+            (isinstance(v, (bool, np.bool_)) for v in col.to_numpy()), bool, len(col)
+        )
         col = col.where(~is_bool, None)
     problems.flag(is_bool, f"field '{name}' must be a number, got bool")
     numeric = pd.to_numeric(col, errors="coerce").astype("float64")
@@ -149,20 +190,24 @@ def _float_column(frame: pd.DataFrame, name: str, default: float | None, problem
     return numeric
 
 
-def _assemble(frame, prompt, chosen, rejected, p_chosen, margin, label_source, source, problems) -> Normalised:
+def _assemble(
+    frame, prompt, chosen, rejected, p_chosen, margin, label_source, source, problems
+) -> Normalised:
     bad = problems.bad
     failures = _failures(frame, problems)
     keep = ~bad
-    out = pd.DataFrame({
-        "prompt": prompt[keep].astype("str"),
-        "chosen": chosen[keep].astype("str"),
-        "rejected": rejected[keep].astype("str"),
-        "label_source": label_source[keep].astype("str"),
-        "p_chosen": p_chosen[keep].astype("float64"),
-        "margin": margin[keep].astype("float64"),
-        "source": pd.Series(source, index=frame.index, dtype="str")[keep],
-        "source_row": frame[ROW][keep].astype("int64"),
-    }).reset_index(drop=True)
+    out = pd.DataFrame(
+        {
+            "prompt": prompt[keep].astype("str"),
+            "chosen": chosen[keep].astype("str"),
+            "rejected": rejected[keep].astype("str"),
+            "label_source": label_source[keep].astype("str"),
+            "p_chosen": p_chosen[keep].astype("float64"),
+            "margin": margin[keep].astype("float64"),
+            "source": pd.Series(source, index=frame.index, dtype="str")[keep],
+            "source_row": frame[ROW][keep].astype("int64"),
+        }
+    ).reset_index(drop=True)
     return Normalised(out, failures)
 
 
@@ -173,14 +218,26 @@ def _label_source_column(frame, default: str, problems: _Problems) -> pd.Series:
     return col.where(col.notna(), default).astype("str")
 
 
-def normalise_pairwise(frame: pd.DataFrame, source: str, label_source: str, cols: ColumnMap) -> Normalised:
+def normalise_pairwise(
+    frame: pd.DataFrame, source: str, label_source: str, cols: ColumnMap
+) -> Normalised:
     problems = _Problems(len(frame))
     prompt = _string_column(frame, "prompt", problems)
     chosen = _string_column(frame, "chosen", problems)
     rejected = _string_column(frame, "rejected", problems)
     p_chosen = _float_column(frame, "p_chosen", 1.0, problems)
     margin = _float_column(frame, "margin", None, problems)
-    return _assemble(frame, prompt, chosen, rejected, p_chosen, margin, _label_source_column(frame, label_source, problems), source, problems)
+    return _assemble(
+        frame,
+        prompt,
+        chosen,
+        rejected,
+        p_chosen,
+        margin,
+        _label_source_column(frame, label_source, problems),
+        source,
+        problems,
+    )
 
 
 def split_hh_dialogue(chosen: str, rejected: str) -> tuple[str, str, str] | None:
@@ -194,7 +251,9 @@ def split_hh_dialogue(chosen: str, rejected: str) -> tuple[str, str, str] | None
     return None
 
 
-def normalise_hh(frame: pd.DataFrame, source: str, label_source: str, cols: ColumnMap) -> Normalised:
+def normalise_hh(
+    frame: pd.DataFrame, source: str, label_source: str, cols: ColumnMap
+) -> Normalised:
     problems = _Problems(len(frame))
     chosen_full = _string_column(frame, "chosen", problems)
     rejected_full = _string_column(frame, "rejected", problems)
@@ -208,41 +267,77 @@ def normalise_hh(frame: pd.DataFrame, source: str, label_source: str, cols: Colu
         else:
             prompts[i], chosen[i], rejected[i] = parts
     already = problems.bad
-    problems.flag(no_prompt & ~already, "no shared prompt: the two dialogues share no prefix ending in '\\n\\nAssistant:'")
+    problems.flag(
+        no_prompt & ~already,
+        "no shared prompt: the two dialogues share no prefix ending in '\\n\\nAssistant:'",
+    )
     idx = frame.index
     return _assemble(
-        frame, pd.Series(prompts, index=idx, dtype="str"), pd.Series(chosen, index=idx, dtype="str"),
-        pd.Series(rejected, index=idx, dtype="str"), _float_column(frame, "p_chosen", 1.0, problems),
-        _float_column(frame, "margin", None, problems), _label_source_column(frame, label_source, problems), source, problems,
+        frame,
+        pd.Series(prompts, index=idx, dtype="str"),
+        pd.Series(chosen, index=idx, dtype="str"),
+        pd.Series(rejected, index=idx, dtype="str"),
+        _float_column(frame, "p_chosen", 1.0, problems),
+        _float_column(frame, "margin", None, problems),
+        _label_source_column(frame, label_source, problems),
+        source,
+        problems,
     )
 
 
-def normalise_comparison(frame: pd.DataFrame, source: str, label_source: str, cols: ColumnMap) -> Normalised:
+def normalise_comparison(
+    frame: pd.DataFrame, source: str, label_source: str, cols: ColumnMap
+) -> Normalised:
     problems = _Problems(len(frame))
     prompt = _string_column(frame, cols.prompt, problems)
     a = _string_column(frame, cols.response_1, problems)
     b = _string_column(frame, cols.response_2, problems)
-    raw = frame[cols.label].to_numpy(dtype=object) if cols.label in frame.columns else np.full(len(frame), None)
+    raw = (
+        frame[cols.label].to_numpy(dtype=object)
+        if cols.label in frame.columns
+        else np.full(len(frame), None)
+    )
     label = np.array([_label_key(v) for v in raw], dtype=object)
     first, second = (_label_key(v) for v in cols.label_values)
     first_wins = label == first
     second_wins = label == second
     raw_label = frame[cols.label] if cols.label in frame.columns else None
-    problems.flag(~first_wins & ~second_wins,
-                  lambda i: f"field '{cols.label}' must be {first} or {second}, got {raw_label.iloc[i] if raw_label is not None else None!r}")
+    problems.flag(
+        ~first_wins & ~second_wins,
+        lambda i: (
+            f"field '{cols.label}' must be {first} or {second}, got {raw_label.iloc[i] if raw_label is not None else None!r}"
+        ),
+    )
     chosen = pd.Series(np.where(first_wins, a, b), index=frame.index, dtype="str")
     rejected = pd.Series(np.where(first_wins, b, a), index=frame.index, dtype="str")
-    return _assemble(frame, prompt, chosen, rejected, pd.Series(1.0, index=frame.index), _float_column(frame, "margin", None, problems),
-                     _label_source_column(frame, label_source, problems), source, problems)
+    return _assemble(
+        frame,
+        prompt,
+        chosen,
+        rejected,
+        pd.Series(1.0, index=frame.index),
+        _float_column(frame, "margin", None, problems),
+        _label_source_column(frame, label_source, problems),
+        source,
+        problems,
+    )
 
 
-def normalise_ranked(frame: pd.DataFrame, source: str, label_source: str, cols: ColumnMap) -> Normalised:
+def normalise_ranked(
+    frame: pd.DataFrame, source: str, label_source: str, cols: ColumnMap
+) -> Normalised:
     """k ranked responses -> all k(k-1)/2 ordered pairs (rank 1 is best); ties are skipped and counted."""
     problems = _Problems(len(frame))
     prompt = _string_column(frame, "prompt", problems)
     out_rows, ties, expanded = [], 0, 0
-    responses_col = frame["responses"].to_numpy(dtype=object) if "responses" in frame.columns else [None] * len(frame)
-    ranks_col = frame["ranks"].to_numpy(dtype=object) if "ranks" in frame.columns else [None] * len(frame)
+    responses_col = (
+        frame["responses"].to_numpy(dtype=object)
+        if "responses" in frame.columns
+        else [None] * len(frame)
+    )
+    ranks_col = (
+        frame["ranks"].to_numpy(dtype=object) if "ranks" in frame.columns else [None] * len(frame)
+    )
     bad_before = problems.bad
     for i in range(len(frame)):
         responses, ranks = responses_col[i], ranks_col[i]
@@ -273,20 +368,33 @@ def normalise_ranked(frame: pd.DataFrame, source: str, label_source: str, cols: 
                     ties += 1
                     continue
                 best, worst = (a, b) if ranks[a] < ranks[b] else (b, a)
-                out_rows.append((prompt.iloc[i], responses[best], responses[worst], int(frame[ROW].iloc[i])))
+                out_rows.append(
+                    (prompt.iloc[i], responses[best], responses[worst], int(frame[ROW].iloc[i]))
+                )
     failures = _failures(frame, problems)
     ls = label_source
-    out = empty_normalised() if not out_rows else pd.DataFrame({
-        "prompt": pd.Series([r[0] for r in out_rows], dtype="str"),
-        "chosen": pd.Series([r[1] for r in out_rows], dtype="str"),
-        "rejected": pd.Series([r[2] for r in out_rows], dtype="str"),
-        "label_source": pd.Series([ls] * len(out_rows), dtype="str"),
-        "p_chosen": np.ones(len(out_rows)),
-        "margin": np.full(len(out_rows), np.nan),
-        "source": pd.Series([source] * len(out_rows), dtype="str"),
-        "source_row": np.array([r[3] for r in out_rows], dtype="int64"),
-    })
+    out = (
+        empty_normalised()
+        if not out_rows
+        else pd.DataFrame(
+            {
+                "prompt": pd.Series([r[0] for r in out_rows], dtype="str"),
+                "chosen": pd.Series([r[1] for r in out_rows], dtype="str"),
+                "rejected": pd.Series([r[2] for r in out_rows], dtype="str"),
+                "label_source": pd.Series([ls] * len(out_rows), dtype="str"),
+                "p_chosen": np.ones(len(out_rows)),
+                "margin": np.full(len(out_rows), np.nan),
+                "source": pd.Series([source] * len(out_rows), dtype="str"),
+                "source_row": np.array([r[3] for r in out_rows], dtype="int64"),
+            }
+        )
+    )
     return Normalised(out, failures, ties_skipped=ties, records_expanded=expanded)
 
 
-NORMALISERS = {"pairwise": normalise_pairwise, "hh": normalise_hh, "ranked": normalise_ranked, "comparison": normalise_comparison}
+NORMALISERS = {
+    "pairwise": normalise_pairwise,
+    "hh": normalise_hh,
+    "ranked": normalise_ranked,
+    "comparison": normalise_comparison,
+}

@@ -22,7 +22,9 @@ def load_instruction_pairs(path: str | Path) -> list[tuple[str, str]]:
             instruction = rec["instruction"].strip()
             instances = rec.get("instances") or [{"input": "", "output": rec.get("output", "")}]
         except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
-            raise UnusableInputError(f"{path}:{lineno}: expected an object with 'instruction' and 'instances'") from None
+            raise UnusableInputError(
+                f"{path}:{lineno}: expected an object with 'instruction' and 'instances'"
+            ) from None
         for inst in instances:
             given, output = (inst.get("input") or "").strip(), (inst.get("output") or "").strip()
             if output:

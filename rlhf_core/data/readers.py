@@ -50,16 +50,24 @@ def describe_kind(path: str) -> str:
         return "hub"
     p = Path(path)
     if p.is_dir():
-        if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists() or (p / "state.json").exists():
+        if (
+            (p / "dataset_info.json").exists()
+            or (p / "dataset_dict.json").exists()
+            or (p / "state.json").exists()
+        ):
             return "datasets"
-        raise UnusableInputError(f"{path}: a folder, but not a dataset saved with datasets.save_to_disk")
+        raise UnusableInputError(
+            f"{path}: a folder, but not a dataset saved with datasets.save_to_disk"
+        )
     name = p.name.lower()
     if name.endswith(".gz"):
         name = name[:-3]
     for suffix in FILE_SUFFIXES:
         if name.endswith(suffix):
             return {".ndjson": "jsonl"}.get(suffix, suffix[1:])
-    raise UnusableInputError(f"{path}: unknown file type (expected one of {', '.join(FILE_SUFFIXES)}, optionally .gz)")
+    raise UnusableInputError(
+        f"{path}: unknown file type (expected one of {', '.join(FILE_SUFFIXES)}, optionally .gz)"
+    )
 
 
 def _open_binary(path: Path):
@@ -82,6 +90,7 @@ def _undecodable(text: str) -> bool:
 
 # -- JSON lines -----------------------------------------------------------------------------
 
+
 def _parse_lines_exactly(numbered: list[tuple[int, bytes]]) -> RawChunk:
     """Slow, exact path: one record at a time, every failure with its own reason."""
     records, rows, failures = [], [], []
@@ -89,7 +98,13 @@ def _parse_lines_exactly(numbered: list[tuple[int, bytes]]) -> RawChunk:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            failures.append(failure(lineno, f"undecodable bytes (not UTF-8) at byte {exc.start}", raw.decode("utf-8", "replace")))
+            failures.append(
+                failure(
+                    lineno,
+                    f"undecodable bytes (not UTF-8) at byte {exc.start}",
+                    raw.decode("utf-8", "replace"),
+                )
+            )
             continue
         try:
             obj = orjson.loads(text)
@@ -97,7 +112,9 @@ def _parse_lines_exactly(numbered: list[tuple[int, bytes]]) -> RawChunk:
             failures.append(failure(lineno, f"broken JSON: {exc}", text.rstrip("\n")))
             continue
         if not isinstance(obj, dict):
-            failures.append(failure(lineno, f"not a JSON object (got {type(obj).__name__})", text.rstrip("\n")))
+            failures.append(
+                failure(lineno, f"not a JSON object (got {type(obj).__name__})", text.rstrip("\n"))
+            )
             continue
         records.append(obj)
         rows.append(lineno)
@@ -131,14 +148,22 @@ def read_jsonl(path: Path, chunk_rows: int) -> Iterator[RawChunk]:
             try:
                 blob = b"".join(raw if raw.endswith(b"\n") else raw + b"\n" for _, raw in numbered)
                 blob.decode("utf-8")  # arrow does not check UTF-8 inside strings
-                table = pa_json.read_json(io.BytesIO(blob), read_options=pa_json.ReadOptions(block_size=max(1 << 20, len(blob) + 1)))
+                table = pa_json.read_json(
+                    io.BytesIO(blob),
+                    read_options=pa_json.ReadOptions(block_size=max(1 << 20, len(blob) + 1)),
+                )
                 # arrow turns date-like strings into timestamps: such a chunk goes the exact way
                 inferred_dates = any(pa.types.is_temporal(f.type) for f in table.schema)
                 if table.num_rows == len(numbered) and not inferred_dates:
                     frame = table.to_pandas()
                     frame[ROW] = pd.Series([n for n, _ in numbered], dtype="int64")
                     chunk = RawChunk(frame)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, UnicodeDecodeError):
+            except (
+                pa.ArrowInvalid,
+                pa.ArrowNotImplementedError,
+                pa.ArrowTypeError,
+                UnicodeDecodeError,
+            ):
                 chunk = None
             if chunk is None:
                 chunk = _parse_lines_exactly(numbered)
@@ -147,6 +172,7 @@ def read_jsonl(path: Path, chunk_rows: int) -> Iterator[RawChunk]:
 
 
 # -- JSON document --------------------------------------------------------------------------
+
 
 def read_json(path: Path, chunk_rows: int) -> Iterator[RawChunk]:
     _check_file(path)
@@ -163,7 +189,9 @@ def read_json(path: Path, chunk_rows: int) -> Iterator[RawChunk]:
     if isinstance(doc, dict):
         lists = [k for k in ("data", "rows", "records", "examples") if isinstance(doc.get(k), list)]
         if not lists:
-            raise UnusableInputError(f"{path}: a JSON object without a list of records (expected a top-level list or a 'data' list)")
+            raise UnusableInputError(
+                f"{path}: a JSON object without a list of records (expected a top-level list or a 'data' list)"
+            )
         doc = doc[lists[0]]
     if not isinstance(doc, list):
         raise UnusableInputError(f"{path}: expected a list of records, got {type(doc).__name__}")
@@ -171,12 +199,18 @@ def read_json(path: Path, chunk_rows: int) -> Iterator[RawChunk]:
         raise UnusableInputError(f"{path}: no records")
     for start in range(0, len(doc), chunk_rows):
         records, rows, failures = [], [], []
-        for i, obj in enumerate(doc[start:start + chunk_rows], start=start + 1):
+        for i, obj in enumerate(doc[start : start + chunk_rows], start=start + 1):
             if isinstance(obj, dict):
                 records.append(obj)
                 rows.append(i)
             else:
-                failures.append(failure(i, f"not a JSON object (got {type(obj).__name__})", json.dumps(obj, default=str)[:2000]))
+                failures.append(
+                    failure(
+                        i,
+                        f"not a JSON object (got {type(obj).__name__})",
+                        json.dumps(obj, default=str)[:2000],
+                    )
+                )
         frame = pd.DataFrame.from_records(records) if records else pd.DataFrame()
         frame[ROW] = pd.Series(rows, dtype="int64")
         yield RawChunk(frame, failures)
@@ -184,10 +218,14 @@ def read_json(path: Path, chunk_rows: int) -> Iterator[RawChunk]:
 
 # -- CSV ------------------------------------------------------------------------------------
 
+
 def read_csv(path: Path, chunk_rows: int) -> Iterator[RawChunk]:
     _check_file(path)
-    opener = (lambda: gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape", newline="")) if path.name.lower().endswith(".gz") \
+    opener = (
+        (lambda: gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape", newline=""))
+        if path.name.lower().endswith(".gz")
         else (lambda: open(path, encoding="utf-8", errors="surrogateescape", newline=""))
+    )
     with opener() as fh:
         reader = csv.reader(fh)
         try:
@@ -203,7 +241,9 @@ def read_csv(path: Path, chunk_rows: int) -> Iterator[RawChunk]:
             columns: list[list] = [[] for _ in header]
             rows, failures, n, blank = [], [], 0, 0
             while n < chunk_rows:
-                line = reader.line_num + 1  # where this record starts (a quoted field may span lines)
+                line = (
+                    reader.line_num + 1
+                )  # where this record starts (a quoted field may span lines)
                 try:
                     values = next(reader)
                 except StopIteration:
@@ -217,10 +257,25 @@ def read_csv(path: Path, chunk_rows: int) -> Iterator[RawChunk]:
                     blank += 1
                     continue
                 if len(values) != len(header):
-                    failures.append(failure(line, f"malformed CSV row: {len(values)} fields, header has {len(header)}", ",".join(values)[:2000]))
+                    failures.append(
+                        failure(
+                            line,
+                            f"malformed CSV row: {len(values)} fields, header has {len(header)}",
+                            ",".join(values)[:2000],
+                        )
+                    )
                     continue
                 if any(_undecodable(v) for v in values):
-                    failures.append(failure(line, "undecodable bytes (not UTF-8)", ",".join(v.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for v in values)[:2000]))
+                    failures.append(
+                        failure(
+                            line,
+                            "undecodable bytes (not UTF-8)",
+                            ",".join(
+                                v.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                                for v in values
+                            )[:2000],
+                        )
+                    )
                     continue
                 for col, v in zip(columns, values):
                     col.append(v)
@@ -233,6 +288,7 @@ def read_csv(path: Path, chunk_rows: int) -> Iterator[RawChunk]:
 
 
 # -- Arrow-backed sources: parquet, datasets folders, hub ids -------------------------------
+
 
 def _arrow_batches(batches: Iterator[pa.RecordBatch | pa.Table]) -> Iterator[RawChunk]:
     start = 1
@@ -274,7 +330,9 @@ def _pick_split(ds, where: str, split: str | None):
             elif "train" in ds:
                 split = "train"
             else:
-                raise UnusableInputError(f"{where}: several splits {list(ds)}; set the source's 'split'")
+                raise UnusableInputError(
+                    f"{where}: several splits {list(ds)}; set the source's 'split'"
+                )
         if split not in ds:
             raise UnusableInputError(f"{where}: no split {split!r} (has {list(ds)})")
         ds = ds[split]
@@ -288,7 +346,9 @@ def _dataset_chunks(ds, chunk_rows: int) -> Iterator[RawChunk]:
     yield from _arrow_batches(table.iter(batch_size=chunk_rows))
 
 
-def read_datasets_folder(path: Path, chunk_rows: int, split: str | None = None) -> Iterator[RawChunk]:
+def read_datasets_folder(
+    path: Path, chunk_rows: int, split: str | None = None
+) -> Iterator[RawChunk]:
     from datasets import load_from_disk
 
     try:
@@ -306,7 +366,9 @@ def read_hub(hub_id: str, chunk_rows: int, split: str | None = None) -> Iterator
     try:
         ds = load_dataset(name, split=split)
     except Exception as exc:  # noqa: BLE001 - the hub raises many kinds; the user needs one line
-        raise UnusableInputError(f"{hub_id}: cannot load from the hub ({type(exc).__name__}: {exc})") from None
+        raise UnusableInputError(
+            f"{hub_id}: cannot load from the hub ({type(exc).__name__}: {exc})"
+        ) from None
     yield from _dataset_chunks(_pick_split(ds, hub_id, split), chunk_rows)
 
 
@@ -314,4 +376,6 @@ def read_local(path: Path, chunk_rows: int, split: str | None = None) -> Iterato
     kind = describe_kind(str(path))
     if kind == "datasets":
         return read_datasets_folder(path, chunk_rows, split)
-    return {"jsonl": read_jsonl, "json": read_json, "csv": read_csv, "parquet": read_parquet}[kind](path, chunk_rows)
+    return {"jsonl": read_jsonl, "json": read_json, "csv": read_csv, "parquet": read_parquet}[kind](
+        path, chunk_rows
+    )

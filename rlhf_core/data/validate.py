@@ -48,21 +48,31 @@ class PreferenceTable(pa.DataFrameModel):
 
 def pair_hashes(frame: pd.DataFrame) -> np.ndarray:
     """64-bit hash of (prompt, chosen, rejected) per row: duplicates across chunks at 8 bytes a row."""
-    return pd.util.hash_pandas_object(frame[["prompt", "chosen", "rejected"]], index=False).to_numpy()
+    return pd.util.hash_pandas_object(
+        frame[["prompt", "chosen", "rejected"]], index=False
+    ).to_numpy()
 
 
 class PreferenceValidator:
     """Validates chunk after chunk; remembers pair hashes so duplicates are caught across chunks."""
 
-    def __init__(self, max_prompt_chars: int, max_response_chars: int, drop_duplicates: bool = True):
+    def __init__(
+        self, max_prompt_chars: int, max_response_chars: int, drop_duplicates: bool = True
+    ):
         self.max_prompt_chars = max_prompt_chars
         self.max_response_chars = max_response_chars
         self.drop_duplicates = drop_duplicates
         self._seen: set[int] = set()
         schema = PreferenceTable.to_schema()
-        limits = {"prompt": max_prompt_chars, "chosen": max_response_chars, "rejected": max_response_chars}
+        limits = {
+            "prompt": max_prompt_chars,
+            "chosen": max_response_chars,
+            "rejected": max_response_chars,
+        }
         for col, limit in limits.items():
-            schema = schema.update_column(col, checks=[*schema.columns[col].checks, pa.Check.str_length(max_value=limit)])
+            schema = schema.update_column(
+                col, checks=[*schema.columns[col].checks, pa.Check.str_length(max_value=limit)]
+            )
         self.schema = schema
 
     def _reason(self, column, check: str) -> str:
@@ -76,7 +86,9 @@ class PreferenceValidator:
             return "chosen is the same as rejected"
         if check == "labelled_pair_has_p_chosen":
             return "p_chosen missing on a labelled pair"
-        if check.startswith("greater_than_or_equal_to") or check.startswith("less_than_or_equal_to"):
+        if check.startswith("greater_than_or_equal_to") or check.startswith(
+            "less_than_or_equal_to"
+        ):
             return f"{column} outside [0, 1]" if column == "p_chosen" else f"{column} out of range"
         if check.startswith("isin"):
             return f"{column} must be 'human', 'ai' or 'none'"
@@ -93,10 +105,19 @@ class PreferenceValidator:
         except pa.errors.SchemaErrors as err:
             cases = err.failure_cases
             row_cases = cases[cases["index"].notna()]
-            if len(row_cases) < len(cases):  # a problem of the table itself is a bug upstream, not a bad row
+            if len(row_cases) < len(
+                cases
+            ):  # a problem of the table itself is a bug upstream, not a bad row
                 table_level = cases[cases["index"].isna()].iloc[0]
-                raise RuntimeError(f"normalised table breaks its schema: {table_level['check']} on {table_level['column']}") from None
-            for idx, column, check, context in zip(row_cases["index"], row_cases["column"], row_cases["check"], row_cases["schema_context"]):
+                raise RuntimeError(
+                    f"normalised table breaks its schema: {table_level['check']} on {table_level['column']}"
+                ) from None
+            for idx, column, check, context in zip(
+                row_cases["index"],
+                row_cases["column"],
+                row_cases["check"],
+                row_cases["schema_context"],
+            ):
                 reason = self._reason(None if context == "DataFrameSchema" else column, check)
                 if reason not in reasons[int(idx)]:
                     reasons[int(idx)].append(reason)
@@ -111,7 +132,9 @@ class PreferenceValidator:
             cand_hashes = hashes[candidates]
             dup = pd.Series(cand_hashes).duplicated().to_numpy().copy()
             if self._seen:
-                dup |= np.fromiter((h in self._seen for h in cand_hashes.tolist()), bool, len(cand_hashes))
+                dup |= np.fromiter(
+                    (h in self._seen for h in cand_hashes.tolist()), bool, len(cand_hashes)
+                )
             for i in candidates[dup]:
                 reasons[int(i)].append("duplicate of an earlier pair")
             self._seen.update(cand_hashes[~dup].tolist())

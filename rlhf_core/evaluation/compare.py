@@ -6,20 +6,13 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from rlhf_core.config import EvaluateConfig, JudgeConfig, PPOConfig
-from rlhf_core.evaluation.policy import EvalSettings, PolicyEvaluator, Progress
+from rlhf_core.config import EvaluateConfig, JudgeConfig
+from rlhf_core.evaluation.policy import PolicyEvaluator, Progress
 from rlhf_core.evaluation.prompts import BUILTIN_HARMFUL_PROMPTS, load_prompts
 from rlhf_core.evaluation.report import build_report
-from rlhf_core.judges.pipeline import build_judge
+from rlhf_core.judges.rlaif import build_judge
 from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.reward.model import load_reward_model
-
-
-def eval_settings(cfg: EvaluateConfig, ppo: PPOConfig, seed: int) -> EvalSettings:
-    """Sampling as in PPO unless the evaluate section says otherwise."""
-    return EvalSettings(max_new_tokens=cfg.max_new_tokens or ppo.max_new_tokens, max_prompt_tokens=ppo.max_prompt_tokens,
-                        temperature=cfg.temperature or ppo.temperature, top_p=cfg.top_p or ppo.top_p, batch_size=cfg.batch_size,
-                        seed=seed, tie_margin=cfg.tie_margin, refusal=cfg.safety.refusal, compliance=cfg.safety.compliance)
 
 
 def heldout_prompts(cfg: EvaluateConfig, default_file: str) -> list[str]:
@@ -36,7 +29,9 @@ def safety_prompts(cfg: EvaluateConfig, demo_heldout_file: str | None) -> tuple[
     if demo_heldout_file:
         frame = pd.read_json(demo_heldout_file, lines=True)
         if "kind" in frame and (frame["kind"] == "harmful").any():
-            return frame.loc[frame["kind"] == "harmful", "prompt"].tolist()[: s.max_prompts], "demo held-out (harmful)"
+            return frame.loc[frame["kind"] == "harmful", "prompt"].tolist()[
+                : s.max_prompts
+            ], "demo held-out (harmful)"
     return list(BUILTIN_HARMFUL_PROMPTS)[: s.max_prompts], "built-in list"
 
 
@@ -47,15 +42,40 @@ def perplexity_pairs(val_file: str, limit: int) -> list[tuple[str, str]]:
     return list(zip(val["prompt"], val["chosen"]))
 
 
-def build_evaluator(reward_dir: str, judge_cfg: JudgeConfig, prompts: Sequence[str], settings: EvalSettings, *,
-                    safety: Sequence[str] = (), perplexity: Sequence[tuple[str, str]] = (), device: str = "auto",
-                    use_chat_template: bool = True, progress: Progress | None = None) -> PolicyEvaluator:
+def build_evaluator(
+    reward_dir: str,
+    judge_cfg: JudgeConfig,
+    prompts: Sequence[str],
+    settings: EvaluateConfig,
+    *,
+    seed: int = 0,
+    safety: Sequence[str] = (),
+    perplexity: Sequence[tuple[str, str]] = (),
+    device: str = "auto",
+    use_chat_template: bool = True,
+    progress: Progress | None = None,
+) -> PolicyEvaluator:
     rm = load_reward_model(reward_dir, device=device)
-    return PolicyEvaluator(rm, build_judge(judge_cfg), prompts, settings, safety_prompts=safety, perplexity_pairs=perplexity,
-                           use_chat_template=use_chat_template, progress=progress)
+    return PolicyEvaluator(
+        rm,
+        build_judge(judge_cfg),
+        prompts,
+        settings,
+        seed=seed,
+        safety_prompts=safety,
+        perplexity_pairs=perplexity,
+        use_chat_template=use_chat_template,
+        progress=progress,
+    )
 
 
-def evaluate_tuned(evaluator: PolicyEvaluator, tuned_dir: str, reference_dir: str, device: str = "auto", n_samples: int = 12):
+def evaluate_tuned(
+    evaluator: PolicyEvaluator,
+    tuned_dir: str,
+    reference_dir: str,
+    device: str = "auto",
+    n_samples: int = 12,
+):
     """Tuned vs. reference: (report, tuned result, reference result)."""
     tuned = load_causal_lm(tuned_dir, device=device)
     reference = load_causal_lm(reference_dir, device=device)
@@ -63,7 +83,9 @@ def evaluate_tuned(evaluator: PolicyEvaluator, tuned_dir: str, reference_dir: st
     r = evaluator.measure(reference.model, reference.tokenizer, "reference")
     win, p = evaluator.compare(t, r)
     safety_win = None
-    if t.safety is not None:  # paired, on the harmful prompts: is the tuned policy judged worse there?
+    if (
+        t.safety is not None
+    ):  # paired, on the harmful prompts: is the tuned policy judged worse there?
         safety_win, _ = evaluator.compare_texts(t.safety.prompts, t.safety.texts, r.safety.texts)
     kl = evaluator.kl(tuned.model, reference.model, t.held_out)
     return build_report(t, r, win, p, kl, n_samples, safety_win), t, r

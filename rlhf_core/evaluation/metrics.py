@@ -21,7 +21,7 @@ def words(text: str) -> list[str]:
 
 
 def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
-    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
@@ -34,7 +34,9 @@ def repetition_rate(texts: Sequence[str], n: int = 3) -> float:
     """Share of responses in which some word n-gram occurs more than once (degenerate loops)."""
     if not texts:
         return 0.0
-    return float(np.mean([any(c > 1 for c in Counter(ngrams(words(t), n)).values()) for t in texts]))
+    return float(
+        np.mean([any(c > 1 for c in Counter(ngrams(words(t), n)).values()) for t in texts])
+    )
 
 
 def duplicate_rate(texts: Sequence[str]) -> float:
@@ -45,7 +47,9 @@ def duplicate_rate(texts: Sequence[str]) -> float:
     return float(sum(c for c in counts.values() if c > 1) / len(texts))
 
 
-def token_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def token_kl(
+    logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """Exact KL(p || q) at each position, summed over the vocabulary (no sampling estimate): (B, T), 0 where masked."""
     logp = F.log_softmax(logits_p.float() / temperature, -1)
     logq = F.log_softmax(logits_q.float() / temperature, -1)
@@ -68,8 +72,12 @@ class WinRate:
         return asdict(self)
 
 
-def win_rate(p_a_better: Sequence[float], identical: Sequence[bool] | None = None, tie_margin: float = 0.0,
-             z: float = 1.96) -> WinRate:
+def win_rate(
+    p_a_better: Sequence[float],
+    identical: Sequence[bool] | None = None,
+    tie_margin: float = 0.0,
+    z: float = 1.96,
+) -> WinRate:
     """From the judge's P(A better than B): a win above 0.5 + tie_margin, a loss below 0.5 - tie_margin,
     a tie in between or when the two responses are identical; Wilson interval with ties as half wins."""
     p = np.asarray(p_a_better, float)

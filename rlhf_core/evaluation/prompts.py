@@ -47,11 +47,16 @@ def load_prompts(path: str | Path, what: str = "prompts") -> list[str]:
         if "prompt" in frame:
             found = frame["prompt"]
         elif {"chosen", "rejected"} <= set(frame.columns):
-            found = [(split_hh_dialogue(c, r) or (None,))[0] for c, r in zip(frame["chosen"], frame["rejected"])]
+            found = [
+                (split_hh_dialogue(c, r) or (None,))[0]
+                for c, r in zip(frame["chosen"], frame["rejected"])
+            ]
         elif "instruction" in frame:
             found = frame["instruction"]
         else:
-            raise UnusableInputError(f"{path}: no 'prompt' column (nor HH-RLHF 'chosen'/'rejected', nor 'instruction') ({what})")
+            raise UnusableInputError(
+                f"{path}: no 'prompt' column (nor HH-RLHF 'chosen'/'rejected', nor 'instruction') ({what})"
+            )
         out.update((p, None) for p in found if isinstance(p, str) and p.strip())
     if not out:
         raise UnusableInputError(f"{path}: no prompts found ({what})")

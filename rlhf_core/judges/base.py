@@ -38,7 +38,9 @@ class Judge:
     def __init__(self, constitution: Constitution, principles: str = "all", seed: int = 0):
         self.constitution = constitution
         self.stats = JudgeStats()
-        self.principle_mode = principles  # "all", or "sample": one principle per comparison, drawn by weight
+        self.principle_mode = (
+            principles  # "all", or "sample": one principle per comparison, drawn by weight
+        )
         self.seed = seed
 
     @property
@@ -53,8 +55,10 @@ class Judge:
         if self.principle_mode == "all":
             return None
         first, second = sorted((a, b))
-        digest = hashlib.sha256(f"{self.seed}\x1f{prompt}\x1f{first}\x1f{second}".encode("utf-8", "surrogatepass")).digest()
-        u = int.from_bytes(digest[:8], "big") / 2 ** 64
+        digest = hashlib.sha256(
+            f"{self.seed}\x1f{prompt}\x1f{first}\x1f{second}".encode("utf-8", "surrogatepass")
+        ).digest()
+        u = int.from_bytes(digest[:8], "big") / 2**64
         weights = [p.weight for p in self.constitution.principles]
         edge = 0.0
         for principle, w in zip(self.constitution.principles, weights):
@@ -66,7 +70,9 @@ class Judge:
     def prefer(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> np.ndarray:
         raise NotImplementedError
 
-    def principle_scores(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> dict[str, np.ndarray] | None:
+    def principle_scores(
+        self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]
+    ) -> dict[str, np.ndarray] | None:
         """Per-principle preference for a over b (positive favours a), where the judge can give it."""
         return None
 
@@ -80,11 +86,27 @@ def last_user_turn(prompt: str) -> str:
     return turns[-1].strip() if turns else prompt.strip()
 
 
-def judge_prompt(constitution: Constitution, prompt: str, first: str, second: str, principle_names: Sequence[str] | None = None) -> str:
+def judge_prompt(
+    constitution: Constitution,
+    prompt: str,
+    first: str,
+    second: str,
+    principle_names: Sequence[str] | None = None,
+) -> str:
     """The multiple-choice question an LLM judge answers with 'A' or 'B'."""
-    principles = [p for p in constitution.principles if principle_names is None or p.name in principle_names]
+    principles = [
+        p for p in constitution.principles if principle_names is None or p.name in principle_names
+    ]
     lines = [constitution.intro, "", "Principles:"]
     lines += [f"- {p.text}" for p in principles]
-    lines += ["", f"Request:\n{prompt.strip()}", "", f"Response A:\n{first.strip()}", "", f"Response B:\n{second.strip()}", "",
-              "Which response better follows the principles? Answer with a single letter, A or B."]
+    lines += [
+        "",
+        f"Request:\n{prompt.strip()}",
+        "",
+        f"Response A:\n{first.strip()}",
+        "",
+        f"Response B:\n{second.strip()}",
+        "",
+        "Which response better follows the principles? Answer with a single letter, A or B.",
+    ]
     return "\n".join(lines)

@@ -45,4 +45,6 @@ def load_constitution(path: str | Path | None = None) -> Constitution:
     except ValidationError as err:
         first = err.errors()[0]
         key = ".".join(str(p) for p in first["loc"])
-        raise UserError(f"{path}: {key}: {'unknown key' if first['type'] == 'extra_forbidden' else first['msg']}") from None
+        raise UserError(
+            f"{path}: {key}: {'unknown key' if first['type'] == 'extra_forbidden' else first['msg']}"
+        ) from None

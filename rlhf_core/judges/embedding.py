@@ -26,8 +26,17 @@ class EmbeddingJudge(Judge):
     version = "1"
     order_sensitive = False
 
-    def __init__(self, constitution: Constitution, model_path: str | None = None, temperature: float = 0.1,
-                 relevance_weight: float = 1.0, batch_size: int = 64, device: str = "cpu", principles: str = "all", seed: int = 0):
+    def __init__(
+        self,
+        constitution: Constitution,
+        model_path: str | None = None,
+        temperature: float = 0.1,
+        relevance_weight: float = 1.0,
+        batch_size: int = 64,
+        device: str = "cpu",
+        principles: str = "all",
+        seed: int = 0,
+    ):
         super().__init__(constitution, principles, seed)
         from sentence_transformers import SentenceTransformer
 
@@ -45,9 +54,13 @@ class EmbeddingJudge(Judge):
         for p in constitution.principles:
             if not p.positive or not p.negative:
                 continue  # a principle without example answers is for LLM judges only
-            self._anchors.append((p.name, p.weight, self._embed(p.positive), self._embed(p.negative)))
+            self._anchors.append(
+                (p.name, p.weight, self._embed(p.positive), self._embed(p.negative))
+            )
         if not self._anchors:
-            raise UserError("the embedding judge needs principles with 'positive' and 'negative' example answers")
+            raise UserError(
+                "the embedding judge needs principles with 'positive' and 'negative' example answers"
+            )
 
     MEMO_LIMIT = 200_000  # ~300 MB of 384-d vectors
 
@@ -55,8 +68,13 @@ class EmbeddingJudge(Judge):
         """Embeddings, each distinct text encoded once (prompts repeat across pairs; reports re-ask)."""
         missing = list(dict.fromkeys(t for t in texts if t not in self._memo))
         if missing:
-            vectors = self.model.encode(missing, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True,
-                                        show_progress_bar=False)
+            vectors = self.model.encode(
+                missing,
+                batch_size=self.batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
             if len(self._memo) + len(missing) > self.MEMO_LIMIT:
                 self._memo.clear()
             self._memo.update(zip(missing, vectors))
@@ -66,16 +84,22 @@ class EmbeddingJudge(Judge):
         """score(a) - score(b), in total and per principle; each text is embedded once."""
         n = len(prompts)
         r = self._embed(list(a) + list(b))
-        parts = {name: (r @ pos.T).mean(1) - (r @ neg.T).mean(1) for name, _, pos, neg in self._anchors}
+        parts = {
+            name: (r @ pos.T).mean(1) - (r @ neg.T).mean(1) for name, _, pos, neg in self._anchors
+        }
         weights = {name: w for name, w, _, _ in self._anchors}
         if self.relevance_weight:
             q = self._embed([last_user_turn(p) for p in prompts])
             parts["relevance"] = np.concatenate([(q * r[:n]).sum(1), (q * r[n:]).sum(1)])
             weights["relevance"] = self.relevance_weight
         diffs = {k: v[:n] - v[n:] for k, v in parts.items()}
-        if self.principle_mode == "sample":  # each comparison judged on its drawn principle (plus relevance)
+        if (
+            self.principle_mode == "sample"
+        ):  # each comparison judged on its drawn principle (plus relevance)
             drawn = [self.principles_for(p, x, y)[0] for p, x, y in zip(prompts, a, b)]
-            total = np.array([weights[d] * diffs[d][i] if d in diffs else 0.0 for i, d in enumerate(drawn)])
+            total = np.array(
+                [weights[d] * diffs[d][i] if d in diffs else 0.0 for i, d in enumerate(drawn)]
+            )
             if "relevance" in diffs:
                 total = total + weights["relevance"] * diffs["relevance"]
             return total, diffs

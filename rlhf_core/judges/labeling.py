@@ -26,7 +26,9 @@ class LabelCache:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS labels (key TEXT PRIMARY KEY, p REAL NOT NULL, label_version TEXT NOT NULL)")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS labels (key TEXT PRIMARY KEY, p REAL NOT NULL, label_version TEXT NOT NULL)"
+        )
 
     @staticmethod
     def key(label_version: str, prompt: str, a: str, b: str) -> str:
@@ -40,15 +42,19 @@ class LabelCache:
         out: dict[str, float] = {}
         with self._lock:
             for start in range(0, len(keys), 500):
-                chunk = list(keys[start:start + 500])
-                rows = self._db.execute(f"SELECT key, p FROM labels WHERE key IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+                chunk = list(keys[start : start + 500])
+                rows = self._db.execute(
+                    f"SELECT key, p FROM labels WHERE key IN ({','.join('?' * len(chunk))})", chunk
+                ).fetchall()
                 out.update(rows)
         return out
 
     def put_many(self, items: Sequence[tuple[str, float]], label_version: str) -> None:
         with self._lock, self._db:
-            self._db.executemany("INSERT OR REPLACE INTO labels (key, p, label_version) VALUES (?, ?, ?)",
-                                 [(k, float(p), label_version) for k, p in items])
+            self._db.executemany(
+                "INSERT OR REPLACE INTO labels (key, p, label_version) VALUES (?, ?, ?)",
+                [(k, float(p), label_version) for k, p in items],
+            )
 
     def __len__(self) -> int:
         with self._lock:
@@ -82,15 +88,24 @@ class LabelOutcome:
 Progress = Callable[[int, int], None]  # (done, total)
 
 
-def _cached_prefer(judge: Judge, prompts, a, b, cache: LabelCache | None, batch_size: int, progress: Progress | None,
-                   done_offset: int, total: int) -> tuple[np.ndarray, int]:
+def _cached_prefer(
+    judge: Judge,
+    prompts,
+    a,
+    b,
+    cache: LabelCache | None,
+    batch_size: int,
+    progress: Progress | None,
+    done_offset: int,
+    total: int,
+) -> tuple[np.ndarray, int]:
     n = len(prompts)
     keys = [LabelCache.key(judge.label_version, p, x, y) for p, x, y in zip(prompts, a, b)]
     known = cache.get_many(keys) if cache is not None else {}
     p = np.array([known.get(k, np.nan) for k in keys], dtype=float)
     todo = np.flatnonzero(np.isnan(p))
     for start in range(0, len(todo), batch_size):
-        idx = todo[start:start + batch_size]
+        idx = todo[start : start + batch_size]
         got = judge.prefer([prompts[i] for i in idx], [a[i] for i in idx], [b[i] for i in idx])
         p[idx] = got
         if cache is not None:  # (an empty cache is falsy: it has a length)
@@ -100,8 +115,17 @@ def _cached_prefer(judge: Judge, prompts, a, b, cache: LabelCache | None, batch_
     return p, n - len(todo)
 
 
-def label_pairs(judge: Judge, prompts: Sequence[str], a: Sequence[str], b: Sequence[str], *, cache: LabelCache | None = None,
-                both_orders: bool | None = None, batch_size: int = 64, progress: Progress | None = None) -> LabelOutcome:
+def label_pairs(
+    judge: Judge,
+    prompts: Sequence[str],
+    a: Sequence[str],
+    b: Sequence[str],
+    *,
+    cache: LabelCache | None = None,
+    both_orders: bool | None = None,
+    batch_size: int = 64,
+    progress: Progress | None = None,
+) -> LabelOutcome:
     """P(a > b) for every pair. Order-sensitive judges are asked in both orders and the answers
     averaged, P = (P(a>b | a first) + 1 - P(b>a | b first)) / 2, which cancels position bias."""
     both = judge.order_sensitive if both_orders is None else both_orders
@@ -110,12 +134,20 @@ def label_pairs(judge: Judge, prompts: Sequence[str], a: Sequence[str], b: Seque
     forward, hits = _cached_prefer(judge, prompts, a, b, cache, batch_size, progress, 0, total)
     backward = None
     if both:
-        reverse, hits_b = _cached_prefer(judge, prompts, b, a, cache, batch_size, progress, len(prompts), total)
+        reverse, hits_b = _cached_prefer(
+            judge, prompts, b, a, cache, batch_size, progress, len(prompts), total
+        )
         backward = 1.0 - reverse
         hits += hits_b
     p = forward if backward is None else (forward + backward) / 2
-    return LabelOutcome(p=p, p_forward=forward, p_backward=backward, cache_hits=hits, judged=total - hits,
-                        seconds=time.perf_counter() - t0)
+    return LabelOutcome(
+        p=p,
+        p_forward=forward,
+        p_backward=backward,
+        cache_hits=hits,
+        judged=total - hits,
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def agreement_report(p_ai: np.ndarray, p_human: np.ndarray, n_bins: int = 10) -> dict:

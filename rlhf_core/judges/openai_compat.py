@@ -27,7 +27,12 @@ RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 class RateLimiter:
     """At most `rate` requests per second across threads (evenly spaced start times)."""
 
-    def __init__(self, rate: float | None, clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
+    def __init__(
+        self,
+        rate: float | None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
         self.interval = 1.0 / rate if rate else 0.0
         self.clock, self.sleep = clock, sleep
         self._next = 0.0
@@ -46,17 +51,32 @@ class RateLimiter:
 
 def backoff_delays(retries: int, base: float, cap: float, rng: random.Random) -> list[float]:
     """Full jitter: attempt k waits uniform(0, min(cap, base * 2^k))."""
-    return [rng.uniform(0, min(cap, base * 2 ** k)) for k in range(retries)]
+    return [rng.uniform(0, min(cap, base * 2**k)) for k in range(retries)]
 
 
 class OpenAIJudge(Judge):
     judge_id = "openai"
     order_sensitive = True
 
-    def __init__(self, constitution: Constitution, base_url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY",
-                 timeout: float = 60.0, max_retries: int = 4, backoff_base: float = 0.5, backoff_cap: float = 20.0,
-                 concurrency: int = 4, requests_per_second: float | None = None, votes: int = 5, vote_temperature: float = 1.0,
-                 use_logprobs: bool = True, seed: int = 0, principles: str = "all"):
+    def __init__(
+        self,
+        constitution: Constitution,
+        base_url: str,
+        model: str,
+        *,
+        api_key_env: str = "OPENAI_API_KEY",
+        timeout: float = 60.0,
+        max_retries: int = 4,
+        backoff_base: float = 0.5,
+        backoff_cap: float = 20.0,
+        concurrency: int = 4,
+        requests_per_second: float | None = None,
+        votes: int = 5,
+        vote_temperature: float = 1.0,
+        use_logprobs: bool = True,
+        seed: int = 0,
+        principles: str = "all",
+    ):
         super().__init__(constitution, principles, seed)
         import httpx
 
@@ -64,11 +84,22 @@ class OpenAIJudge(Judge):
         self.model = model
         key = os.environ.get(api_key_env)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.client = httpx.Client(timeout=timeout, headers=headers, limits=httpx.Limits(max_connections=concurrency))
-        self.max_retries, self.backoff_base, self.backoff_cap = max_retries, backoff_base, backoff_cap
+        self.client = httpx.Client(
+            timeout=timeout, headers=headers, limits=httpx.Limits(max_connections=concurrency)
+        )
+        self.max_retries, self.backoff_base, self.backoff_cap = (
+            max_retries,
+            backoff_base,
+            backoff_cap,
+        )
         self.concurrency = concurrency
         self.limiter = RateLimiter(requests_per_second)
-        self.votes, self.vote_temperature, self.use_logprobs, self.seed = votes, vote_temperature, use_logprobs, seed
+        self.votes, self.vote_temperature, self.use_logprobs, self.seed = (
+            votes,
+            vote_temperature,
+            use_logprobs,
+            seed,
+        )
         self._server_gives_logprobs: bool | None = None if use_logprobs else False
         self._stats_lock = threading.Lock()
         self.version = f"1:{base_url}:{model}:votes={votes}:t={vote_temperature}"  # no key in here: versions are logged
@@ -123,24 +154,45 @@ class OpenAIJudge(Judge):
     def _one(self, index: int, text: str) -> float:
         messages = [{"role": "user", "content": text}]
         if self._server_gives_logprobs is not False:
-            data = self._post({"model": self.model, "messages": messages, "max_tokens": 1, "temperature": 0.0,
-                               "logprobs": True, "top_logprobs": 5, "seed": self.seed})
+            data = self._post(
+                {
+                    "model": self.model,
+                    "messages": messages,
+                    "max_tokens": 1,
+                    "temperature": 0.0,
+                    "logprobs": True,
+                    "top_logprobs": 5,
+                    "seed": self.seed,
+                }
+            )
             p = self._from_logprobs(data)
             if p is not None:
                 self._server_gives_logprobs = True
                 return p
-            self._server_gives_logprobs = False  # e.g. `transformers serve` ignores logprobs: vote instead
+            self._server_gives_logprobs = (
+                False  # e.g. `transformers serve` ignores logprobs: vote instead
+            )
         a = b = 0
         for k in range(self.votes):
-            data = self._post({"model": self.model, "messages": messages, "max_tokens": 2, "temperature": self.vote_temperature,
-                               "seed": self.seed * 1000 + k})
+            data = self._post(
+                {
+                    "model": self.model,
+                    "messages": messages,
+                    "max_tokens": 2,
+                    "temperature": self.vote_temperature,
+                    "seed": self.seed * 1000 + k,
+                }
+            )
             answer = (data["choices"][0]["message"].get("content") or "").strip().upper()[:1]
             a += answer == "A"
             b += answer == "B"
         return (a + 0.5) / (a + b + 1.0)  # smoothed; abstentions move nothing
 
     def prefer(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> np.ndarray:
-        texts = [judge_prompt(self.constitution, p, x, y, self.principles_for(p, x, y)) for p, x, y in zip(prompts, a, b)]
+        texts = [
+            judge_prompt(self.constitution, p, x, y, self.principles_for(p, x, y))
+            for p, x, y in zip(prompts, a, b)
+        ]
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             out = list(pool.map(self._one, range(len(texts)), texts))
         self.stats.comparisons += len(texts)

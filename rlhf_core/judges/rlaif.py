@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,24 +22,45 @@ def build_judge(cfg: JudgeConfig) -> Judge:
         from rlhf_core.judges.embedding import EmbeddingJudge
 
         device = "cpu" if cfg.device == "auto" else cfg.device
-        return EmbeddingJudge(constitution, model_path=cfg.model_path, temperature=cfg.temperature,
-                              relevance_weight=cfg.relevance_weight, batch_size=cfg.batch_size, device=device,
-                              principles=cfg.principles)
+        return EmbeddingJudge(
+            constitution,
+            model_path=cfg.model_path,
+            temperature=cfg.temperature,
+            relevance_weight=cfg.relevance_weight,
+            batch_size=cfg.batch_size,
+            device=device,
+            principles=cfg.principles,
+        )
     if cfg.backend == "hf":
         from rlhf_core.judges.hf import HFJudge
 
         if not cfg.model_path:
             raise UserError("labels.judge.model_path: the hf judge needs a causal LM folder")
-        return HFJudge(constitution, cfg.model_path, device=cfg.device, batch_size=cfg.batch_size,
-                       chain_of_thought=cfg.chain_of_thought, principles=cfg.principles)
+        return HFJudge(
+            constitution,
+            cfg.model_path,
+            device=cfg.device,
+            batch_size=cfg.batch_size,
+            chain_of_thought=cfg.chain_of_thought,
+            principles=cfg.principles,
+        )
     if cfg.backend == "openai":
         from rlhf_core.judges.openai_compat import OpenAIJudge
 
         if not cfg.base_url or not cfg.model:
             raise UserError("labels.judge: the openai judge needs base_url and model")
-        return OpenAIJudge(constitution, cfg.base_url, cfg.model, api_key_env=cfg.api_key_env, timeout=cfg.timeout_s,
-                           max_retries=cfg.max_retries, concurrency=cfg.concurrency, requests_per_second=cfg.requests_per_second,
-                           votes=cfg.votes, principles=cfg.principles)
+        return OpenAIJudge(
+            constitution,
+            cfg.base_url,
+            cfg.model,
+            api_key_env=cfg.api_key_env,
+            timeout=cfg.timeout_s,
+            max_retries=cfg.max_retries,
+            concurrency=cfg.concurrency,
+            requests_per_second=cfg.requests_per_second,
+            votes=cfg.votes,
+            principles=cfg.principles,
+        )
     raise ValueError(f"unknown judge backend {cfg.backend!r}")
 
 
@@ -61,35 +84,75 @@ def _merge_labelled(train: pd.DataFrame, p_ai: np.ndarray, cfg: LabelsConfig) ->
         out["label_source"] = "ai"
     elif cfg.merge == "weighted":
         human = (out["label_source"] == "human").to_numpy()
-        out["p_chosen"] = np.where(human, cfg.ai_weight * p_ai + (1 - cfg.ai_weight) * out["p_chosen"].to_numpy(), p_ai)
+        out["p_chosen"] = np.where(
+            human, cfg.ai_weight * p_ai + (1 - cfg.ai_weight) * out["p_chosen"].to_numpy(), p_ai
+        )
         out.loc[~human, "label_source"] = "ai"
     return out  # "human": human labels win; the AI labels were measured against them only
 
 
-def relabel(train: pd.DataFrame, judge: Judge, cfg: LabelsConfig, cache: LabelCache | None,
-            progress: Progress | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+def relabel(
+    train: pd.DataFrame,
+    judge: Judge,
+    cfg: LabelsConfig,
+    cache: LabelCache | None,
+    progress: Progress | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Judge the human-labelled pairs: (training table after merge, per-pair labels, report)."""
     if cfg.max_pairs:
         train = train.head(cfg.max_pairs)
-    prompts, chosen, rejected = train["prompt"].tolist(), train["chosen"].tolist(), train["rejected"].tolist()
-    outcome = label_pairs(judge, prompts, chosen, rejected, cache=cache, both_orders=cfg.judge.both_orders,
-                          batch_size=cfg.judge.batch_size, progress=progress)
-    per_pair = pd.DataFrame({"prompt": prompts, "chosen": chosen, "rejected": rejected, "p_ai": outcome.p,
-                             "p_forward": outcome.p_forward, "p_human": train["p_chosen"].to_numpy()})
+    prompts, chosen, rejected = (
+        train["prompt"].tolist(),
+        train["chosen"].tolist(),
+        train["rejected"].tolist(),
+    )
+    outcome = label_pairs(
+        judge,
+        prompts,
+        chosen,
+        rejected,
+        cache=cache,
+        both_orders=cfg.judge.both_orders,
+        batch_size=cfg.judge.batch_size,
+        progress=progress,
+    )
+    per_pair = pd.DataFrame(
+        {
+            "prompt": prompts,
+            "chosen": chosen,
+            "rejected": rejected,
+            "p_ai": outcome.p,
+            "p_forward": outcome.p_forward,
+            "p_human": train["p_chosen"].to_numpy(),
+        }
+    )
     if outcome.p_backward is not None:
         per_pair["p_backward"] = outcome.p_backward
     labelled = (train["label_source"] != "none").to_numpy()
-    report = {"mode": "relabel", "merge": cfg.merge, **_outcome_stats(outcome, judge), "unlabelled_pairs": int((~labelled).sum())}
+    report = {
+        "mode": "relabel",
+        "merge": cfg.merge,
+        **_outcome_stats(outcome, judge),
+        "unlabelled_pairs": int((~labelled).sum()),
+    }
     if labelled.any():  # agreement is measured where a human (or earlier) label exists
-        report["agreement"] = agreement_report(outcome.p[labelled], train["p_chosen"].to_numpy()[labelled])
+        report["agreement"] = agreement_report(
+            outcome.p[labelled], train["p_chosen"].to_numpy()[labelled]
+        )
     principles = _principle_report(judge, prompts, chosen, rejected)
     if principles:
         report["principles"] = principles
     return merge_labels(train, outcome.p, cfg), per_pair, report
 
 
-def generate_pairs(policy_dir: str, prompts: Sequence[str], cfg: GenerateConfig, seed: int, device: str = "auto",
-                   use_chat_template: bool = True) -> list[tuple[str, str, str]]:
+def generate_pairs(
+    policy_dir: str,
+    prompts: Sequence[str],
+    cfg: GenerateConfig,
+    seed: int,
+    device: str = "auto",
+    use_chat_template: bool = True,
+) -> list[tuple[str, str, str]]:
     """Two samples of the policy per prompt (different seeds); identical or empty pairs are left out."""
     from rlhf_core.models.chat import ChatFormat
     from rlhf_core.models.loading import load_causal_lm
@@ -99,44 +162,93 @@ def generate_pairs(policy_dir: str, prompts: Sequence[str], cfg: GenerateConfig,
     fmt = ChatFormat(lm.tokenizer, use_chat_template=use_chat_template)
     pairs = []
     for start in range(0, len(prompts), cfg.batch_size):
-        batch = list(prompts[start:start + cfg.batch_size])
-        first = generate_samples(lm.model, fmt, batch, cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=seed * 1_000_003 + start)
-        second = generate_samples(lm.model, fmt, batch, cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=seed * 1_000_003 + start + 1)
-        pairs += [(p, a, b) for p, a, b in zip(batch, first, second) if a.strip() and b.strip() and a.strip() != b.strip()]
+        batch = list(prompts[start : start + cfg.batch_size])
+        first = generate_samples(
+            lm.model,
+            fmt,
+            batch,
+            cfg.max_new_tokens,
+            cfg.temperature,
+            cfg.top_p,
+            seed=seed * 1_000_003 + start,
+        )
+        second = generate_samples(
+            lm.model,
+            fmt,
+            batch,
+            cfg.max_new_tokens,
+            cfg.temperature,
+            cfg.top_p,
+            seed=seed * 1_000_003 + start + 1,
+        )
+        pairs += [
+            (p, a, b)
+            for p, a, b in zip(batch, first, second)
+            if a.strip() and b.strip() and a.strip() != b.strip()
+        ]
     return pairs
 
 
-def label_generated(pairs: list[tuple[str, str, str]], judge: Judge, cfg: LabelsConfig, cache: LabelCache | None,
-                    progress: Progress | None = None, source: str = "generated") -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+def label_generated(
+    pairs: list[tuple[str, str, str]],
+    judge: Judge,
+    cfg: LabelsConfig,
+    cache: LabelCache | None,
+    progress: Progress | None = None,
+    source: str = "generated",
+) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Judge new pairs: the winner becomes 'chosen' with p_chosen = P(winner is better)."""
     prompts, a, b = ([x[i] for x in pairs] for i in range(3))
-    outcome = label_pairs(judge, prompts, a, b, cache=cache, both_orders=cfg.judge.both_orders,
-                          batch_size=cfg.judge.batch_size, progress=progress)
+    outcome = label_pairs(
+        judge,
+        prompts,
+        a,
+        b,
+        cache=cache,
+        both_orders=cfg.judge.both_orders,
+        batch_size=cfg.judge.batch_size,
+        progress=progress,
+    )
     a_wins = outcome.p >= 0.5
-    table = pd.DataFrame({
-        "prompt": pd.Series(prompts, dtype="str"),
-        "chosen": pd.Series(np.where(a_wins, a, b), dtype="str"),
-        "rejected": pd.Series(np.where(a_wins, b, a), dtype="str"),
-        "label_source": pd.Series(["ai"] * len(prompts), dtype="str"),
-        "p_chosen": np.where(a_wins, outcome.p, 1.0 - outcome.p),
-        "margin": np.full(len(prompts), np.nan),
-        "source": pd.Series([source] * len(prompts), dtype="str"),
-        "source_row": np.arange(1, len(prompts) + 1, dtype="int64"),
-    })
+    table = pd.DataFrame(
+        {
+            "prompt": pd.Series(prompts, dtype="str"),
+            "chosen": pd.Series(np.where(a_wins, a, b), dtype="str"),
+            "rejected": pd.Series(np.where(a_wins, b, a), dtype="str"),
+            "label_source": pd.Series(["ai"] * len(prompts), dtype="str"),
+            "p_chosen": np.where(a_wins, outcome.p, 1.0 - outcome.p),
+            "margin": np.full(len(prompts), np.nan),
+            "source": pd.Series([source] * len(prompts), dtype="str"),
+            "source_row": np.arange(1, len(prompts) + 1, dtype="int64"),
+        }
+    )
     per_pair = pd.DataFrame({"prompt": prompts, "a": a, "b": b, "p_ai": outcome.p})
     return table, per_pair, {"mode": "generate", **_outcome_stats(outcome, judge)}
 
 
 def _outcome_stats(outcome, judge: Judge) -> dict:
     p = outcome.p
-    stats = {"judge": judge.label_version, "n_pairs": int(len(p)), "judged": outcome.judged, "cache_hits": outcome.cache_hits,
-             "seconds": round(outcome.seconds, 3), "pairs_per_s": round(outcome.pairs_per_s, 2),
-             "position_consistency": outcome.position_consistency,
-             "label_distribution": {"mean_p": float(np.mean(p)) if len(p) else None,
-                                    "histogram": np.histogram(p, bins=10, range=(0, 1))[0].tolist()}}
+    stats = {
+        "judge": judge.label_version,
+        "n_pairs": int(len(p)),
+        "judged": outcome.judged,
+        "cache_hits": outcome.cache_hits,
+        "seconds": round(outcome.seconds, 3),
+        "pairs_per_s": round(outcome.pairs_per_s, 2),
+        "position_consistency": outcome.position_consistency,
+        "label_distribution": {
+            "mean_p": float(np.mean(p)) if len(p) else None,
+            "histogram": np.histogram(p, bins=10, range=(0, 1))[0].tolist(),
+        },
+    }
     judge_stats = judge.stats
-    stats["judge_stats"] = {"requests": judge_stats.requests, "retries": judge_stats.retries, "errors": judge_stats.errors,
-                            "prompt_tokens": judge_stats.prompt_tokens, "completion_tokens": judge_stats.completion_tokens}
+    stats["judge_stats"] = {
+        "requests": judge_stats.requests,
+        "retries": judge_stats.retries,
+        "errors": judge_stats.errors,
+        "prompt_tokens": judge_stats.prompt_tokens,
+        "completion_tokens": judge_stats.completion_tokens,
+    }
     return stats
 
 
@@ -144,4 +256,100 @@ def _principle_report(judge: Judge, prompts, a, b, limit: int = 2000) -> dict | 
     scores = judge.principle_scores(prompts[:limit], a[:limit], b[:limit])
     if not scores:
         return None
-    return {name: {"mean_diff": float(np.mean(v)), "prefers_first_rate": float(np.mean(v > 0))} for name, v in scores.items()}
+    return {
+        name: {"mean_diff": float(np.mean(v)), "prefers_first_rate": float(np.mean(v > 0))}
+        for name, v in scores.items()
+    }
+
+
+def label_training_pairs(
+    train_file: str,
+    labels: LabelsConfig,
+    seed: int,
+    policy_dir: str | None,
+    cache_path: Path,
+    progress: Progress | None = None,
+) -> tuple[Judge, pd.DataFrame, pd.DataFrame, dict]:
+    """The label stage: (judge, training table for the reward model, per-pair labels, report).
+    relabel: the judge labels the training pairs; generate: new pairs sampled from the SFT policy
+    are labelled and added to the training pairs. Answers are cached across runs."""
+    judge = build_judge(labels.judge)
+    cache = LabelCache(cache_path)
+    try:
+        train = pd.read_parquet(train_file)
+        if labels.mode == "relabel":
+            table, per_pair, report = relabel(train, judge, labels, cache, progress)
+        else:
+            if policy_dir is None:
+                raise UserError("labels.mode 'generate' samples from the SFT policy: enable sft")
+            prompts = train["prompt"].drop_duplicates().head(labels.generate.n_prompts).tolist()
+            pairs = generate_pairs(policy_dir, prompts, labels.generate, seed)
+            new, per_pair, report = label_generated(pairs, judge, labels, cache, progress)
+            table = pd.concat([train, new], ignore_index=True)
+    finally:
+        cache.close()
+    return judge, table, per_pair, report
+
+
+def write_labelled(
+    out_dir: Path,
+    table: pd.DataFrame,
+    per_pair: pd.DataFrame,
+    report: dict,
+    labels: LabelsConfig,
+    judge: Judge,
+) -> None:
+    """train.parquet (the labels' provenance in its metadata), labels.parquet, report.json, plots/."""
+    import pyarrow.parquet as pq
+
+    from rlhf_core.data.dataset import to_normalised_arrow
+    from rlhf_core.plots import histogram_plot, reliability_plot
+
+    arrow = to_normalised_arrow(table)
+    provenance = {
+        b"rlhf.labels.merge": labels.merge.encode(),
+        b"rlhf.labels.mode": labels.mode.encode(),
+        b"rlhf.labels.judge": judge.label_version.encode(),
+    }
+    pq.write_table(
+        arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), **provenance}),
+        out_dir / "train.parquet",
+    )
+    per_pair.to_parquet(out_dir / "labels.parquet", index=False)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    plots = out_dir / "plots"
+    plots.mkdir()
+    histogram_plot(
+        {"P(first better)": per_pair["p_ai"].to_numpy()},
+        plots / "label_distribution.png",
+        "AI label distribution",
+        "P(chosen better)" if labels.mode == "relabel" else "P(a better)",
+        bins=20,
+        value_range=(0, 1),
+    )
+    if "agreement" in report:
+        reliability_plot(
+            report["agreement"]["calibration"],
+            plots / "calibration.png",
+            "AI labels vs human choice",
+            "AI P(human's choice is better)",
+        )
+
+
+def label_metrics(report: dict, rows: int) -> dict[str, float]:
+    metrics = {
+        k: float(report[k])
+        for k in ("n_pairs", "judged", "cache_hits", "pairs_per_s")
+        if report.get(k) is not None
+    }
+    if report.get("position_consistency") is not None:
+        metrics["position_consistency"] = report["position_consistency"]
+    if "agreement" in report:
+        metrics |= {
+            f"agreement_{k}": float(report["agreement"][k])
+            for k in ("accuracy", "cohen_kappa", "ece")
+        }
+    for name, stats in report.get("principles", {}).items():
+        metrics[f"principle_{name}_prefers_chosen"] = stats["prefers_first_rate"]
+    metrics["rows_train_labelled"] = rows
+    return metrics

@@ -22,8 +22,9 @@ class ChatFormat:
     def prompt_text(self, prompt: str) -> str:
         """Everything the model sees before its response."""
         if self.has_template:
-            return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                      add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
         if prompt.rstrip().endswith("Assistant:"):  # already a Human/Assistant transcript (HH-RLHF)
             return prompt.rstrip()
         return f"{PLAIN_HUMAN}{prompt.strip()}{PLAIN_ASSISTANT}"
@@ -32,11 +33,15 @@ class ChatFormat:
         """The response as it follows the prompt text (EOS is added as a token, not as text)."""
         return response.strip() if self.has_template else " " + response.strip()
 
-    def encode(self, prompt: str, response: str | None = None, add_eos: bool = True) -> tuple[list[int], list[int]]:
+    def encode(
+        self, prompt: str, response: str | None = None, add_eos: bool = True
+    ) -> tuple[list[int], list[int]]:
         """(prompt ids, response ids). Tokenised separately so the boundary is exact: the
         response ids are what the policy would generate after the prompt."""
         tok = self.tokenizer
-        prompt_ids = tok(self.prompt_text(prompt), add_special_tokens=not self.has_template)["input_ids"]
+        prompt_ids = tok(self.prompt_text(prompt), add_special_tokens=not self.has_template)[
+            "input_ids"
+        ]
         if response is None:
             return prompt_ids, []
         response_ids = tok(self.response_text(response), add_special_tokens=False)["input_ids"]

