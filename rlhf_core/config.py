@@ -700,9 +700,6 @@ class PipelineConfig(Section):
     def result_storage(self) -> str:
         return self.tracking.result_storage or str(self.work_dir / "results")
 
-    def section_hash(self, name: str) -> str:
-        return stable_hash(getattr(self, name).model_dump(mode="json"))
-
     def config_hash(self) -> str:
         return stable_hash(self.model_dump(mode="json"))
 

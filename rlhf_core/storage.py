@@ -41,14 +41,6 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def file_digest(path: Path, block: int = 1 << 23) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -111,7 +111,7 @@ def evaluate_policy(
             "sampling_seed": seed,
         }
     )
-    report, tuned, reference = evaluate_tuned(
+    report, measured, baseline = evaluate_tuned(
         evaluator, tuned_dir, reference_dir, evaluate.device, evaluate.n_samples
     )
     report["settings"] = {
@@ -127,11 +127,11 @@ def evaluate_policy(
     )
     generations = pd.DataFrame(
         {
-            "prompt": tuned.held_out.prompts,
-            "reference": reference.held_out.texts,
-            "tuned": tuned.held_out.texts,
-            "reference_score": reference.scores,
-            "tuned_score": tuned.scores,
+            "prompt": measured.held_out.prompts,
+            "reference": baseline.held_out.texts,
+            "tuned": measured.held_out.texts,
+            "reference_score": baseline.scores,
+            "tuned_score": measured.scores,
         }
     )
     with atomic_dir(out) as staging:

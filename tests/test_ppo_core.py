@@ -11,7 +11,6 @@ import torch
 from rlhf_core.ppo.core import (
     AdaptiveKLController,
     FixedKLController,
-    entropy_from_logits,
     explained_variance,
     gae,
     kl_estimate,
@@ -143,15 +142,16 @@ def test_temperature_scaling_of_logprobs_and_entropy():
         p0 = math.exp(2 / t) / (math.exp(2 / t) + 2)
         assert float(logprobs_from_logits(logits, tok, t)) == pytest.approx(math.log(p0), abs=1e-6)
         probs = torch.tensor([p0, (1 - p0) / 2, (1 - p0) / 2])
-        assert float(entropy_from_logits(logits, t)) == pytest.approx(
+        assert float(logprobs_and_entropy(logits, tok, t)[1]) == pytest.approx(
             float(-(probs * probs.log()).sum()), abs=1e-6
         )
     # one log-softmax for both (the update's path): the same numbers; the entropy has a gradient only for a bonus
     x = torch.randn(2, 5, 11, requires_grad=True)
     toks = torch.randint(0, 11, (2, 5))
     lp, ent = logprobs_and_entropy(x, toks, 0.7)
+    logp = torch.log_softmax(x.detach() / 0.7, -1)
     assert torch.allclose(lp, logprobs_from_logits(x, toks, 0.7)) and torch.allclose(
-        ent, entropy_from_logits(x, 0.7)
+        ent, -(logp.exp() * logp).sum(-1)
     )
     assert lp.requires_grad and not ent.requires_grad
     _, ent = logprobs_and_entropy(x, toks, 0.7, entropy_grad=True)

@@ -47,11 +47,6 @@ def logprobs_from_logits(
     return _tempered_log_softmax(logits, temperature).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    logp = _tempered_log_softmax(logits, temperature)
-    return -(logp.exp() * logp).sum(-1)
-
-
 def logprobs_and_entropy(
     logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, entropy_grad: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
