@@ -126,7 +126,7 @@ def stages(cfg: PipelineConfig, t: TrackingContext) -> dict:
         demo=demo,
         evaluate=cfg.evaluate,
         ppo=cfg.ppo,
-        judge=cfg.labels.judge,
+        judge=cfg.evaluation_judge,
         model=model,
         seed=seed,
     )

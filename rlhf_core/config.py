@@ -166,7 +166,8 @@ class ModelConfig(Section):
     init: Literal["auto", "scratch", "pretrained"] = "auto"
     """auto: pretrained when name_or_path is set, else scratch."""
     name_or_path: str | None = Field(None, json_schema_extra={"input_file": True})
-    """A local Hugging Face folder or a hub id to start from."""
+    """A local Hugging Face folder, a .gguf file, `smollm2` (the packaged SmolLM2-135M-Instruct),
+    or a hub id to start from."""
     preset: Literal["tiny", "small"] = "small"
     """Size of a model built from scratch."""
     arch: Literal["gpt2", "llama"] = "gpt2"
@@ -528,6 +529,9 @@ class EvaluateConfig(Section):
     """auto: cuda when present, else cpu."""
     safety: SafetyConfig = Field(default_factory=SafetyConfig)
     """The safety check on harmful prompts."""
+    judge: JudgeConfig | None = None
+    """The judge of the win rate and the safety check; null: the label stage's judge (set one
+    that training never saw to evaluate independently)."""
 
     def sampling_from(self, ppo: PPOConfig) -> EvaluateConfig:
         """This section with the sampling settings it leaves open taken from PPO's."""
@@ -663,6 +667,12 @@ class PipelineConfig(Section):
     """Local servers for `rlhf stack`."""
     deploy: DeployConfig = Field(default_factory=DeployConfig)
     """Prefect deployment for `rlhf deploy`."""
+
+    # -- derived settings -----------------------------------------------------------------
+    @property
+    def evaluation_judge(self) -> JudgeConfig:
+        """The judge evaluation uses: evaluate.judge, else the label stage's."""
+        return self.evaluate.judge or self.labels.judge
 
     # -- derived locations -------------------------------------------------------------
     @property

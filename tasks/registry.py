@@ -196,7 +196,7 @@ def compare_with_champion(
     prompts = generations["prompt"].tolist()
     evaluator = build_evaluator(
         reward_dir,
-        cfg.labels.judge,
+        cfg.evaluation_judge,
         prompts,
         cfg.evaluate.sampling_from(cfg.ppo),
         seed=cfg.run.seed,

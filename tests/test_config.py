@@ -152,3 +152,10 @@ def test_every_setting_is_settable_with_set():
         and cfg.sft.bucket_factor == 7
     )
     assert cfg.reward.lora.enabled and cfg.evaluate.safety.refusal == "No."
+
+
+def test_evaluation_judge_defaults_to_the_label_judge_and_can_be_separate():
+    cfg = load_config()
+    assert cfg.evaluation_judge == cfg.labels.judge
+    separate = load_config(overrides=["evaluate.judge={backend: embedding, temperature: 0.3}"])
+    assert separate.evaluation_judge.temperature == 0.3 and separate.labels.judge.temperature == 0.1
