@@ -23,6 +23,9 @@ def configure_environment(cfg: PipelineConfig) -> None:
     env.setdefault("PREFECT_TELEMETRY_ENABLE_RESOURCE_METRICS", "false")
     env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # 2 slow cores
     env.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
+    env.setdefault(
+        "PREFECT_RESULTS_DEFAULT_SERIALIZER", "json"
+    )  # never pickle (see tasks/stage.py)
     env.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", cfg.result_storage)
     env.setdefault("MLFLOW_TRACKING_URI", cfg.mlflow_tracking_uri)
     env.setdefault("HF_HUB_OFFLINE", "1")  # offline by default; users who are online can unset it

@@ -13,17 +13,19 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import json
 import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import mlflow
 from prefect import get_run_logger, task
 from prefect.filesystems import LocalFileSystem
+from prefect.serializers import Serializer
 from prefect.states import Failed, State
 from pydantic import BaseModel, ConfigDict
 
@@ -48,6 +50,36 @@ class StageResult(BaseModel):
 
 
 R = TypeVar("R", bound=StageResult)
+
+
+def _result_classes() -> dict[str, type[StageResult]]:
+    found, todo = {}, [StageResult]
+    while todo:
+        cls = todo.pop()
+        found[cls.__name__] = cls
+        todo += cls.__subclasses__()
+    return found
+
+
+class StageResultSerializer(Serializer):
+    """Stage results as plain JSON. Prefect pickles results by default, and unpickling a cached
+    result that someone could write to is code execution; here only known result classes are
+    rebuilt from plain data."""
+
+    type: Literal["rlhf-stage-json"] = "rlhf-stage-json"
+
+    def dumps(self, obj: Any) -> bytes:
+        if isinstance(obj, StageResult):
+            return json.dumps(
+                {"kind": type(obj).__name__, "data": obj.model_dump(mode="json")}
+            ).encode()
+        return json.dumps({"kind": None, "data": obj}).encode()
+
+    def loads(self, blob: bytes) -> Any:
+        record = json.loads(blob)
+        if record["kind"] is None:
+            return record["data"]
+        return _result_classes()[record["kind"]].model_validate(record["data"])
 
 
 class StageFailed(Exception):
@@ -194,7 +226,12 @@ def stage(
     def declare(fn: Callable[..., R]) -> Callable[..., R]:
         version = code_version(*code, sys.modules[fn.__module__])
 
-        @task(name=name, cache_key_fn=_cache_key, persist_result=True)
+        @task(
+            name=name,
+            cache_key_fn=_cache_key,
+            persist_result=True,
+            result_serializer=StageResultSerializer(),
+        )
         def run(key: str, tracking: TrackingContext, inputs: dict) -> StageResult | State:
             quiet_transformers()
             out = Path(tracking.work_dir) / "stages" / (folder or name) / key

@@ -113,6 +113,14 @@ def test_demo_pipeline_tracked_in_mlflow_and_cached_on_rerun(prefect_harness, tm
         assert run.data.tags["rlhf.cached_from_run"] == stages[name].info.run_id
     assert stages2["validate"].data.metrics["valid"] == 400
 
+    # Cached results are plain JSON, typed again on the way back: nothing is ever unpickled.
+    records = [
+        json.loads(f.read_bytes()) for f in Path(cfg.result_storage).rglob("*") if f.is_file()
+    ]
+    assert len(records) >= 4  # demo-data, ingest, validate, split
+    assert {r["metadata"]["serializer"]["type"] for r in records} == {"rlhf-stage-json"}
+    assert all(json.loads(r["result"])["kind"] for r in records)
+
     # A cached stage whose files were deleted is recomputed, not trusted.
     shutil.rmtree(Path(cfg.run.work_dir) / "stages" / "datasets")
     state3 = run_flow(cfg)
