@@ -14,6 +14,7 @@ import torch
 
 from rlhf_core.config import LoraSection
 from rlhf_core.errors import UserError
+from rlhf_core.models.gguf import resolve_model_source
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -73,6 +74,7 @@ class LoadedModel:
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    name_or_path = resolve_model_source(name_or_path)
     _check_source(name_or_path)
     tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
@@ -90,6 +92,7 @@ def load_causal_lm(
 ) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
+    name_or_path = resolve_model_source(name_or_path)
     _check_source(name_or_path)
     dev = resolve_device(device)
     try:
@@ -120,6 +123,7 @@ def load_sequence_classifier(
     """A backbone with a scalar head (reward and value models)."""
     from transformers import AutoModelForSequenceClassification
 
+    name_or_path = resolve_model_source(name_or_path)
     _check_source(name_or_path)
     dev = resolve_device(device)
     try:
