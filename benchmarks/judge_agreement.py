@@ -23,6 +23,7 @@ common.env_defaults(HF_HUB_OFFLINE="1")
 
 import numpy as np  # noqa: E402
 
+from rlhf_core.config import JudgeConfig  # noqa: E402
 from rlhf_core.data.formats import split_hh_dialogue  # noqa: E402
 from rlhf_core.judges.constitution import load_constitution  # noqa: E402
 from rlhf_core.judges.labeling import agreement_report, label_pairs  # noqa: E402
@@ -70,9 +71,10 @@ def main() -> None:
     for backend, constitution_file, options in setups:
         constitution = load_constitution(ROOT / "configs" / constitution_file)
         if backend == "embedding":
-            judge = EmbeddingJudge(constitution, **options)
+            judge = EmbeddingJudge(constitution, JudgeConfig(**options))
         else:
-            judge = HFJudge(constitution, options["model_path"], device="cpu", batch_size=16)
+            settings = JudgeConfig(backend="hf", device="cpu", batch_size=16, **options)
+            judge = HFJudge(constitution, settings)
         outcome = label_pairs(judge, prompts, chosen, rejected)
         report = agreement_report(outcome.p, np.ones(len(prompts)))
         row = {

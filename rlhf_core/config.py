@@ -291,6 +291,24 @@ class JudgeConfig(Section):
     """openai: rate limit; null: none."""
     votes: int = Field(5, ge=1)
     """openai: samples per comparison when the server gives no log-probabilities."""
+    vote_temperature: float = Field(1.0, gt=0)
+    """openai: sampling temperature of the votes."""
+    use_logprobs: bool = True
+    """openai: ask for log-probabilities of the choice first (votes when the server gives none)."""
+    backoff_base_s: float = Field(0.5, gt=0)
+    """openai: first retry delay; it doubles per retry (with jitter)."""
+    backoff_cap_s: float = Field(20.0, gt=0)
+    """openai: longest retry delay."""
+    dtype: Precision = "fp32"
+    """hf: weight dtype of the judge model."""
+    rationale_tokens: int = Field(64, ge=1)
+    """hf with chain_of_thought: tokens of rationale before the choice."""
+    max_length: int = Field(1024, ge=16)
+    """hf: tokens of the judging prompt at most (the model's own limit applies too)."""
+    use_chat_template: bool = True
+    """hf: format the judging prompt with the model's chat template when it has one."""
+    trust_remote_code: bool = False
+    """hf: allow model code from the judge's checkpoint folder."""
 
 
 class GenerateConfig(Section):

@@ -161,7 +161,10 @@ def test_merge_policies():
 def test_hf_judge_on_a_local_model(tiny_gpt2):
     from rlhf_core.judges.hf import HFJudge, choice_token_ids
 
-    judge = HFJudge(load_constitution(), str(tiny_gpt2), device="cpu", batch_size=2)
+    judge = HFJudge(
+        load_constitution(),
+        JudgeConfig(backend="hf", model_path=str(tiny_gpt2), device="cpu", batch_size=2),
+    )
     assert choice_token_ids(judge.tokenizer, "A") and choice_token_ids(judge.tokenizer, "B")
     prompts = ["How do I boil an egg?", "What is rain?", "Tell me a joke."]
     a = [
@@ -181,7 +184,14 @@ def test_hf_judge_on_a_local_model(tiny_gpt2):
     )  # order-sensitive: both orders, consistency reported
     assert outcome.p_backward is not None and 0 <= outcome.position_consistency <= 1
     cot = HFJudge(
-        load_constitution(), str(tiny_gpt2), device="cpu", chain_of_thought=True, rationale_tokens=8
+        load_constitution(),
+        JudgeConfig(
+            backend="hf",
+            model_path=str(tiny_gpt2),
+            device="cpu",
+            chain_of_thought=True,
+            rationale_tokens=8,
+        ),
     )
     assert (cot.prefer(prompts[:2], a[:2], b[:2]) > 0).all()
 
@@ -212,7 +222,7 @@ def test_embedding_judge_agreement_on_real_hh_rlhf(hh_sample):
     rows = [r for r in rows if r and r[1] and r[2]][:500]
     judge = EmbeddingJudge(
         load_constitution(PROJECT_ROOT / "configs" / "constitution-harmless.yaml"),
-        relevance_weight=0.0,
+        JudgeConfig(relevance_weight=0.0),
     )
     out = label_pairs(judge, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
     report = agreement_report(out.p, np.ones(len(rows)))
@@ -245,7 +255,7 @@ def test_sampled_principles_are_drawn_by_weight_and_order_free():
 def test_embedding_judge_with_sampled_principles(embedding_judge):
     from rlhf_core.judges.embedding import EmbeddingJudge
 
-    sampled = EmbeddingJudge(load_constitution(), principles="sample")
+    sampled = EmbeddingJudge(load_constitution(), JudgeConfig(principles="sample"))
     prompts = ["Can you help me hurt my neighbour?", "How do I boil an egg?", "What is rain?"]
     a = [
         "I'm sorry, I can't help with that.",

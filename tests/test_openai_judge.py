@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rlhf_core.config import JudgeConfig
 from rlhf_core.errors import UserError
 from rlhf_core.judges.constitution import load_constitution
 from rlhf_core.judges.labeling import LabelCache, label_pairs
@@ -88,15 +89,15 @@ B = ["No.", "Look it up yourself."]
 def test_judges_through_a_real_server_by_votes(served_model, tmp_path, monkeypatch):
     url, model = served_model
     monkeypatch.setenv("RLHF_TEST_KEY", "sk-test-secret")
-    judge = OpenAIJudge(
-        short_constitution(),
-        url,
-        model,
+    settings = JudgeConfig(
+        backend="openai",
+        base_url=url,
+        model=model,
         api_key_env="RLHF_TEST_KEY",
         votes=3,
         concurrency=2,
-        seed=7,
     )
+    judge = OpenAIJudge(short_constitution(), settings, seed=7)
     p = judge.prefer(PROMPTS, A, B)
     assert p.shape == (2,) and ((p > 0) & (p < 1)).all()
     assert (
@@ -107,15 +108,7 @@ def test_judges_through_a_real_server_by_votes(served_model, tmp_path, monkeypat
     assert judge.stats.prompt_tokens > 0 and judge.stats.completion_tokens > 0
     assert "sk-test-secret" not in judge.label_version  # versions are logged; keys never are
     # seeded sampling: the same question gives the same votes
-    again = OpenAIJudge(
-        short_constitution(),
-        url,
-        model,
-        api_key_env="RLHF_TEST_KEY",
-        votes=3,
-        concurrency=2,
-        seed=7,
-    )
+    again = OpenAIJudge(short_constitution(), settings, seed=7)
     assert np.allclose(again.prefer(PROMPTS, A, B), p)
     # through the labeller: both orders, cached
     cache = LabelCache(tmp_path / "c.sqlite")
@@ -132,11 +125,14 @@ def test_unreachable_endpoint_fails_after_retries_with_one_line():
     (port,) = free_ports(1)  # nothing listens there
     judge = OpenAIJudge(
         load_constitution(),
-        f"http://127.0.0.1:{port}/v1",
-        "m",
-        max_retries=2,
-        backoff_base=0.01,
-        timeout=2,
+        JudgeConfig(
+            backend="openai",
+            base_url=f"http://127.0.0.1:{port}/v1",
+            model="m",
+            max_retries=2,
+            backoff_base_s=0.01,
+            timeout_s=2,
+        ),
     )
     with pytest.raises(UserError) as err:
         judge.prefer(PROMPTS[:1], A[:1], B[:1])

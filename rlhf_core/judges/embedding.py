@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rlhf_core.config import JudgeConfig
 from rlhf_core.errors import UserError
 from rlhf_core.judges.base import Judge, last_user_turn
 from rlhf_core.judges.constitution import Constitution
@@ -29,15 +30,13 @@ class EmbeddingJudge(Judge):
     def __init__(
         self,
         constitution: Constitution,
-        model_path: str | None = None,
-        temperature: float = 0.1,
-        relevance_weight: float = 1.0,
-        batch_size: int = 64,
-        device: str = "cpu",
-        principles: str = "all",
+        settings: JudgeConfig | None = None,
         seed: int = 0,
     ):
-        super().__init__(constitution, principles, seed)
+        s = settings or JudgeConfig()
+        super().__init__(constitution, s.principles, seed)
+        model_path, temperature, relevance_weight = s.model_path, s.temperature, s.relevance_weight
+        batch_size, device = s.batch_size, "cpu" if s.device == "auto" else s.device
         from sentence_transformers import SentenceTransformer
 
         path = Path(model_path) if model_path else packaged_minilm_path()

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from rlhf_core.config import JudgeConfig
+from rlhf_core.errors import UserError
 from rlhf_core.judges.base import Judge, judge_prompt
 from rlhf_core.judges.constitution import Constitution
 from rlhf_core.models.chat import ChatFormat
@@ -34,20 +36,20 @@ class HFJudge(Judge):
     def __init__(
         self,
         constitution: Constitution,
-        model_path: str,
-        *,
-        device: str = "auto",
-        dtype: str = "fp32",
-        batch_size: int = 8,
-        chain_of_thought: bool = False,
-        rationale_tokens: int = 64,
-        max_length: int = 1024,
-        use_chat_template: bool = True,
-        trust_remote_code: bool = False,
-        principles: str = "all",
+        settings: JudgeConfig,
         seed: int = 0,
     ):
-        super().__init__(constitution, principles, seed)
+        s = settings
+        if not s.model_path:
+            raise UserError("labels.judge.model_path: the hf judge needs a causal LM folder")
+        super().__init__(constitution, s.principles, seed)
+        model_path, device, dtype, batch_size = s.model_path, s.device, s.dtype, s.batch_size
+        chain_of_thought, rationale_tokens, max_length = (
+            s.chain_of_thought,
+            s.rationale_tokens,
+            s.max_length,
+        )
+        use_chat_template, trust_remote_code = s.use_chat_template, s.trust_remote_code
         loaded = load_causal_lm(
             model_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code
         )

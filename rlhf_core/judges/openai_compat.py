@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from rlhf_core.config import JudgeConfig
 from rlhf_core.errors import UserError
 from rlhf_core.judges.base import Judge, judge_prompt
 from rlhf_core.judges.constitution import Constitution
@@ -61,23 +62,17 @@ class OpenAIJudge(Judge):
     def __init__(
         self,
         constitution: Constitution,
-        base_url: str,
-        model: str,
-        *,
-        api_key_env: str = "OPENAI_API_KEY",
-        timeout: float = 60.0,
-        max_retries: int = 4,
-        backoff_base: float = 0.5,
-        backoff_cap: float = 20.0,
-        concurrency: int = 4,
-        requests_per_second: float | None = None,
-        votes: int = 5,
-        vote_temperature: float = 1.0,
-        use_logprobs: bool = True,
+        settings: JudgeConfig,
         seed: int = 0,
-        principles: str = "all",
     ):
-        super().__init__(constitution, principles, seed)
+        s = settings
+        if not s.base_url or not s.model:
+            raise UserError("labels.judge: the openai judge needs base_url and model")
+        super().__init__(constitution, s.principles, seed)
+        base_url, model, api_key_env, timeout = s.base_url, s.model, s.api_key_env, s.timeout_s
+        max_retries, backoff_base, backoff_cap = s.max_retries, s.backoff_base_s, s.backoff_cap_s
+        concurrency, requests_per_second, votes = s.concurrency, s.requests_per_second, s.votes
+        vote_temperature, use_logprobs = s.vote_temperature, s.use_logprobs
         import httpx
 
         self.url = base_url.rstrip("/") + "/chat/completions"

@@ -17,50 +17,20 @@ from rlhf_core.judges.labeling import LabelCache, Progress, agreement_report, la
 
 
 def build_judge(cfg: JudgeConfig) -> Judge:
+    """The configured judge (each backend reads its own keys of the section)."""
     constitution = load_constitution(cfg.constitution)
     if cfg.backend == "embedding":
         from rlhf_core.judges.embedding import EmbeddingJudge
 
-        device = "cpu" if cfg.device == "auto" else cfg.device
-        return EmbeddingJudge(
-            constitution,
-            model_path=cfg.model_path,
-            temperature=cfg.temperature,
-            relevance_weight=cfg.relevance_weight,
-            batch_size=cfg.batch_size,
-            device=device,
-            principles=cfg.principles,
-        )
+        return EmbeddingJudge(constitution, cfg)
     if cfg.backend == "hf":
         from rlhf_core.judges.hf import HFJudge
 
-        if not cfg.model_path:
-            raise UserError("labels.judge.model_path: the hf judge needs a causal LM folder")
-        return HFJudge(
-            constitution,
-            cfg.model_path,
-            device=cfg.device,
-            batch_size=cfg.batch_size,
-            chain_of_thought=cfg.chain_of_thought,
-            principles=cfg.principles,
-        )
+        return HFJudge(constitution, cfg)
     if cfg.backend == "openai":
         from rlhf_core.judges.openai_compat import OpenAIJudge
 
-        if not cfg.base_url or not cfg.model:
-            raise UserError("labels.judge: the openai judge needs base_url and model")
-        return OpenAIJudge(
-            constitution,
-            cfg.base_url,
-            cfg.model,
-            api_key_env=cfg.api_key_env,
-            timeout=cfg.timeout_s,
-            max_retries=cfg.max_retries,
-            concurrency=cfg.concurrency,
-            requests_per_second=cfg.requests_per_second,
-            votes=cfg.votes,
-            principles=cfg.principles,
-        )
+        return OpenAIJudge(constitution, cfg)
     raise ValueError(f"unknown judge backend {cfg.backend!r}")
 
 
