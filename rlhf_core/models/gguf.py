@@ -8,6 +8,7 @@ is an ordinary (and fast) folder load. No code from the checkpoint runs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -46,6 +47,13 @@ def packaged_gguf(name: str) -> Path:
 
 
 def _digest(path: Path) -> str:
+    st = path.stat()
+    return _content_digest(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _content_digest(path: str, mtime_ns: int, size: int) -> str:
+    """Hashed once per file version: every model and tokenizer load resolves the name again."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 23):
