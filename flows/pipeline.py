@@ -111,6 +111,8 @@ def stages(cfg: PipelineConfig, t: TrackingContext) -> dict:
         splits=splits,
         ppo=cfg.ppo,
         model=model,
+        judge=cfg.evaluation_judge,
+        evaluate=cfg.evaluate,
         seed=seed,
     )
     out |= {"tuned_policy": tuned.model_dir, "ppo": tuned.metrics}

@@ -482,6 +482,15 @@ class PPOConfig(Section):
     """Checkpoints kept on disk."""
     sample_every: int = Field(10, ge=1)
     """Iterations between logged sample tables."""
+    eval_every: int | None = Field(5, ge=1)
+    """Iterations between judged checks on validation prompts (win rate over the reference,
+    reward-model score, KL); null: none."""
+    eval_prompts: int = Field(64, ge=1)
+    """Validation-split prompts per check (never trained on; disjoint from the final evaluation's)."""
+    select: Literal["best_judged", "last"] = "best_judged"
+    """The stage's policy: the checked iteration with the best judged win rate, or the last one."""
+    early_stopping_patience: int | None = Field(None, ge=1)
+    """Stop after this many checks without a better win rate; null: run every iteration."""
     n_samples: int = Field(4, ge=0)
     """Rows per sample table."""
 

@@ -112,3 +112,32 @@ def win_rate_plot(rows: dict[str, dict], path: Path, title: str = "Judged win ra
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def gold_proxy_plot(checks: list[dict], path: Path, selected: int | None = None) -> Path:
+    """Gao et al. (2022): judged win rate (gold) and reward-model score (proxy) against sqrt(KL)."""
+    x = np.sqrt(np.maximum([c["val_kl"] for c in checks], 0.0))
+    fig, gold = plt.subplots(figsize=(6, 3.8))
+    gold.plot(x, [c["val_win_rate"] for c in checks], "o-", color="C0", label="judge win rate")
+    gold.fill_between(
+        x,
+        [c["val_win_rate_ci_low"] for c in checks],
+        [c["val_win_rate_ci_high"] for c in checks],
+        color="C0",
+        alpha=0.15,
+    )
+    gold.axhline(0.5, ls="--", color="grey", lw=1)
+    gold.set(xlabel="sqrt(KL per response)", ylabel="judged win rate over reference (gold)")
+    proxy = gold.twinx()
+    proxy.plot(x, [c["val_score"] for c in checks], "s--", color="C1", label="reward model")
+    proxy.set_ylabel("reward-model score (proxy)")
+    for c, xi in zip(checks, x):
+        if c["iteration"] == selected:
+            gold.plot([xi], [c["val_win_rate"]], "*", ms=14, color="C3", label="kept")
+    gold.legend(loc="upper left", fontsize=8)
+    proxy.legend(loc="lower right", fontsize=8)
+    gold.set_title("Judge (gold) vs reward model (proxy) on validation prompts")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -9,17 +9,20 @@ import mlflow
 import pandas as pd
 from prefect import get_run_logger
 
+import rlhf_core.evaluation.policy
 import rlhf_core.models.fused
 import rlhf_core.ppo.build
 import rlhf_core.ppo.core
+import rlhf_core.ppo.monitor
 import rlhf_core.ppo.rollout
 import rlhf_core.ppo.trainer
 import rlhf_core.ppo.value
-from rlhf_core.config import ModelConfig, PPOConfig
+from rlhf_core.config import EvaluateConfig, JudgeConfig, ModelConfig, PPOConfig
 from rlhf_core.models.loading import save_model
-from rlhf_core.plots import curves_plot
+from rlhf_core.plots import curves_plot, gold_proxy_plot
 from rlhf_core.ppo.build import build_ppo_trainer
 from rlhf_core.storage import atomic_dir
+from tasks.labels import JUDGE_CODE
 from tasks.results import Policy, RewardModel, Splits, Tuned
 from tasks.stage import StageContext, metrics_logger, stage
 
@@ -34,8 +37,25 @@ CURVES = ["score", "kl", "entropy", "response_length", "value_loss", "episodes_p
         rlhf_core.ppo.value,
         rlhf_core.ppo.trainer,
         rlhf_core.ppo.build,
+        rlhf_core.ppo.monitor,
+        rlhf_core.evaluation.policy,
         rlhf_core.models.fused,
-    ),
+    )
+    + JUDGE_CODE,
+    # the judged checks sample and judge as the final evaluation does; nothing else of it matters
+    ignore={
+        "evaluate": {
+            "enabled",
+            "prompts",
+            "max_prompts",
+            "perplexity_examples",
+            "perplexity_max_length",
+            "n_samples",
+            "device",
+            "safety",
+            "judge",
+        }
+    },
 )
 def ppo(
     ctx: StageContext,
@@ -44,12 +64,16 @@ def ppo(
     splits: Splits,
     ppo: PPOConfig,
     model: ModelConfig,
+    judge: JudgeConfig,
+    evaluate: EvaluateConfig,
     seed: int,
 ) -> Tuned:
-    """PPO with a per-token KL penalty against the frozen reference, scored by the gated reward model."""
+    """PPO with a per-token KL penalty against the frozen reference, scored by the gated reward model;
+    the evaluation judge checks it on validation prompts and picks the checkpoint (ppo.select)."""
     out, checkpoints, logger, ppo_cfg = ctx.out_dir, ctx.checkpoints, get_run_logger(), ppo
     policy_dir, reward_dir = reference.model_dir, reward_model.model_dir
     prompts = pd.read_parquet(splits.train, columns=["prompt"])["prompt"].drop_duplicates().tolist()
+    val_prompts = pd.read_parquet(splits.val, columns=["prompt"])["prompt"].drop_duplicates()
 
     def log_samples(
         iteration: int, rows: list[dict]
@@ -66,11 +90,22 @@ def ppo(
         checkpoint_dir=checkpoints,
         on_log=metrics_logger(
             "ppo iteration",
-            ("score", "kl", "entropy", "response_length", "episodes_per_s"),
+            (
+                "score",
+                "kl",
+                "entropy",
+                "response_length",
+                "episodes_per_s",
+                "val_win_rate",
+                "val_kl",
+            ),
             ppo_cfg.iterations,
             every=max(1, ppo_cfg.iterations // 20),
         ),
         on_samples=log_samples,
+        judge=judge,
+        evaluate=evaluate,
+        val_prompts=val_prompts.tolist(),
     )
     mlflow.log_params(
         {
@@ -79,6 +114,7 @@ def ppo(
             "prompts": len(prompts),
             "value_model": type(trainer.value).__name__,
             "reward_reads_policy_tokens": trainer.rm_reads_policy_tokens,
+            "monitor_prompts": len(trainer.monitor.ev.prompts) if trainer.monitor else 0,
             **{k: v for k, v in ppo_cfg.model_dump().items() if not isinstance(v, dict)},
         }
     )
@@ -90,7 +126,12 @@ def ppo(
         save_model(policy, trainer.tokenizer, staging / "model")
         (staging / "history.json").write_text(json.dumps(result.history, indent=2))
         curves_plot(result.history, CURVES, staging / "training_curves.png", "PPO")
+        checks = [h for h in result.history if "val_win_rate" in h]
+        if checks:
+            gold_proxy_plot(checks, staging / "gold_vs_proxy.png", result.selected_iteration)
     mlflow.log_artifact(str(out / "training_curves.png"), "plots")
+    if checks:
+        mlflow.log_artifact(str(out / "gold_vs_proxy.png"), "plots")
     mlflow.log_artifacts(str(out / "model"), "model")
     shutil.rmtree(checkpoints, ignore_errors=True)
     h = result.history
@@ -101,12 +142,29 @@ def ppo(
         "kl_end": sum(x["kl"] for x in h[-k:]) / k,
         "episodes": float(result.episodes),
         "mean_episodes_per_s": result.episodes_per_s,
+        "iterations_run": float(result.iterations),
     }
+    if checks:
+        best = max(checks, key=lambda c: c["val_win_rate"])
+        metrics |= {
+            "val_win_rate_best": best["val_win_rate"],
+            "val_kl_best": best["val_kl"],
+            "val_win_rate_last": checks[-1]["val_win_rate"],
+        }
+    if result.selected_iteration is not None:
+        metrics["selected_iteration"] = float(result.selected_iteration)
     mlflow.log_metrics(metrics)
     logger.info(
         f"ppo: score {metrics['score_start']:.3f} -> {metrics['score_end']:.3f}, KL {metrics['kl_end']:.3f}, "
         f"{result.episodes_per_s:.1f} episodes/s"
     )
+    if result.selected_iteration is not None:
+        logger.info(
+            f"ppo: kept iteration {result.selected_iteration} (judged validation win rate "
+            f"{metrics['val_win_rate_best']:.3f}, KL {metrics['val_kl_best']:.2f}; "
+            f"last check {metrics['val_win_rate_last']:.3f})"
+            + (" after early stopping" if result.stopped_early else "")
+        )
     return ctx.result(
         Tuned,
         model_dir=str(out / "model"),

@@ -295,7 +295,9 @@ def metrics_logger(
     def on_log(step: int, metrics: dict) -> None:
         mlflow.log_metrics(metrics, step=step)
         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in keys)
-        final = step == total or "eval_loss" in metrics or "eval_accuracy" in metrics
+        final = step == total or any(
+            k in metrics for k in ("eval_loss", "eval_accuracy", "val_win_rate")
+        )
         if shown and (step % every == 0 or final):
             logger.info(f"{stage_name} {step}{f'/{total}' if total else ''}: {shown}")
 

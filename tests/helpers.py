@@ -138,7 +138,7 @@ def ppo_job(
     """A complete PPO run used by the resume test (run in a subprocess that may be killed)."""
     from safetensors.torch import save_file
 
-    from rlhf_core.config import ModelConfig, PPOConfig
+    from rlhf_core.config import EvaluateConfig, JudgeConfig, ModelConfig, PPOConfig
     from rlhf_core.ppo.build import build_ppo_trainer
 
     cfg = PPOConfig(
@@ -153,6 +153,8 @@ def ppo_job(
         checkpoint_every=2,
         adaptive_kl=True,
         target_kl=0.5,
+        eval_every=1,  # a best judged state exists at every checkpoint: resume must restore it
+        eval_prompts=4,
     )
     trainer = build_ppo_trainer(
         policy_dir,
@@ -162,6 +164,9 @@ def ppo_job(
         ModelConfig(),
         seed,
         checkpoint_dir=Path(checkpoint_dir),
+        judge=JudgeConfig(),
+        evaluate=EvaluateConfig(max_new_tokens=12),
+        val_prompts=[r["prompt"] for r in demo_rows()[40:44]],
         progress=False,
     )
     trainer.train()

@@ -338,6 +338,8 @@ def test_reward_gate_ppo_evaluation_and_registry(prefect_harness, tmp_path):
                     "max_new_tokens": 8,
                     "sample_every": 2,
                     "checkpoint_every": 2,
+                    "eval_every": 2,
+                    "eval_prompts": 6,
                 }
             ),
         }
@@ -385,6 +387,16 @@ def test_reward_gate_ppo_evaluation_and_registry(prefect_harness, tmp_path):
     assert {"score", "score_raw", "entropy", "clipfrac", "episodes_per_s"} <= set(ppo.data.metrics)
     arts = {a.path for a in client.list_artifacts(ppo.info.run_id)}
     assert {"model", "plots", "samples"} <= arts
+    # the judge checked the policy on validation prompts at iterations 2 and 3 (the last)
+    assert [m.step for m in client.get_metric_history(ppo.info.run_id, "val_win_rate")] == [2, 3]
+    assert ppo.data.params["monitor_prompts"] == "6"
+    assert ppo.data.metrics["selected_iteration"] in (2.0, 3.0)
+    assert {"val_kl", "val_score", "val_win_rate_ci_low", "val_win_rate_best"} <= set(
+        ppo.data.metrics
+    )
+    assert "gold_vs_proxy.png" in {
+        Path(a.path).name for a in client.list_artifacts(ppo.info.run_id, "plots")
+    }
     table = json.loads(
         Path(
             client.download_artifacts(ppo.info.run_id, "samples/ppo_samples.json", str(tmp_path))

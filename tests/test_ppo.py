@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhf_core.config import ModelConfig, PPOConfig
+from rlhf_core.config import EvaluateConfig, JudgeConfig, ModelConfig, PPOConfig
 from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.ppo.build import build_ppo_trainer
 from rlhf_core.ppo.core import logprobs_from_logits
@@ -307,6 +307,82 @@ def test_every_update_starts_at_ratio_one(tiny_gpt2, tmp_path, precision):
         ).autocast
         is None
     )  # auto: only on a GPU with bf16
+
+
+def test_the_best_judged_check_is_kept_and_patience_stops_training(tiny_gpt2, tmp_path):
+    """Checks at every iteration with scripted win rates: the best one (iteration 2) is kept, and three
+    checks without improvement stop the run; the policy ends with iteration 2's weights."""
+    reward = untrained_reward_dir(tmp_path, str(tiny_gpt2))
+    cfg = PPOConfig(
+        iterations=10,
+        batch_size=4,
+        mini_batch_size=4,
+        micro_batch_size=4,
+        max_new_tokens=8,
+        lr=1e-3,
+        device="cpu",
+        eval_every=1,
+        early_stopping_patience=3,
+    )
+    trainer = build_ppo_trainer(
+        str(tiny_gpt2), str(reward), PROMPTS[:20], cfg, ModelConfig(), progress=False
+    )
+    rates = iter([0.5, 0.7, 0.55, 0.7, 0.6, 0.9])
+    seen = {}
+
+    def monitor(policy, tokenizer, reference_model):
+        seen[trainer.iteration] = {n: p.detach().clone() for n, p in policy.named_parameters()}
+        with reference_model() as reference:
+            assert reference is trainer.reference
+        return {"val_win_rate": next(rates)}
+
+    trainer.monitor = monitor
+    result = trainer.train()
+    assert result.iterations == 5 and result.stopped_early and result.selected_iteration == 2
+    assert [h.get("val_win_rate") for h in result.history] == [0.5, 0.7, 0.55, 0.7, 0.6]
+    assert not torch.equal(seen[2]["transformer.wte.weight"], seen[5]["transformer.wte.weight"])
+    assert all(torch.equal(p, seen[2][n]) for n, p in trainer.policy.named_parameters())
+    last = cfg.model_copy(update={"select": "last", "early_stopping_patience": None})
+    assert trainer.s.select == "best_judged" and last.select == "last"
+
+
+def test_judge_monitor_measures_gold_proxy_and_kl(tiny_gpt2, tmp_path):
+    """The real monitor (embedding judge, reward model, exact KL): the reference against itself is a
+    tie at zero KL; after updates the policy differs and its KL is positive."""
+    reward = untrained_reward_dir(tmp_path, str(tiny_gpt2))
+    cfg = PPOConfig(
+        iterations=3,
+        batch_size=4,
+        mini_batch_size=4,
+        micro_batch_size=4,
+        max_new_tokens=8,
+        lr=3e-3,
+        device="cpu",
+        eval_every=3,
+        eval_prompts=8,
+        reference="adapter",
+        value_model="shared",
+        lora={"enabled": True, "r": 4, "alpha": 8},
+    )
+    trainer = build_ppo_trainer(
+        str(tiny_gpt2),
+        str(reward),
+        PROMPTS[:20],
+        cfg,
+        ModelConfig(),
+        judge=JudgeConfig(),
+        evaluate=EvaluateConfig(max_new_tokens=8),
+        val_prompts=PROMPTS[100:120],
+        progress=False,
+    )
+    assert len(trainer.monitor.ev.prompts) == 8 and trainer.monitor.ev.s.max_new_tokens == 8
+    start = trainer.monitor(trainer.policy, trainer.tokenizer, trainer.reference_model)
+    assert start["val_win_rate"] == 0.5 and start["val_kl"] == pytest.approx(0.0, abs=1e-5)
+    assert start["val_score"] == pytest.approx(start["val_score_reference"])
+    result = trainer.train()
+    check = result.history[-1]
+    assert result.selected_iteration == 3 and check["val_kl"] > 0
+    assert 0 <= check["val_win_rate_ci_low"] <= check["val_win_rate"] <= 1
 
 
 def test_batch_sizes_must_divide():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from rlhf_core.config import ModelConfig, PPOConfig
+from rlhf_core.config import EvaluateConfig, JudgeConfig, ModelConfig, PPOConfig
 from rlhf_core.errors import UserError
 from rlhf_core.models.loading import add_lora, load_causal_lm
 from rlhf_core.ppo.trainer import LogFn, PPOTrainer, SamplesFn
@@ -24,8 +24,13 @@ def build_ppo_trainer(
     checkpoint_dir: Path | None = None,
     on_log: LogFn | None = None,
     on_samples: SamplesFn | None = None,
+    judge: JudgeConfig | None = None,
+    evaluate: EvaluateConfig | None = None,
+    val_prompts: Sequence[str] = (),
     progress: bool = True,
 ) -> PPOTrainer:
+    """With a judge and validation prompts, a JudgeMonitor checks the policy every ppo.eval_every
+    iterations, sampling as the final evaluation does (evaluate's settings, open keys from ppo)."""
     import torch
 
     torch.manual_seed(seed)
@@ -62,6 +67,22 @@ def build_ppo_trainer(
     value.to(loaded.device)
     if cfg.lora.enabled:
         policy = add_lora(policy, cfg.lora)
+    monitor = None
+    if cfg.eval_every is not None and judge is not None and val_prompts:
+        from rlhf_core.evaluation.policy import PolicyEvaluator
+        from rlhf_core.judges.rlaif import build_judge
+        from rlhf_core.ppo.monitor import JudgeMonitor
+
+        monitor = JudgeMonitor(
+            PolicyEvaluator(
+                rm,
+                build_judge(judge),
+                list(val_prompts)[: cfg.eval_prompts],
+                (evaluate or EvaluateConfig()).sampling_from(cfg),
+                seed=seed,
+                use_chat_template=model.use_chat_template,
+            )
+        )
     return PPOTrainer(
         policy,
         tokenizer,
@@ -75,5 +96,6 @@ def build_ppo_trainer(
         checkpoint_dir=checkpoint_dir,
         on_log=on_log,
         on_samples=on_samples,
+        monitor=monitor,
         progress=progress,
     )

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,10 +61,14 @@ class PPOResult:
     episodes: int
     episodes_per_s: float
     history: list[dict] = field(default_factory=list)
+    selected_iteration: int | None = None  # the judged check whose weights the policy holds
+    stopped_early: bool = False
 
 
 LogFn = Callable[[int, dict], None]
 SamplesFn = Callable[[int, list[dict]], None]
+# (policy, tokenizer, reference-policy context) -> metrics with "val_win_rate" (see monitor.py)
+MonitorFn = Callable[[Any, Any, Callable[[], AbstractContextManager]], dict]
 
 
 class PPOTrainer:
@@ -81,6 +87,7 @@ class PPOTrainer:
         checkpoint_dir: Path | None = None,
         on_log: LogFn | None = None,
         on_samples: SamplesFn | None = None,
+        monitor: MonitorFn | None = None,
         progress: bool = True,
     ):
         if not prompts:
@@ -149,9 +156,13 @@ class PPOTrainer:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.on_log = on_log or (lambda it, m: None)
         self.on_samples = on_samples
+        self.monitor = monitor
         self.progress = progress
         self.iteration = 0
         self.history: list[dict] = []
+        self.best: dict | None = None  # {"iteration", "val_win_rate"} of the best judged check
+        self.best_state: dict[str, torch.Tensor] | None = None  # its trainable policy weights
+        self.checks_since_best = 0
 
     def amp(self):
         """bf16 autocast for every forward pass when configured; losses, log-probs and optimiser stay fp32."""
@@ -169,12 +180,19 @@ class PPOTrainer:
         return out
 
     # -- rollout ------------------------------------------------------------------------------
+    @contextmanager
+    def reference_model(self) -> Iterator[Any]:
+        """The frozen reference: its own copy, or the policy with the LoRA adapter disabled."""
+        if self.reference is not None:
+            yield self.reference
+        else:
+            with self.policy.disable_adapter():
+                yield self.policy
+
     @torch.no_grad()
     def _reference_logits(self, batch: Batch) -> torch.Tensor:
-        if self.reference is not None:
-            return response_logits(self.reference, batch)[0]
-        with self.policy.disable_adapter():
-            return response_logits(self.policy, batch)[0]
+        with self.reference_model() as reference:
+            return response_logits(reference, batch)[0]
 
     def _values(self, batch: Batch, policy_output=None) -> torch.Tensor:
         if not self.shared_value:
@@ -415,6 +433,8 @@ class PPOTrainer:
         with checkpoint_folder(self.checkpoint_dir, name, "iter-", self.s.keep_checkpoints) as tmp:
             save_file(untie(cpu_copy(self.policy)), tmp / "policy.safetensors")
             save_file(untie(cpu_copy(self.value)), tmp / "value.safetensors")
+            if self.best_state is not None:
+                save_file(self.best_state, tmp / "best_policy.safetensors")
             torch.save(
                 {
                     "policy_opt": self.policy_opt.state_dict(),
@@ -430,6 +450,8 @@ class PPOTrainer:
                         "iteration": self.iteration,
                         "kl_ctl": self.kl_ctl.state_dict(),
                         "history": self.history,
+                        "best": self.best,
+                        "checks_since_best": self.checks_since_best,
                         "settings": self.s.model_dump(mode="json"),
                         "seed": self.seed,
                     }
@@ -453,6 +475,52 @@ class PPOTrainer:
         state = json.loads((path / "state.json").read_text())
         self.iteration, self.history = state["iteration"], state["history"]
         self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.best, self.checks_since_best = state.get("best"), state.get("checks_since_best", 0)
+        if (path / "best_policy.safetensors").exists():
+            self.best_state = load_file(path / "best_policy.safetensors")
+
+    # -- judged checks ------------------------------------------------------------------------
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        """The weights training changes (a LoRA adapter, or all of them), copied to the CPU."""
+        return {
+            n: p.detach().to("cpu", copy=True).contiguous()
+            for n, p in self.policy.named_parameters()
+            if p.requires_grad
+        }
+
+    def check(self) -> dict:
+        """One judged check (monitor.py); remembers the weights when the win rate is the best yet."""
+        metrics = self.monitor(self.policy, self.tokenizer, self.reference_model)
+        rate = metrics["val_win_rate"]
+        if self.best is None or rate > self.best["val_win_rate"]:
+            self.best = {"iteration": self.iteration, "val_win_rate": rate}
+            self.best_state = self._trainable_state()
+            self.checks_since_best = 0
+        else:
+            self.checks_since_best += 1
+        return metrics
+
+    def _due(self) -> bool:
+        every = self.s.eval_every
+        return (
+            self.monitor is not None
+            and every is not None
+            and (self.iteration % every == 0 or self.iteration == self.s.iterations)
+        )
+
+    def _patience_spent(self) -> bool:
+        patience = self.s.early_stopping_patience
+        return patience is not None and self.checks_since_best >= patience
+
+    def select_best(self) -> int | None:
+        """Load the best judged check's weights (ppo.select best_judged); returns its iteration."""
+        if self.s.select != "best_judged" or self.best_state is None:
+            return None
+        params = dict(self.policy.named_parameters())
+        with torch.no_grad():
+            for name, value in self.best_state.items():
+                params[name].copy_(value.to(params[name].device))
+        return self.best["iteration"]
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self, resume: bool = True) -> PPOResult:
@@ -472,9 +540,12 @@ class PPOTrainer:
             dynamic_ncols=True,
         )
         t0, start_iter = time.perf_counter(), self.iteration
-        while self.iteration < s.iterations:
+        stopped = False
+        while self.iteration < s.iterations and not (stopped := self._patience_spent()):
             metrics = self.step()
             self.iteration += 1
+            if self._due():
+                metrics |= self.check()
             self.history.append({"iteration": self.iteration, **metrics})
             self.on_log(self.iteration, metrics)
             bar.update(1)
@@ -483,9 +554,14 @@ class PPOTrainer:
                 kl=f"{metrics['kl']:.2f}",
                 eps=f"{metrics['episodes_per_s']:.1f}",
             )
-            if self.iteration % s.checkpoint_every == 0 or self.iteration == s.iterations:
+            if (
+                self.iteration % s.checkpoint_every == 0
+                or self.iteration == s.iterations
+                or self._patience_spent()
+            ):
                 self.save_checkpoint()
         bar.close()
+        selected = self.select_best()
         elapsed = time.perf_counter() - t0
         done = self.iteration - start_iter
         return PPOResult(
@@ -494,6 +570,8 @@ class PPOTrainer:
             episodes=self.iteration * s.batch_size,
             episodes_per_s=done * s.batch_size / max(elapsed, 1e-9),
             history=self.history,
+            selected_iteration=selected,
+            stopped_early=stopped,
         )
 
 
