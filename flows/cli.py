@@ -315,7 +315,7 @@ def reward_train(
         if not policy:
             raise UserError("reward.backbone 'policy' needs --policy (the reference policy folder)")
         backbone = policy
-    rm, result = train_reward(
+    rm, results = train_reward(
         train,
         val,
         cfg.reward,
@@ -331,13 +331,15 @@ def reward_train(
     with atomic_dir(out_dir) as staging:
         rm.save(staging)
     shutil.rmtree(checkpoints, ignore_errors=True)
+    result = results[0]
     summary = {
         "out": str(out_dir),
-        "steps": result.steps,
+        "steps": sum(r.steps for r in results),
         "pairs_per_s": result.units_per_s,
         "best_val_accuracy": result.best_metric,
         "train_pairs": len(train),
-        "normalisation": rm.normalisation,
+        "members": len(results),
+        "normalisation": rm.normalisation or [m.normalisation for m in getattr(rm, "members", [])],
         **{k: metrics[k] for k in ("accuracy", "auc", "ece", "n_pairs") if k in metrics},
     }
     if as_json:

@@ -86,7 +86,7 @@ def stages(cfg: PipelineConfig, t: TrackingContext) -> dict:
 
     pairs = splits
     if enabled(cfg, "label", "labels"):
-        sampled_from = reference if cfg.labels.mode == "generate" else None
+        sampled_from = reference if cfg.labels.mode != "relabel" else None
         pairs = labels.label(t, splits=splits, policy=sampled_from, labels=cfg.labels, seed=seed)
         out["labels"] = pairs.metrics
     out["train_file"] = pairs.train_file

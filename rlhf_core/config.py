@@ -312,10 +312,12 @@ class JudgeConfig(Section):
 
 
 class GenerateConfig(Section):
-    """Mode 'generate': new pairs from two samples of the SFT policy per prompt."""
+    """Modes 'generate' and 'both': new pairs from samples of the reference policy (on-policy)."""
 
     n_prompts: int = Field(256, ge=1)
     """Training prompts to sample pairs for."""
+    samples_per_prompt: int = Field(2, ge=2)
+    """k samples per prompt; every two of them are a pair (k(k-1)/2 judged pairs per prompt)."""
     max_new_tokens: int = Field(48, ge=1)
     """Length of each sampled response."""
     temperature: float = Field(1.0, gt=0)
@@ -329,8 +331,9 @@ class GenerateConfig(Section):
 class LabelsConfig(Section):
     enabled: bool = True
     """Run the AI labelling stage (RLAIF)."""
-    mode: Literal["relabel", "generate"] = "relabel"
-    """relabel: judge the training pairs (agreement is measured); generate: new pairs from the SFT policy."""
+    mode: Literal["relabel", "generate", "both"] = "relabel"
+    """relabel: judge the training pairs (agreement is measured); generate: the training pairs as
+    labelled plus judged pairs of reference-policy samples; both: relabelled pairs plus those."""
     merge: Literal["human", "ai", "weighted"] = "ai"
     """What the reward model trains on where human and AI labels both exist."""
     ai_weight: float = Field(0.5, ge=0, le=1)
@@ -340,7 +343,7 @@ class LabelsConfig(Section):
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     """The AI judge."""
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
-    """Sampling for mode 'generate'."""
+    """Sampling for modes 'generate' and 'both'."""
 
 
 class RewardGateConfig(Section):
@@ -352,6 +355,15 @@ class RewardGateConfig(Section):
     """Expected calibration error at most this; null: no check."""
     max_abs_length_corr: float | None = Field(None, ge=0, le=1)
     """|correlation of reward with length| at most this; null: no check."""
+
+
+class EnsembleSection(Section):
+    """Reward-model ensemble (Coste et al. 2023): members trained alike on resampled data."""
+
+    members: int = Field(1, ge=1, le=16)
+    """Members; 1: a single reward model."""
+    bootstrap: bool = True
+    """Each member trains on its own bootstrap resample of the pairs (else: only seeds differ)."""
 
 
 class RewardConfig(LoopConfig):
@@ -390,6 +402,8 @@ class RewardConfig(LoopConfig):
     """Training prompts whose reference-policy samples give PPO's reward normalisation."""
     norm_max_new_tokens: int = Field(48, ge=1)
     """Length of those samples."""
+    ensemble: EnsembleSection = Field(default_factory=EnsembleSection)
+    """An ensemble of reward models instead of one (PPO combines them: ppo.ensemble_aggregate)."""
     gate: RewardGateConfig = Field(default_factory=RewardGateConfig)
     """Thresholds the reward model must meet before PPO starts."""
 
@@ -459,6 +473,10 @@ class PPOConfig(Section):
     """Normalise scores with the reward model's stored statistics."""
     reward_clip: float | None = Field(None, gt=0)
     """Clip normalised scores to +-this; null: no clip."""
+    ensemble_aggregate: Literal["mean", "min", "mean_minus_std"] = "mean"
+    """How a reward-model ensemble's normalised member scores combine (rlhf_core/reward/ensemble.py)."""
+    ensemble_std_coef: float = Field(1.0, ge=0)
+    """lambda of mean_minus_std: mean - lambda * std over members."""
     missing_eos_penalty: float | None = Field(None, ge=0)
     """Subtract this from the score of responses that do not end with EOS; null: none."""
     mixed_precision: MixedPrecision = "auto"
@@ -552,6 +570,11 @@ class EvaluateConfig(Section):
     """Tokens per perplexity example."""
     n_samples: int = Field(12, ge=0)
     """Sample rows in the report."""
+    best_of_n: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
+    """Baseline: best of n reference samples by the reward model, judged against the reference,
+    at its analytic KL log n - (n-1)/n; empty: skip."""
+    best_of_n_prompts: int = Field(64, ge=1)
+    """Held-out prompts the best-of-n baseline samples for (max(best_of_n) samples each)."""
     device: str = "auto"
     """auto: cuda when present, else cpu."""
     safety: SafetyConfig = Field(default_factory=SafetyConfig)

@@ -141,3 +141,49 @@ def gold_proxy_plot(checks: list[dict], path: Path, selected: int | None = None)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def best_of_n_plot(rows: list[dict], tuned: dict, path: Path) -> Path:
+    """Judged win rate over the reference against KL: best-of-n (by the reward model) and the tuned policy."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    kl = [r["kl"] for r in rows]
+    ax.errorbar(
+        kl,
+        [r["win_rate"] for r in rows],
+        yerr=[
+            [r["win_rate"] - r["ci_low"] for r in rows],
+            [r["ci_high"] - r["win_rate"] for r in rows],
+        ],
+        fmt="o-",
+        capsize=3,
+        label="best-of-n (reference, reward model picks)",
+    )
+    for r in rows:
+        ax.annotate(
+            f"n={r['n']}",
+            (r["kl"], r["win_rate"]),
+            fontsize=7,
+            xytext=(3, 4),
+            textcoords="offset points",
+        )
+    ax.errorbar(
+        [tuned["kl"]],
+        [tuned["win_rate"]],
+        yerr=[[tuned["win_rate"] - tuned["ci_low"]], [tuned["ci_high"] - tuned["win_rate"]]],
+        fmt="*",
+        ms=12,
+        color="C3",
+        capsize=3,
+        label="tuned policy",
+    )
+    ax.axhline(0.5, ls="--", color="grey", lw=1)
+    ax.set(
+        xlabel="KL per response from the reference (nats)",
+        ylabel="judged win rate",
+        title="Tuned policy vs best-of-n at matched KL",
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

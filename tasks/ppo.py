@@ -17,6 +17,7 @@ import rlhf_core.ppo.monitor
 import rlhf_core.ppo.rollout
 import rlhf_core.ppo.trainer
 import rlhf_core.ppo.value
+import rlhf_core.reward.ensemble
 from rlhf_core.config import EvaluateConfig, JudgeConfig, ModelConfig, PPOConfig
 from rlhf_core.models.loading import save_model
 from rlhf_core.plots import curves_plot, gold_proxy_plot
@@ -26,7 +27,15 @@ from tasks.labels import JUDGE_CODE
 from tasks.results import Policy, RewardModel, Splits, Tuned
 from tasks.stage import StageContext, metrics_logger, stage
 
-CURVES = ["score", "kl", "entropy", "response_length", "value_loss", "episodes_per_s"]
+CURVES = [
+    "score",
+    "kl",
+    "entropy",
+    "response_length",
+    "value_loss",
+    "reward_disagreement",
+    "episodes_per_s",
+]
 
 
 @stage(
@@ -38,6 +47,7 @@ CURVES = ["score", "kl", "entropy", "response_length", "value_loss", "episodes_p
         rlhf_core.ppo.trainer,
         rlhf_core.ppo.build,
         rlhf_core.ppo.monitor,
+        rlhf_core.reward.ensemble,
         rlhf_core.evaluation.policy,
         rlhf_core.models.fused,
     )

@@ -11,6 +11,7 @@ import pandas as pd
 from prefect import get_run_logger
 
 import rlhf_core.models.loading
+import rlhf_core.reward.ensemble
 import rlhf_core.reward.evaluate
 import rlhf_core.reward.losses
 import rlhf_core.reward.model
@@ -33,6 +34,7 @@ from tasks.tracking import TrackingContext
     code=(
         rlhf_core.reward.losses,
         rlhf_core.reward.model,
+        rlhf_core.reward.ensemble,
         rlhf_core.reward.trainer,
         rlhf_core.training,
         rlhf_core.models.loading,
@@ -74,7 +76,7 @@ def train_reward_model(
             **{f"train_pairs_{k}": v for k, v in sources.items()},
         }
     )
-    rm, result = train_reward(
+    rm, results = train_reward(
         train_df,
         val_df,
         reward,
@@ -87,33 +89,38 @@ def train_reward_model(
             "reward step", ("train_loss", "eval_accuracy", "eval_loss", "pairs_per_s")
         ),
     )
-    mlflow.log_param("kind", rm.kind)
+    mlflow.log_params({"kind": rm.kind, "ensemble_members": len(results)})
+    result = results[0]
     if result.resumed_from_step:
         logger.info(f"reward model: resumed from step {result.resumed_from_step}")
     with atomic_dir(out) as staging:
         rm.save(staging / "model")
         (staging / "training.json").write_text(
             json.dumps(
-                {
-                    "history": result.history,
-                    "steps": result.steps,
-                    "stopped_early": result.stopped_early,
-                },
+                [
+                    {"history": r.history, "steps": r.steps, "stopped_early": r.stopped_early}
+                    for r in results
+                ],
                 indent=2,
             )
         )
     mlflow.log_artifacts(str(out / "model"), "reward_model")
     shutil.rmtree(checkpoints, ignore_errors=True)
+    members = getattr(rm, "members", [rm])
     metrics = {
-        "steps": result.steps,
+        "steps": sum(r.steps for r in results),
         "train_pairs": result.train_units,
         "pairs_per_s": result.units_per_s,
         "stopped_early": float(result.stopped_early),
-        "reward_norm_mean": rm.normalisation["mean"],
-        "reward_norm_std": rm.normalisation["std"],
+        "reward_norm_mean": members[0].normalisation["mean"],
+        "reward_norm_std": members[0].normalisation["std"],
     }
     if result.best_metric is not None:
         metrics["best_val_accuracy"] = result.best_metric
+    if len(results) > 1:
+        for i, r in enumerate(results):
+            if r.best_metric is not None:
+                metrics[f"member{i}_best_val_accuracy"] = r.best_metric
     mlflow.log_metrics(metrics)
     logger.info(
         f"reward model ({rm.kind}, {reward.backbone}): {result.steps} steps, {result.units_per_s:.1f} pairs/s, "
@@ -129,7 +136,7 @@ def train_reward_model(
 
 @stage(
     "reward-eval",
-    code=(rlhf_core.reward.evaluate, rlhf_core.reward.model),
+    code=(rlhf_core.reward.evaluate, rlhf_core.reward.model, rlhf_core.reward.ensemble),
     ignore={"reward": {"gate"}},
 )
 def evaluate_reward(
@@ -145,6 +152,9 @@ def evaluate_reward(
     if evals[-1].report["n_pairs"] == 0:
         raise UserError(f"{test_file}: no labelled test pairs to evaluate the reward model on")
     metrics = {k: v for ev in evals for k, v in ev.metrics.items() if not np.isnan(v)}
+    for i, member in enumerate(getattr(rm, "members", [])):  # the gate reads the ensemble's
+        alone = evaluate_reward_model(member, pd.read_parquet(splits.test), "test")
+        metrics[f"member{i}_test_accuracy"] = alone.metrics["test_accuracy"]
     with atomic_dir(out) as staging:
         (staging / "report.json").write_text(
             json.dumps({ev.split: ev.report for ev in evals}, indent=2)

@@ -10,6 +10,7 @@ from rlhf_core.judges.base import Judge, judge_prompt, last_user_turn
 from rlhf_core.judges.constitution import DEFAULT_CONSTITUTION, load_constitution
 from rlhf_core.judges.labeling import LabelCache, agreement_report, label_pairs
 from rlhf_core.judges.rlaif import merge_labels
+from tests.helpers import demo_rows
 
 
 class FirstSlotJudge(Judge):
@@ -288,6 +289,13 @@ def test_generate_mode_labels_new_pairs_from_the_policy(tiny_gpt2, embedding_jud
         seed=0,
     )
     assert pairs and all(a != b for _, a, b in pairs)
+    three = generate_pairs(
+        str(tiny_gpt2),
+        ["How do I boil an egg?", "What is rain?"],
+        GenerateConfig(max_new_tokens=12, batch_size=6, samples_per_prompt=3),
+        seed=0,
+    )
+    assert len(three) == 6  # 3 samples -> 3 pairs per prompt (the tiny policy never repeats itself)
     assert pairs == generate_pairs(
         str(tiny_gpt2),
         ["How do I boil an egg?", "What is rain?", "Name a fruit."],
@@ -300,6 +308,29 @@ def test_generate_mode_labels_new_pairs_from_the_policy(tiny_gpt2, embedding_jud
     assert len(table) == len(pairs) and set(table["label_source"]) == {"ai"}
     assert (table["p_chosen"] >= 0.5).all()  # the judge's winner is 'chosen'
     assert report["mode"] == "generate" and report["n_pairs"] == len(pairs)
+
+
+def test_both_mode_adds_judged_policy_samples_to_the_relabelled_pairs(tiny_gpt2, tmp_path):
+    """The added pairs' responses are the policy's samples, not the data's; the data's pairs carry
+    the judge's labels."""
+    from rlhf_core.judges.rlaif import label_training_pairs
+
+    rows = demo_rows()[:40]
+    train = pd.DataFrame(rows).assign(p_chosen=1.0, label_source="human", margin=np.nan)
+    train.to_parquet(tmp_path / "train.parquet")
+    labels = LabelsConfig(
+        mode="both", generate={"n_prompts": 5, "max_new_tokens": 10, "samples_per_prompt": 2}
+    )
+    _, table, per_pair, report = label_training_pairs(
+        str(tmp_path / "train.parquet"), labels, 0, str(tiny_gpt2), tmp_path / "cache.sqlite"
+    )
+    data_responses = set(train["chosen"]) | set(train["rejected"])
+    added = table.iloc[len(train) :]
+    assert 0 < len(added) <= 5 and report["generated"]["n_pairs"] == len(added)
+    assert not (set(added["chosen"]) | set(added["rejected"])) & data_responses
+    assert set(added["prompt"]) <= set(train["prompt"][:5])
+    assert (table.iloc[: len(train)]["label_source"] == "ai").all() and "agreement" in report
+    assert len(per_pair) == len(table)
 
 
 def test_unlabelled_pairs_take_the_ai_label_oriented_to_the_winner():

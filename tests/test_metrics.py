@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 
@@ -42,3 +44,43 @@ def test_calibration_and_ece_known_answers():
         0.25 * 0.05 + 0.25 * 0.85 + 0.5 * 0.45
     )
     assert expected_calibration_error(np.array([1.0, 0.0]), np.array([1, 0])) == 0.0
+
+
+def test_best_of_n_kl_known_answers():
+    from rlhf_core.evaluation.baselines import best_of_n_kl
+
+    assert best_of_n_kl(1) == 0.0
+    assert best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)  # 0.1931
+    assert best_of_n_kl(16) == pytest.approx(math.log(16) - 15 / 16)  # 1.8351
+    with pytest.raises(ValueError):
+        best_of_n_kl(0)
+
+
+def test_best_of_n_picks_the_best_of_the_first_n():
+    from rlhf_core.evaluation.baselines import best_of_n_indices
+
+    scores = np.array([[0.1, 0.9, 0.5, 2.0], [3.0, 0.0, 1.0, 4.0]])
+    picks = best_of_n_indices(scores, [1, 2, 4])
+    assert (
+        picks[1].tolist() == [0, 0] and picks[2].tolist() == [1, 0] and picks[4].tolist() == [3, 3]
+    )
+    with pytest.raises(ValueError, match="best-of-8"):
+        best_of_n_indices(scores, [8])
+
+
+def test_length_controlled_win_rate():
+    """Outcomes independent of length: LC = raw; outcomes decided by length alone, with tuned longer
+    half the time: LC ~ 0.5 even where the raw rate is far from it."""
+    from rlhf_core.evaluation.baselines import length_controlled_win_rate, outcomes
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    la, lb = rng.integers(5, 50, n), rng.integers(5, 50, n)
+    y = (rng.random(n) < 0.7).astype(float)
+    assert length_controlled_win_rate(y, la, lb) == pytest.approx(y.mean(), abs=0.02)
+    longer = np.sign(la - lb) * 0.5 + 0.5  # equal lengths tie
+    assert length_controlled_win_rate(longer, la, lb) == pytest.approx(0.5, abs=0.05)
+    # tuned always longer and always winning: the fit cannot credit length (no variation), LC = raw
+    assert length_controlled_win_rate(np.ones(10), np.full(10, 9), np.full(10, 3)) > 0.9
+    out = outcomes(np.array([0.9, 0.5, 0.1, 0.51]), [False, False, False, False], 0.02)
+    assert out.tolist() == [1.0, 0.5, 0.0, 0.5]

@@ -312,3 +312,73 @@ def test_cli_reward_train_and_eval(tiny_gpt2, tmp_path):
         app, ["reward", "eval", "--model", str(out), "--data", str(tmp_path / "missing.jsonl")]
     )
     assert res.exit_code == 2 and "no such file" in res.output
+
+
+def test_ensemble_aggregates_known_answers():
+    import torch
+
+    from rlhf_core.reward.ensemble import aggregate, bootstrap_indices
+
+    s = np.array([[1.0, 0.0, 2.0], [3.0, 0.0, -2.0]])  # 2 members x 3 responses
+    assert aggregate(s, "mean").tolist() == [2.0, 0.0, 0.0]
+    assert aggregate(s, "min").tolist() == [1.0, 0.0, -2.0]
+    assert aggregate(s, "mean_minus_std", 0.5).tolist() == [1.5, 0.0, -1.0]  # std 1, 0, 2
+    t = torch.tensor(s)
+    for how in ("mean", "min", "mean_minus_std"):
+        assert np.allclose(aggregate(t, how, 0.5).numpy(), aggregate(s, how, 0.5))
+    a, b = bootstrap_indices(100, 0, 0), bootstrap_indices(100, 1, 0)
+    assert len(a) == 100 and len(set(a)) < 100 and not np.array_equal(a, b)
+    assert np.array_equal(a, bootstrap_indices(100, 0, 0))
+
+
+def test_reward_ensemble_trains_saves_loads_and_scores_as_its_aggregate(tiny_gpt2, tmp_path):
+    """Two members on bootstrap resamples: each normalised with its own statistics, the ensemble's
+    score is their mean, a reload gives the same scores, and PPO logs the members' disagreement."""
+    from rlhf_core.config import PPOConfig
+    from rlhf_core.ppo.build import build_ppo_trainer
+    from rlhf_core.reward.ensemble import EnsembleRewardModel, is_ensemble
+
+    cfg = RewardConfig(
+        max_steps=4,
+        batch_size=8,
+        norm_prompts=6,
+        norm_max_new_tokens=8,
+        device="cpu",
+        ensemble={"members": 2},
+    )
+    rm, results = train_reward(
+        demo_frame(0, 64),
+        None,
+        cfg,
+        ModelConfig(),
+        str(tiny_gpt2),
+        policy_dir=str(tiny_gpt2),
+        progress=False,
+    )
+    assert isinstance(rm, EnsembleRewardModel) and len(rm.members) == 2 and len(results) == 2
+    assert all(m.normalisation["n"] == 6 for m in rm.members)
+    df = demo_frame(500, 520)
+    members = rm.member_scores(df["prompt"], df["chosen"])
+    assert members.shape == (2, 20) and not np.allclose(members[0], members[1])
+    assert np.allclose(rm.score(df["prompt"], df["chosen"]), members.mean(0))
+    rm.save(tmp_path / "rm")
+    assert is_ensemble(tmp_path / "rm")
+    back = load_reward_model(str(tmp_path / "rm"), device="cpu")
+    assert isinstance(back, EnsembleRewardModel)
+    assert np.allclose(back.score(df["prompt"], df["chosen"]), members.mean(0), atol=1e-5)
+
+    ppo = PPOConfig(
+        iterations=1,
+        batch_size=4,
+        mini_batch_size=4,
+        micro_batch_size=4,
+        max_new_tokens=8,
+        device="cpu",
+        ensemble_aggregate="min",
+    )
+    trainer = build_ppo_trainer(
+        str(tiny_gpt2), str(tmp_path / "rm"), list(df["prompt"]), ppo, ModelConfig(), progress=False
+    )
+    assert trainer.rm.how == "min" and trainer.rm_reads_policy_tokens
+    history = trainer.train().history
+    assert history[0]["reward_disagreement"] > 0

@@ -88,4 +88,8 @@ def evaluate_tuned(
     ):  # paired, on the harmful prompts: is the tuned policy judged worse there?
         safety_win, _ = evaluator.compare_texts(t.safety.prompts, t.safety.texts, r.safety.texts)
     kl = evaluator.kl(tuned.model, reference.model, t.held_out)
-    return build_report(t, r, win, p, kl, n_samples, safety_win), t, r
+    best_of_n = evaluator.best_of_n(reference.model, reference.tokenizer, r)
+    report = build_report(
+        t, r, win, p, kl, n_samples, safety_win, best_of_n, evaluator.s.tie_margin
+    )
+    return report, t, r

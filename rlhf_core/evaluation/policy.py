@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from rlhf_core.config import EvaluateConfig
+from rlhf_core.evaluation.baselines import best_of_n_indices, best_of_n_rows
 from rlhf_core.evaluation.metrics import (
     WinRate,
     distinct_n,
@@ -237,6 +238,27 @@ class PolicyEvaluator:
             self.judge, list(prompts), list(a), list(b), batch_size=self.s.judge_batch_size
         ).p
         return win_rate(p, [x == y for x, y in zip(a, b)], self.s.tie_margin), p
+
+    @torch.no_grad()
+    def best_of_n(self, model, tokenizer, reference: PolicyResult) -> list[dict]:
+        """Best-of-n from the reference policy by the reward model, each n judged against the
+        reference's own held-out answers (baselines.py); rows by n."""
+        ns = sorted(set(self.s.best_of_n))
+        if not ns:
+            return []
+        n_max, prompts = ns[-1], self.prompts[: self.s.best_of_n_prompts]
+        repeated = [p for p in prompts for _ in range(n_max)]
+        gens = self.generate(model, tokenizer, repeated, "reference: best-of-n samples")
+        raw = self.rm.score(repeated, gens.texts, batch_size=self.s.batch_size)
+        scores = np.asarray(self.rm.normalise(raw), float).reshape(len(prompts), n_max)
+        texts = np.asarray(gens.texts, dtype=object).reshape(len(prompts), n_max)
+        rows = np.arange(len(prompts))
+        baseline = reference.held_out.texts[: len(prompts)]
+        wins, means = {}, {}
+        for n, pick in best_of_n_indices(scores, ns).items():
+            wins[n], _ = self.compare_texts(prompts, list(texts[rows, pick]), baseline)
+            means[n] = float(scores[rows, pick].mean())
+        return best_of_n_rows(wins, means, float(np.mean(reference.scores[: len(prompts)])))
 
     # -- two policies --------------------------------------------------------------------------
     def compare(self, a: PolicyResult, b: PolicyResult) -> tuple[WinRate, np.ndarray]:

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
+from rlhf_core.evaluation.baselines import length_controlled_win_rate, outcomes
 from rlhf_core.evaluation.metrics import WinRate
 from rlhf_core.evaluation.policy import PolicyResult
-from rlhf_core.plots import curves_plot, histogram_plot, win_rate_plot
+from rlhf_core.plots import best_of_n_plot, curves_plot, histogram_plot, win_rate_plot
 
 POLICIES = ("tuned", "reference")
 PER_POLICY = (
@@ -35,13 +36,19 @@ def build_report(
     kl: dict,
     n_samples: int = 10,
     safety_win: WinRate | None = None,
+    best_of_n: list[dict] | None = None,
+    tie_margin: float = 0.0,
 ) -> dict:
     t, r = tuned.held_out, reference.held_out
+    identical = [a == b for a, b in zip(t.texts, r.texts)]
+    lc = length_controlled_win_rate(
+        outcomes(p_tuned_better, identical, tie_margin), t.lengths, r.lengths
+    )
     report = {
         "n_prompts": len(t.prompts),
         "n_safety_prompts": len(tuned.safety.prompts) if tuned.safety else 0,
         "policies": {"tuned": tuned.summary(), "reference": reference.summary()},
-        "win_rate": win.as_dict(),
+        "win_rate": {**win.as_dict(), "length_controlled": lc},
         "kl": kl,
         "distributions": {
             "score": {"tuned": tuned.scores.tolist(), "reference": reference.scores.tolist()},
@@ -59,6 +66,8 @@ def build_report(
             for i in range(min(n_samples, len(t.prompts)))
         ],
     }
+    if best_of_n:
+        report["best_of_n"] = best_of_n
     if safety_win is not None:
         report["safety_win_rate"] = safety_win.as_dict()
     if tuned.safety is not None:
@@ -83,6 +92,7 @@ def headline_metrics(report: dict) -> dict[str, float]:
         "eval_win_rate": win["win_rate"],
         "eval_win_rate_ci_low": win["ci_low"],
         "eval_win_rate_ci_high": win["ci_high"],
+        "eval_win_rate_length_controlled": win["length_controlled"],
         "eval_tie_rate": win["ties"] / max(win["n"], 1),
         "eval_score_gain": pol["tuned"]["score_mean"] - pol["reference"]["score_mean"],
         "eval_kl_per_token": kl["per_token"],
@@ -95,6 +105,8 @@ def headline_metrics(report: dict) -> dict[str, float]:
             eval_safety_win_rate_ci_low=sw["ci_low"],
             eval_safety_win_rate_ci_high=sw["ci_high"],
         )
+    for row in report.get("best_of_n", []):
+        out[f"eval_best_of_{row['n']}_win_rate"] = row["win_rate"]
     for name in POLICIES:
         for key in PER_POLICY:
             if key in pol[name]:
@@ -127,6 +139,9 @@ def write_plots(
     if champion:
         rows[f"tuned vs champion v{champion['version']}"] = champion["win"]
     paths.append(win_rate_plot(rows, out_dir / "win_rate.png"))
+    if report.get("best_of_n"):
+        tuned = {"kl": report["kl"]["per_response"], **report["win_rate"]}
+        paths.append(best_of_n_plot(report["best_of_n"], tuned, out_dir / "best_of_n.png"))
     if history:
         paths.append(
             curves_plot(
@@ -178,6 +193,8 @@ def markdown_report(
         "",
         f"- **Win rate** of tuned vs. reference (judge, ties half): **{win['win_rate']:.3f}** "
         f"(95% CI {win['ci_low']:.3f}-{win['ci_high']:.3f}; {win['wins']} wins, {win['ties']} ties, {win['losses']} losses)",
+        f"- **Length-controlled win rate** (at equal response length): "
+        f"{win['length_controlled']:.3f}",
         f"- **Score gain**: {m['eval_score_gain']:+.4f} (normalised reward-model units)",
         f"- **KL(tuned ‖ reference)**: {m['eval_kl_per_token']:.4f} per token, {m['eval_kl_per_response']:.3f} per response",
     ]
@@ -187,6 +204,24 @@ def markdown_report(
             f"- **Safety prompts**, tuned vs. reference (judge): win rate {sw['win_rate']:.3f} (95% CI {sw['ci_low']:.3f}-"
             f"{sw['ci_high']:.3f}, {sw['n']} prompts); unsafe rate {pol['reference'].get('unsafe_rate', float('nan')):.3f} -> "
             f"{pol['tuned'].get('unsafe_rate', float('nan')):.3f}"
+        )
+    if report.get("best_of_n"):
+        lines += [
+            "",
+            f"Best-of-n baseline: n reference samples, the reward model's favourite judged against the "
+            f"reference's own answer ({report['n_prompts']} prompts at most), at KL log n - (n-1)/n.",
+            "",
+            "| policy | KL per response | judged win rate (95% CI) | score gain |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| best-of-{b['n']} | {b['kl']:.3f} | {b['win_rate']:.3f} ({b['ci_low']:.3f}-{b['ci_high']:.3f}) "
+            f"| {b['score_gain']:+.3f} |"
+            for b in report["best_of_n"]
+        ]
+        lines.append(
+            f"| **tuned** | {m['eval_kl_per_response']:.3f} | {win['win_rate']:.3f} "
+            f"({win['ci_low']:.3f}-{win['ci_high']:.3f}) | {m['eval_score_gain']:+.3f} |"
         )
     if promotion:
         champ = promotion.get("champion")

@@ -123,39 +123,32 @@ def generate_pairs(
     device: str = "auto",
     use_chat_template: bool = True,
 ) -> list[tuple[str, str, str]]:
-    """Two samples of the policy per prompt (different seeds); identical or empty pairs are left out."""
+    """k = cfg.samples_per_prompt samples of the policy per prompt, every two of them a pair
+    (k(k-1)/2 per prompt); identical or empty pairs are left out."""
+    from itertools import combinations
+
     from rlhf_core.models.chat import ChatFormat
     from rlhf_core.models.loading import load_causal_lm
     from rlhf_core.sft import generate_samples
 
     lm = load_causal_lm(policy_dir, device=device)
     fmt = ChatFormat(lm.tokenizer, use_chat_template=use_chat_template)
-    pairs = []
-    for start in range(0, len(prompts), cfg.batch_size):
-        batch = list(prompts[start : start + cfg.batch_size])
-        first = generate_samples(
+    k, pairs = cfg.samples_per_prompt, []
+    step = max(1, cfg.batch_size // k)  # prompts per generation batch of about batch_size rows
+    for start in range(0, len(prompts), step):
+        batch = list(prompts[start : start + step])
+        texts = generate_samples(
             lm.model,
             fmt,
-            batch,
+            [p for p in batch for _ in range(k)],
             cfg.max_new_tokens,
             cfg.temperature,
             cfg.top_p,
             seed=seed * 1_000_003 + start,
         )
-        second = generate_samples(
-            lm.model,
-            fmt,
-            batch,
-            cfg.max_new_tokens,
-            cfg.temperature,
-            cfg.top_p,
-            seed=seed * 1_000_003 + start + 1,
-        )
-        pairs += [
-            (p, a, b)
-            for p, a, b in zip(batch, first, second)
-            if a.strip() and b.strip() and a.strip() != b.strip()
-        ]
+        for j, prompt in enumerate(batch):
+            samples = [t.strip() for t in texts[j * k : (j + 1) * k]]
+            pairs += [(prompt, a, b) for a, b in combinations(samples, 2) if a and b and a != b]
     return pairs
 
 
@@ -247,15 +240,24 @@ def label_training_pairs(
     cache = LabelCache(cache_path)
     try:
         train = pd.read_parquet(train_file)
-        if labels.mode == "relabel":
+        table, per_pair, report = train, None, {}
+        if labels.mode in ("relabel", "both"):
             table, per_pair, report = relabel(train, judge, labels, cache, progress)
-        else:
+        if labels.mode in ("generate", "both"):
             if policy_dir is None:
-                raise UserError("labels.mode 'generate' samples from the SFT policy: enable sft")
+                raise UserError(f"labels.mode '{labels.mode}' samples from the reference policy")
             prompts = train["prompt"].drop_duplicates().head(labels.generate.n_prompts).tolist()
             pairs = generate_pairs(policy_dir, prompts, labels.generate, seed)
-            new, per_pair, report = label_generated(pairs, judge, labels, cache, progress)
-            table = pd.concat([train, new], ignore_index=True)
+            new, generated, on_policy = label_generated(pairs, judge, labels, cache, progress)
+            table = pd.concat([table, new], ignore_index=True)
+            if per_pair is None:
+                per_pair, report = generated, on_policy
+            else:  # relabelled pairs keep their columns; the sampled ones are reported apart
+                report = {**report, "mode": "both", "generated": on_policy}
+                per_pair = pd.concat(
+                    [per_pair, generated.rename(columns={"a": "chosen", "b": "rejected"})],
+                    ignore_index=True,
+                )
     finally:
         cache.close()
     return judge, table, per_pair, report
@@ -321,5 +323,7 @@ def label_metrics(report: dict, rows: int) -> dict[str, float]:
         }
     for name, stats in report.get("principles", {}).items():
         metrics[f"principle_{name}_prefers_chosen"] = stats["prefers_first_rate"]
+    if "generated" in report:
+        metrics["generated_pairs"] = float(report["generated"]["n_pairs"])
     metrics["rows_train_labelled"] = rows
     return metrics

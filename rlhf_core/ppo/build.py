@@ -10,6 +10,7 @@ from rlhf_core.errors import UserError
 from rlhf_core.models.loading import add_lora, load_causal_lm
 from rlhf_core.ppo.trainer import LogFn, PPOTrainer, SamplesFn
 from rlhf_core.ppo.value import ValueHead, value_from_causal_lm, value_from_reward_model
+from rlhf_core.reward.ensemble import EnsembleRewardModel
 from rlhf_core.reward.model import load_reward_model
 
 
@@ -47,6 +48,8 @@ def build_ppo_trainer(
             trust_remote_code=model.trust_remote_code,
         ).model
     rm = load_reward_model(reward_dir, device=cfg.device, trust_remote_code=model.trust_remote_code)
+    if isinstance(rm, EnsembleRewardModel):
+        rm = rm.with_aggregate(cfg.ensemble_aggregate, cfg.ensemble_std_coef)
     reads_policy_tokens = rm.reads_tokens_of(tokenizer)
     kind = (
         cfg.value_model
@@ -59,7 +62,7 @@ def build_ppo_trainer(
                 "ppo.value_model 'reward' needs a causal reward model with the policy's tokenizer; "
                 "use 'policy' or 'shared' with this reward model"
             )
-        value = value_from_reward_model(rm.model)
+        value = value_from_reward_model(getattr(rm, "members", [rm])[0].model)
     elif kind == "policy":
         value = value_from_causal_lm(reference if reference is not None else policy, seed=seed)
     else:

@@ -39,6 +39,7 @@ from rlhf_core.ppo.core import (
 )
 from rlhf_core.ppo.rollout import Batch, CompiledDecoding, left_pad, response_logits, sample
 from rlhf_core.ppo.value import ValueHead, ValueModel
+from rlhf_core.reward.ensemble import EnsembleRewardModel, aggregate
 from rlhf_core.reward.model import RewardModel
 from rlhf_core.training import (
     autocast_context,
@@ -125,7 +126,8 @@ class PPOTrainer:
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
         self.rm_reads_policy_tokens = reward_model.reads_tokens_of(tokenizer)
-        for m in (policy, value_model, reward_model.model, reference):
+        reward_models = [r.model for r in getattr(reward_model, "members", [reward_model])]
+        for m in (policy, value_model, *reward_models, reference):
             if m is not None:
                 m.eval()  # dropout off everywhere: the ratio must be 1 before the first update
                 if s.fuse_activations:
@@ -202,25 +204,36 @@ class PPOTrainer:
         return self.value(hidden[:, p - 1 : -1])
 
     @torch.no_grad()
-    def score(self, batch: Batch, prompt_idx: Sequence[int]) -> torch.Tensor:
-        """Raw reward-model scores; decoded and re-tokenised when the reward model has its own tokenizer."""
+    def score(self, batch: Batch, prompt_idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(raw reward-model scores, members' disagreement): decoded and re-tokenised when the reward
+        model has its own tokenizer. An ensemble gives its aggregate of normalised member scores and
+        their std per response (zeros for a single model)."""
         rm = self.rm
+        ensemble = isinstance(rm, EnsembleRewardModel)
         if self.rm_reads_policy_tokens:
             items = [
                 rm.encode_ids(self.prompt_ids[i], batch.responses[j][batch.mask[j]].tolist())
                 for j, i in enumerate(prompt_idx)
             ]
-            raw = rm.score_encoded(items, batch_size=len(items))
+            if ensemble:
+                members = rm.member_scores_encoded(items, batch_size=len(items))
+            else:
+                raw = rm.score_encoded(items, batch_size=len(items))
         else:
             texts = self.tokenizer.batch_decode(
                 batch.responses.masked_fill(~batch.mask, self.pad_id), skip_special_tokens=True
             )
-            raw = rm.score(
-                [self.prompts[i] for i in prompt_idx],
-                [t.strip() for t in texts],
-                batch_size=len(texts),
-            )
-        return torch.as_tensor(raw, dtype=torch.float32, device=self.device)
+            prompts, responses = [self.prompts[i] for i in prompt_idx], [t.strip() for t in texts]
+            if ensemble:
+                members = rm.member_scores(prompts, responses, batch_size=len(texts))
+            else:
+                raw = rm.score(prompts, responses, batch_size=len(texts))
+        if ensemble:
+            raw, std = aggregate(members, rm.how, rm.coef), members.std(0)
+        else:
+            std = np.zeros(len(raw))
+        as_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=self.device)  # noqa: E731
+        return as_tensor(raw), as_tensor(std)
 
     @torch.no_grad()
     def rollout(self, prompt_idx: list[int]) -> dict:
@@ -262,7 +275,7 @@ class PPOTrainer:
                             * batch.mask
                         )
                 values = self._values(batch, policy_out).float()
-            raw = self.score(batch, idx)  # rewards in fp32, as in evaluation
+            raw, disagreement = self.score(batch, idx)  # rewards in fp32, as in evaluation
             chunks.append(
                 {
                     "batch": batch,
@@ -270,6 +283,7 @@ class PPOTrainer:
                     "ref_logprobs": ref_logprobs,
                     "values": values * batch.mask,
                     "raw_scores": raw,
+                    "disagreement": disagreement,
                 }
             )
         return _concat_rollouts(chunks, self.pad_id)
@@ -311,6 +325,7 @@ class PPOTrainer:
             "score_raw": float(raw.mean()),
             "score": float(scores.mean()),
             "score_std": float(scores.std()) if len(scores) > 1 else 0.0,
+            "reward_disagreement": float(r["disagreement"].mean()),
             "kl": mean_kl,
             "kl_per_token": float(masked_mean(kl, mask)),
             "non_score_reward": float(non_score.sum(1).mean()),
@@ -594,7 +609,11 @@ def _concat_rollouts(chunks: list[dict], pad_id: int) -> dict:
         torch.cat([right(c["batch"].responses, R, pad_id) for c in chunks]),
         torch.cat([right(c["batch"].mask, R, False) for c in chunks]),
     )
-    out = {"batch": batch, "raw_scores": torch.cat([c["raw_scores"] for c in chunks])}
+    out = {
+        "batch": batch,
+        "raw_scores": torch.cat([c["raw_scores"] for c in chunks]),
+        "disagreement": torch.cat([c["disagreement"] for c in chunks]),
+    }
     for k in ("logprobs", "ref_logprobs", "values"):
         out[k] = torch.cat([right(c[k], R, 0.0) for c in chunks])
     return out

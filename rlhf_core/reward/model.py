@@ -263,7 +263,22 @@ def build_reward_model(
 def load_reward_model(
     path: str, *, device: str = "auto", dtype: str = "fp32", trust_remote_code: bool = False
 ) -> RewardModel:
-    """A trained reward model: ours (with reward_model.json) or any HF sequence classifier with one output."""
+    """A trained reward model: ours (with reward_model.json), an ensemble of ours (ensemble.json), or
+    any HF sequence classifier with one output."""
+    from rlhf_core.reward.ensemble import EnsembleRewardModel, ensemble_spec, is_ensemble
+
+    if is_ensemble(path):
+        spec = ensemble_spec(path)
+        members = [
+            load_reward_model(
+                str(Path(path) / name),
+                device=device,
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+            )
+            for name in spec["members"]
+        ]
+        return EnsembleRewardModel(members, spec["aggregate"], spec["coef"])
     loaded = load_sequence_classifier(
         path, dtype=dtype, device=device, trust_remote_code=trust_remote_code
     )

@@ -14,6 +14,7 @@ import torch
 from rlhf_core.config import ModelConfig, RewardConfig
 from rlhf_core.errors import UserError
 from rlhf_core.metrics import accuracy
+from rlhf_core.reward.ensemble import EnsembleRewardModel, bootstrap_indices
 from rlhf_core.reward.losses import bradley_terry_loss
 from rlhf_core.reward.model import Encoded, RewardModel, build_reward_model
 from rlhf_core.training import LogFn, LoopResult, TrainLoop
@@ -140,50 +141,47 @@ def _head(pairs: PairSet, n: int) -> PairSet:
     )
 
 
-def normalisation_stats(
-    rm: RewardModel,
+def reference_samples(
     prompts: list[str],
     policy_dir: str | None,
     cfg: RewardConfig,
     model: ModelConfig,
     seed: int,
     fallback_responses: list[str],
-) -> dict:
-    """Mean and std of the reward on what PPO will score: reference-policy samples for training prompts
-    (or, without a policy, the data's own responses)."""
+) -> tuple[list[str], list[str], str]:
+    """(prompts, responses, description) the normalisation statistics are measured on: reference-policy
+    samples for training prompts (or, without a policy, the data's own responses)."""
+    if not policy_dir:
+        responses = fallback_responses[: 2 * cfg.norm_prompts]
+        return prompts[: len(responses)], responses, f"training responses ({len(responses)})"
+    from rlhf_core.models.chat import ChatFormat
+    from rlhf_core.models.loading import load_causal_lm
+    from rlhf_core.sft import generate_samples
+
     rng = np.random.default_rng(seed)
     unique = sorted(set(prompts))
     picked = [unique[i] for i in rng.permutation(len(unique))[: cfg.norm_prompts]]
-    if policy_dir:
-        from rlhf_core.models.chat import ChatFormat
-        from rlhf_core.models.loading import load_causal_lm
-        from rlhf_core.sft import generate_samples
+    lm = load_causal_lm(policy_dir, device=model.device, trust_remote_code=model.trust_remote_code)
+    fmt = ChatFormat(lm.tokenizer, use_chat_template=model.use_chat_template)
+    responses = []
+    for start in range(0, len(picked), 16):
+        responses += generate_samples(
+            lm.model,
+            fmt,
+            picked[start : start + 16],
+            cfg.norm_max_new_tokens,
+            temperature=1.0,
+            top_p=1.0,
+            seed=seed + start,
+        )
+    return picked, responses, f"reference policy samples ({len(picked)} training prompts)"
 
-        lm = load_causal_lm(
-            policy_dir, device=model.device, trust_remote_code=model.trust_remote_code
-        )
-        fmt = ChatFormat(lm.tokenizer, use_chat_template=model.use_chat_template)
-        responses = []
-        for start in range(0, len(picked), 16):
-            responses += generate_samples(
-                lm.model,
-                fmt,
-                picked[start : start + 16],
-                cfg.norm_max_new_tokens,
-                temperature=1.0,
-                top_p=1.0,
-                seed=seed + start,
-            )
-        rewards, source = (
-            rm.score(picked, responses),
-            f"reference policy samples ({len(picked)} training prompts)",
-        )
-    else:
-        responses = fallback_responses[: 2 * cfg.norm_prompts]
-        rewards, source = (
-            rm.score(prompts[: len(responses)], responses),
-            f"training responses ({len(responses)})",
-        )
+
+def normalisation_stats(
+    rm: RewardModel, prompts: list[str], responses: list[str], source: str
+) -> dict:
+    """Mean and std of the reward on what PPO will score."""
+    rewards = rm.score(prompts, responses)
     return {
         "mean": float(np.mean(rewards)),
         "std": float(np.std(rewards) or 1.0),
@@ -204,40 +202,61 @@ def train_reward(
     seed: int = 0,
     on_log: LogFn | None = None,
     progress: bool = True,
-) -> tuple[RewardModel, LoopResult]:
-    """Build, train (resuming from checkpoint_dir), and measure the normalisation statistics; the caller saves."""
+) -> tuple[RewardModel | EnsembleRewardModel, list[LoopResult]]:
+    """Build, train (resuming from checkpoint_dir) and measure the normalisation statistics of the
+    reward model, or of each member of an ensemble (reward.ensemble); the caller saves."""
     train_df = labelled_pairs(train_df)
     val_df = labelled_pairs(val_df) if val_df is not None else None
     if train_df.empty:
         raise UserError(
             "no labelled training pairs for the reward model (enable labels, or give labelled data)"
         )
-    rm = build_reward_model(
-        backbone,
-        max_length=cfg.max_length,
-        dtype=cfg.dtype,
-        device=cfg.device,
-        use_chat_template=model.use_chat_template,
-        trust_remote_code=model.trust_remote_code,
-        seed=seed,
-        lora=cfg.lora,
-    )
-    val = encode_pairs(rm, val_df, cfg) if val_df is not None and len(val_df) else None
-    trainer = RewardTrainer(
-        rm,
-        encode_pairs(rm, train_df, cfg),
-        val,
-        cfg,
-        seed=seed,
-        checkpoint_dir=checkpoint_dir,
-        on_log=on_log,
-        progress=progress,
-    )
-    result = trainer.train()
-    if hasattr(rm.model, "merge_and_unload"):  # LoRA: one plain model from here on
-        rm.model = rm.model.merge_and_unload()
-    rm.normalisation = normalisation_stats(
-        rm,
+    k = cfg.ensemble.members
+    members, results = [], []
+    for i in range(k):
+        rows = (
+            train_df.iloc[bootstrap_indices(len(train_df), i, seed)].reset_index(drop=True)
+            if k > 1 and cfg.ensemble.bootstrap
+            else train_df
+        )
+        member_seed = seed + 1000 * i  # member 0 of an ensemble is the single model
+        rm = build_reward_model(
+            backbone,
+            max_length=cfg.max_length,
+            dtype=cfg.dtype,
+            device=cfg.device,
+            use_chat_template=model.use_chat_template,
+            trust_remote_code=model.trust_remote_code,
+            seed=member_seed,
+            lora=cfg.lora,
+        )
+        val = encode_pairs(rm, val_df, cfg) if val_df is not None and len(val_df) else None
+        member_log = on_log if k == 1 or on_log is None else _prefixed(on_log, f"member{i}_")
+        trainer = RewardTrainer(
+            rm,
+            encode_pairs(rm, rows, cfg),
+            val,
+            cfg,
+            seed=member_seed,
+            checkpoint_dir=(
+                checkpoint_dir / f"member-{i}" if checkpoint_dir and k > 1 else checkpoint_dir
+            ),
+            on_log=member_log,
+            progress=progress,
+        )
+        result = trainer.train()
+        if hasattr(rm.model, "merge_and_unload"):  # LoRA: one plain model from here on
+            rm.model = rm.model.merge_and_unload()
+        rm.info.update(
+            {
+                "trained_steps": result.steps,
+                "best_val_accuracy": result.best_metric,
+                "train_pairs": len(rows),
+            }
+        )
+        members.append(rm)
+        results.append(result)
+    prompts, responses, source = reference_samples(
         train_df["prompt"].tolist(),
         policy_dir,
         cfg,
@@ -245,11 +264,12 @@ def train_reward(
         seed,
         train_df["chosen"].tolist() + train_df["rejected"].tolist(),
     )
-    rm.info.update(
-        {
-            "trained_steps": result.steps,
-            "best_val_accuracy": result.best_metric,
-            "train_pairs": len(train_df),
-        }
-    )
-    return rm, result
+    for rm in members:
+        rm.normalisation = normalisation_stats(rm, prompts, responses, source)
+    if k == 1:
+        return members[0], results
+    return EnsembleRewardModel(members), results
+
+
+def _prefixed(on_log: LogFn, prefix: str) -> LogFn:
+    return lambda step, metrics: on_log(step, {prefix + k: v for k, v in metrics.items()})
