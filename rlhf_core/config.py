@@ -324,8 +324,8 @@ class GenerateConfig(Section):
     """Sampling temperature."""
     top_p: float = Field(0.95, gt=0, le=1)
     """Nucleus sampling threshold."""
-    batch_size: int = Field(16, ge=1)
-    """Prompts per generation batch."""
+    batch_size: int = Field(32, ge=1)
+    """Sampled answers per generation batch."""
 
 
 class LabelsConfig(Section):
@@ -453,6 +453,11 @@ class PPOConfig(Section):
     """Adaptive controller horizon, in episodes."""
     kl_hard_limit: float | None = Field(30.0, gt=0)
     """Stop, keeping the last good checkpoint, above this mean per-sequence KL; null: never."""
+    advantage: Literal["gae", "rloo"] = "gae"
+    """gae: a value model and GAE over per-token rewards (PPO); rloo: samples_per_prompt answers per
+    prompt, each one's baseline the mean sequence reward of the others (RLOO), no value model."""
+    samples_per_prompt: int = Field(1, ge=1)
+    """Answers per prompt in a batch (batch_size / samples_per_prompt prompts); rloo needs >= 2."""
     gamma: float = Field(1.0, ge=0, le=1)
     """Discount."""
     lam: float = Field(0.95, ge=0, le=1)
@@ -522,6 +527,13 @@ class PPOConfig(Section):
             )
         if self.reference == "adapter" and not self.lora.enabled:
             raise ValueError("reference 'adapter' needs lora.enabled: true")
+        k = self.samples_per_prompt
+        if self.batch_size % k:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of samples_per_prompt ({k})"
+            )
+        if self.advantage == "rloo" and k < 2:
+            raise ValueError("advantage 'rloo' needs samples_per_prompt >= 2")
         return self
 
 

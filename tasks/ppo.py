@@ -122,7 +122,7 @@ def ppo(
             "policy": policy_dir,
             "reward_model": reward_dir,
             "prompts": len(prompts),
-            "value_model": type(trainer.value).__name__,
+            "value_model": type(trainer.value).__name__ if trainer.value is not None else "none",
             "reward_reads_policy_tokens": trainer.rm_reads_policy_tokens,
             "monitor_prompts": len(trainer.monitor.ev.prompts) if trainer.monitor else 0,
             **{k: v for k, v in ppo_cfg.model_dump().items() if not isinstance(v, dict)},

@@ -385,6 +385,33 @@ def test_judge_monitor_measures_gold_proxy_and_kl(tiny_gpt2, tmp_path):
     assert 0 <= check["val_win_rate_ci_low"] <= check["val_win_rate"] <= 1
 
 
+def test_rloo_groups_answers_per_prompt_and_needs_no_value_model(tiny_gpt2, tmp_path):
+    reward = untrained_reward_dir(tmp_path, str(tiny_gpt2))
+    cfg = PPOConfig(
+        iterations=2,
+        batch_size=8,
+        mini_batch_size=8,
+        micro_batch_size=4,
+        max_new_tokens=8,
+        device="cpu",
+        advantage="rloo",
+        samples_per_prompt=4,
+    )
+    trainer = build_ppo_trainer(
+        str(tiny_gpt2), str(reward), PROMPTS[:20], cfg, ModelConfig(), progress=False
+    )
+    assert trainer.value is None and trainer.value_opt is None
+    idx = trainer.prompt_indices(0)
+    assert len(idx) == 8 and idx[:4] == [idx[0]] * 4 and idx[4:] == [idx[4]] * 4
+    history = trainer.train().history
+    assert len(history) == 2 and "explained_variance" not in history[0]
+    assert all(math.isfinite(h["policy_loss"]) and h["value_loss"] == 0.0 for h in history)
+    with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
+        PPOConfig(advantage="rloo")
+    with pytest.raises(ValueError, match="multiple of samples_per_prompt"):
+        PPOConfig(samples_per_prompt=3)
+
+
 def test_batch_sizes_must_divide():
     with pytest.raises(ValueError, match="multiple of mini_batch_size"):
         PPOConfig(batch_size=12, mini_batch_size=8)

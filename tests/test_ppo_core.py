@@ -309,3 +309,16 @@ def test_sampler_draws_from_the_tempered_nucleus():
     p = torch.tensor([0.5, 0.3, 0.15, 0.05]) ** 2
     freq = torch.bincount(tok, minlength=4).float() / len(tok)
     assert torch.allclose(freq, p / p.sum(), atol=0.012)
+
+
+def test_rloo_advantages_known_answers():
+    from rlhf_core.ppo.core import rloo_advantages
+
+    r = torch.tensor([1.0, 2.0, 3.0, 6.0, 10.0, 10.0])  # two prompts, k = 3
+    a = rloo_advantages(r, 3)
+    # prompt 1: 1 - (2+3)/2 = -1.5, 2 - (1+3)/2 = 0, 3 - (1+2)/2 = 1.5; prompt 2: 6 - 10 = -4, 10 - 8 = 2
+    assert torch.allclose(a, torch.tensor([-1.5, 0.0, 1.5, -4.0, 2.0, 2.0]))
+    assert torch.allclose(a.view(2, 3).sum(1), torch.zeros(2))  # a prompt's offset cancels
+    assert torch.allclose(rloo_advantages(r + 100.0, 3), a)
+    with pytest.raises(ValueError, match="k >= 2"):
+        rloo_advantages(r, 4)

@@ -124,27 +124,42 @@ def generate_pairs(
     use_chat_template: bool = True,
 ) -> list[tuple[str, str, str]]:
     """k = cfg.samples_per_prompt samples of the policy per prompt, every two of them a pair
-    (k(k-1)/2 per prompt); identical or empty pairs are left out."""
+    (k(k-1)/2 per prompt); identical or empty pairs are left out. Sampled with PPO's sampler
+    (KV cache, batch_size rows at a time), seeded per batch."""
     from itertools import combinations
 
+    import torch
+
     from rlhf_core.models.chat import ChatFormat
+    from rlhf_core.models.fused import fuse_activations
     from rlhf_core.models.loading import load_causal_lm
-    from rlhf_core.sft import generate_samples
+    from rlhf_core.ppo.rollout import left_pad, sample
 
     lm = load_causal_lm(policy_dir, device=device)
-    fmt = ChatFormat(lm.tokenizer, use_chat_template=use_chat_template)
+    model, tok = lm.model.eval(), lm.tokenizer
+    fuse_activations(model)
+    fmt = ChatFormat(tok, use_chat_template=use_chat_template)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     k, pairs = cfg.samples_per_prompt, []
     step = max(1, cfg.batch_size // k)  # prompts per generation batch of about batch_size rows
     for start in range(0, len(prompts), step):
         batch = list(prompts[start : start + step])
-        texts = generate_samples(
-            lm.model,
-            fmt,
-            [p for p in batch for _ in range(k)],
-            cfg.max_new_tokens,
-            cfg.temperature,
-            cfg.top_p,
-            seed=seed * 1_000_003 + start,
+        ids, mask = left_pad([fmt.encode(p)[0] for p in batch for _ in range(k)], pad, lm.device)
+        generator = torch.Generator(device=lm.device).manual_seed(seed * 1_000_003 + start)
+        with torch.no_grad():
+            out, _ = sample(
+                model,
+                ids,
+                mask,
+                cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                eos_id=tok.eos_token_id,
+                pad_id=pad,
+                generator=generator,
+            )
+        texts = tok.batch_decode(
+            out.responses.masked_fill(~out.mask, pad), skip_special_tokens=True
         )
         for j, prompt in enumerate(batch):
             samples = [t.strip() for t in texts[j * k : (j + 1) * k]]

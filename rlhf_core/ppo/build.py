@@ -56,7 +56,9 @@ def build_ppo_trainer(
         if cfg.value_model != "auto"
         else ("reward" if reads_policy_tokens else "policy")
     )
-    if kind == "reward":
+    if cfg.advantage == "rloo":
+        value = None  # the other answers to the prompt are the baseline
+    elif kind == "reward":
         if not reads_policy_tokens:
             raise UserError(
                 "ppo.value_model 'reward' needs a causal reward model with the policy's tokenizer; "
@@ -67,7 +69,8 @@ def build_ppo_trainer(
         value = value_from_causal_lm(reference if reference is not None else policy, seed=seed)
     else:
         value = ValueHead(policy.config.hidden_size, seed)
-    value.to(loaded.device)
+    if value is not None:
+        value.to(loaded.device)
     if cfg.lora.enabled:
         policy = add_lora(policy, cfg.lora)
     monitor = None

@@ -103,6 +103,20 @@ def token_rewards(
     return rewards, non_score
 
 
+def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """Leave-one-out baselines (RLOO, Ahmadian et al. 2024) for sequence rewards in groups of k
+    consecutive samples of one prompt:
+
+    A_i = R_i - (sum_{j in group} R_j - R_i) / (k - 1)  =  k / (k - 1) * (R_i - mean_group R)
+
+    The prompt's own difficulty cancels, so no value model is needed."""
+    if k < 2 or rewards.numel() % k:
+        raise ValueError(f"RLOO needs groups of k >= 2 samples, got k={k} for {rewards.numel()}")
+    groups = rewards.view(-1, k)
+    baseline = (groups.sum(1, keepdim=True) - groups) / (k - 1)
+    return (groups - baseline).reshape(rewards.shape)
+
+
 def gae(
     rewards: torch.Tensor,
     values: torch.Tensor,

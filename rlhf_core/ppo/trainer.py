@@ -34,6 +34,7 @@ from rlhf_core.ppo.core import (
     masked_mean,
     masked_whiten,
     policy_loss,
+    rloo_advantages,
     token_rewards,
     value_loss,
 )
@@ -93,8 +94,8 @@ class PPOTrainer:
     ):
         if not prompts:
             raise UserError("PPO needs at least one training prompt")
-        if value_model is None:
-            raise ValueError("a value model (or a ValueHead on the policy) is required")
+        if value_model is None and settings.advantage == "gae":
+            raise ValueError("GAE needs a value model (or a ValueHead on the policy)")
         s = self.s = settings
         self.seed = seed
         if (
@@ -127,7 +128,7 @@ class PPOTrainer:
         )
         self.rm_reads_policy_tokens = reward_model.reads_tokens_of(tokenizer)
         reward_models = [r.model for r in getattr(reward_model, "members", [reward_model])]
-        for m in (policy, value_model, *reward_models, reference):
+        for m in (policy, value_model, *reward_models, reference):  # None: absent
             if m is not None:
                 m.eval()  # dropout off everywhere: the ratio must be 1 before the first update
                 if s.fuse_activations:
@@ -136,12 +137,16 @@ class PPOTrainer:
             reference.requires_grad_(False)
         reward_model.model.requires_grad_(False)
         self.policy_params = [p for p in policy.parameters() if p.requires_grad]
-        self.value_params = [p for p in value_model.parameters() if p.requires_grad]
+        self.value_params = (
+            [p for p in value_model.parameters() if p.requires_grad] if value_model else []
+        )
         self.policy_opt = torch.optim.AdamW(
             self.policy_params, lr=s.lr, weight_decay=s.weight_decay
         )
-        self.value_opt = torch.optim.AdamW(
-            self.value_params, lr=s.value_lr or s.lr, weight_decay=s.weight_decay
+        self.value_opt = (
+            torch.optim.AdamW(self.value_params, lr=s.value_lr or s.lr, weight_decay=s.weight_decay)
+            if value_model is not None
+            else None
         )
         self.kl_ctl = (
             AdaptiveKLController(s.beta, s.target_kl, s.kl_horizon)
@@ -172,14 +177,16 @@ class PPOTrainer:
 
     # -- data ---------------------------------------------------------------------------------
     def prompt_indices(self, iteration: int) -> list[int]:
-        """The iteration's prompts: epochs of seeded permutations, so the data position is the iteration number."""
-        n, b = len(self.prompts), self.s.batch_size
+        """The iteration's prompts: epochs of seeded permutations, so the data position is the iteration
+        number; each prompt samples_per_prompt times in a row (a group)."""
+        n, k = len(self.prompts), self.s.samples_per_prompt
+        b = self.s.batch_size // k
         out, start = [], iteration * b
         while len(out) < b:
             epoch, offset = divmod(start + len(out), n)
             order = np.random.default_rng([self.seed, epoch]).permutation(n)
             out += order[offset : offset + b - len(out)].tolist()
-        return out
+        return [i for i in out for _ in range(k)]
 
     # -- rollout ------------------------------------------------------------------------------
     @contextmanager
@@ -262,7 +269,7 @@ class PPOTrainer:
                     * batch.mask
                 )
                 policy_out = None
-                if self.shared_value or self.autocast:
+                if self.shared_value or self.autocast:  # (shared: the value head reads it)
                     logits, policy_out = response_logits(
                         self.policy, batch, output_hidden_states=self.shared_value
                     )
@@ -274,7 +281,11 @@ class PPOTrainer:
                             logprobs_from_logits(logits, batch.responses, s.temperature)
                             * batch.mask
                         )
-                values = self._values(batch, policy_out).float()
+                values = (
+                    self._values(batch, policy_out).float()
+                    if self.value is not None
+                    else torch.zeros_like(logprobs)
+                )
             raw, disagreement = self.score(batch, idx)  # rewards in fp32, as in evaluation
             chunks.append(
                 {
@@ -309,9 +320,15 @@ class PPOTrainer:
             scores = scores - s.missing_eos_penalty * (~has_eos).float()
         kl = kl_estimate(r["logprobs"], r["ref_logprobs"], s.kl_estimator) * mask
         rewards, non_score = token_rewards(scores, kl, mask, self.kl_ctl.beta)
-        advantages, returns = gae(rewards, r["values"], mask, s.gamma, s.lam)
-        if s.whiten_advantages:
-            advantages = masked_whiten(advantages, mask) * mask
+        if s.advantage == "rloo":  # one advantage per answer, on every one of its tokens
+            sequence = rloo_advantages(rewards.sum(1), s.samples_per_prompt)
+            if s.whiten_advantages:
+                sequence = (sequence - sequence.mean()) / (sequence.std() + 1e-8)
+            advantages, returns = sequence[:, None] * mask, torch.zeros_like(rewards)
+        else:
+            advantages, returns = gae(rewards, r["values"], mask, s.gamma, s.lam)
+            if s.whiten_advantages:
+                advantages = masked_whiten(advantages, mask) * mask
         mean_kl = float(kl.sum(1).mean())
         self._guard(mean_kl, scores, "rollout")
         t_rollout = time.perf_counter() - t0
@@ -334,7 +351,11 @@ class PPOTrainer:
             "entropy": stats.pop("entropy"),
             "response_length": float(mask.sum(1).float().mean()),
             "eos_rate": float(has_eos.float().mean()),
-            "explained_variance": explained_variance(r["values"], returns, mask),
+            **(
+                {"explained_variance": explained_variance(r["values"], returns, mask)}
+                if self.value is not None
+                else {}
+            ),
             **stats,
             "episodes_per_s": len(idx) / elapsed,
             "tokens_per_s": n_tokens / elapsed,
@@ -370,7 +391,7 @@ class PPOTrainer:
             values = self._values(mb, out)
         else:
             logits, _ = response_logits(self.policy, mb)
-            values = self.value(mb)
+            values = self.value(mb) if self.value is not None else None
         logprobs, entropy = logprobs_and_entropy(
             logits, mb.responses, s.temperature, entropy_grad=s.entropy_coef > 0
         )
@@ -386,21 +407,23 @@ class PPOTrainer:
             for mb_start in range(0, s.batch_size, s.mini_batch_size):
                 mini = order[mb_start : mb_start + s.mini_batch_size]
                 self.policy_opt.zero_grad(set_to_none=True)
-                self.value_opt.zero_grad(set_to_none=True)
+                if self.value_opt:
+                    self.value_opt.zero_grad(set_to_none=True)
                 for mc_start in range(0, len(mini), s.micro_batch_size):
                     idx = mini[mc_start : mc_start + s.micro_batch_size].to(self.device)
                     mb = batch.select(idx)
                     with self.amp():
                         logprobs, token_entropy, values = self._forward_train(mb)
-                    values = values.float()
                     m = mb.mask
                     pg, pg_stats = policy_loss(
                         logprobs, old_logprobs[idx], advantages[idx], m, s.cliprange
                     )
-                    vf, vf_stats = value_loss(
-                        values, old_values[idx], returns[idx], m, s.cliprange_value
-                    )
-                    loss = pg + s.vf_coef * vf
+                    loss, vf, vf_stats = pg, torch.zeros(()), {}
+                    if values is not None:
+                        vf, vf_stats = value_loss(
+                            values.float(), old_values[idx], returns[idx], m, s.cliprange_value
+                        )
+                        loss = pg + s.vf_coef * vf
                     entropy = masked_mean(token_entropy, m)
                     if s.entropy_coef > 0:
                         loss = loss - s.entropy_coef * entropy
@@ -419,7 +442,8 @@ class PPOTrainer:
                 )
                 grad_norms.append(float(grad_norm))
                 self.policy_opt.step()
-                self.value_opt.step()
+                if self.value_opt:
+                    self.value_opt.step()
         return {
             **{k: v / max(1, n) for k, v in sums.items()},
             "grad_norm": float(np.mean(grad_norms)),
@@ -447,13 +471,14 @@ class PPOTrainer:
         name = f"iter-{self.iteration:06d}"
         with checkpoint_folder(self.checkpoint_dir, name, "iter-", self.s.keep_checkpoints) as tmp:
             save_file(untie(cpu_copy(self.policy)), tmp / "policy.safetensors")
-            save_file(untie(cpu_copy(self.value)), tmp / "value.safetensors")
+            if self.value is not None:
+                save_file(untie(cpu_copy(self.value)), tmp / "value.safetensors")
             if self.best_state is not None:
                 save_file(self.best_state, tmp / "best_policy.safetensors")
             torch.save(
                 {
                     "policy_opt": self.policy_opt.state_dict(),
-                    "value_opt": self.value_opt.state_dict(),
+                    "value_opt": self.value_opt.state_dict() if self.value_opt else None,
                     "sample_gen": self.sample_gen.get_state(),
                     "shuffle_gen": self.shuffle_gen.get_state(),
                 },
@@ -481,10 +506,14 @@ class PPOTrainer:
         self.policy.load_state_dict(
             load_file(path / "policy.safetensors", device=str(self.device)), strict=False
         )
-        self.value.load_state_dict(load_file(path / "value.safetensors", device=str(self.device)))
+        if self.value is not None:
+            self.value.load_state_dict(
+                load_file(path / "value.safetensors", device=str(self.device))
+            )
         blob = torch.load(path / "trainer.pt", weights_only=True)
         self.policy_opt.load_state_dict(blob["policy_opt"])
-        self.value_opt.load_state_dict(blob["value_opt"])
+        if self.value_opt:
+            self.value_opt.load_state_dict(blob["value_opt"])
         self.sample_gen.set_state(blob["sample_gen"])
         self.shuffle_gen.set_state(blob["shuffle_gen"])
         state = json.loads((path / "state.json").read_text())

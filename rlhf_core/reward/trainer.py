@@ -148,9 +148,14 @@ def reference_samples(
     model: ModelConfig,
     seed: int,
     fallback_responses: list[str],
+    sampled: tuple[list[str], list[str]] = ([], []),
 ) -> tuple[list[str], list[str], str]:
     """(prompts, responses, description) the normalisation statistics are measured on: reference-policy
-    samples for training prompts (or, without a policy, the data's own responses)."""
+    samples for training prompts: those the label stage drew (source 'generated'), else new ones;
+    without a policy, the data's own responses."""
+    if len(sampled[0]) >= cfg.norm_prompts:
+        n = cfg.norm_prompts
+        return sampled[0][:n], sampled[1][:n], f"reference policy samples ({n}, label stage)"
     if not policy_dir:
         responses = fallback_responses[: 2 * cfg.norm_prompts]
         return prompts[: len(responses)], responses, f"training responses ({len(responses)})"
@@ -256,6 +261,9 @@ def train_reward(
         )
         members.append(rm)
         results.append(result)
+    generated = (
+        train_df[train_df["source"] == "generated"] if "source" in train_df else train_df.head(0)
+    )
     prompts, responses, source = reference_samples(
         train_df["prompt"].tolist(),
         policy_dir,
@@ -263,6 +271,10 @@ def train_reward(
         model,
         seed,
         train_df["chosen"].tolist() + train_df["rejected"].tolist(),
+        (  # winners and losers alternate, so any prefix is both
+            [p for p in generated["prompt"] for _ in (0, 1)],
+            [t for pair in zip(generated["chosen"], generated["rejected"]) for t in pair],
+        ),
     )
     for rm in members:
         rm.normalisation = normalisation_stats(rm, prompts, responses, source)
