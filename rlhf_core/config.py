@@ -585,7 +585,7 @@ class EvaluateConfig(Section):
     best_of_n: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
     """Baseline: best of n reference samples by the reward model, judged against the reference,
     at its analytic KL log n - (n-1)/n; empty: skip."""
-    best_of_n_prompts: int = Field(64, ge=1)
+    best_of_n_prompts: int = Field(32, ge=1)
     """Held-out prompts the best-of-n baseline samples for (max(best_of_n) samples each)."""
     device: str = "auto"
     """auto: cuda when present, else cpu."""
