@@ -1,4 +1,5 @@
-"""The PPO loop: rollout -> scores -> KL-penalised rewards -> GAE -> clipped updates -> KL control.
+"""The PPO loop: rollout -> scores -> KL-penalised rewards -> GAE (or RLOO's leave-one-out baseline)
+-> clipped updates -> KL control; optionally a judge checks the policy and the best check is kept.
 
 Every iteration is a pure function of (weights, optimiser states, KL controller, RNG states,
 iteration index): a checkpoint holds exactly those, so a killed run resumes to the same result.
@@ -269,7 +270,7 @@ class PPOTrainer:
                     * batch.mask
                 )
                 policy_out = None
-                if self.shared_value or self.autocast:  # (shared: the value head reads it)
+                if self.shared_value or self.autocast:
                     logits, policy_out = response_logits(
                         self.policy, batch, output_hidden_states=self.shared_value
                     )
