@@ -11,6 +11,7 @@ from rlhf_core.ppo.build import build_ppo_trainer
 from rlhf_core.ppo.core import logprobs_from_logits
 from rlhf_core.ppo.rollout import left_pad, response_logits, sample
 from rlhf_core.ppo.trainer import PPODiverged
+from rlhf_core.training import has_bf16_units
 from tests.helpers import assert_kill_and_resume_is_exact, demo_rows, untrained_reward_dir
 
 PROMPTS = [r["prompt"] for r in demo_rows()[:600]]
@@ -267,13 +268,29 @@ def test_lora_policy_with_adapter_reference_and_shared_value_head(tiny_gpt2, tmp
     assert all(
         torch.equal(base[k], after[k]) for k in base
     )  # only the adapter (and the value head) trained
+    # it sampled from a merged copy that follows the trained adapter: the same logits as the policy
+    assert any(float(v.abs().max()) > 0 for k, v in after.items() if "lora_B" in k)
+    batch, _ = sample(
+        trainer.sampler(),
+        *left_pad([trainer.prompt_ids[0], trainer.prompt_ids[1]], trainer.pad_id, trainer.device),
+        6,
+        eos_id=None,
+        pad_id=trainer.pad_id,
+        generator=torch.Generator().manual_seed(0),
+    )
+    with torch.no_grad():
+        merged = response_logits(trainer.sampler(), batch)[0]
+        lora = response_logits(trainer.policy, batch)[0]
+        with trainer.reference_model() as reference:
+            ref = response_logits(reference, batch)[0]
+    assert torch.allclose(merged, lora, atol=1e-4) and not torch.allclose(merged, ref, atol=1e-4)
 
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_every_update_starts_at_ratio_one(tiny_gpt2, tmp_path, precision):
     """The first PPO epoch starts exactly on-policy: no clipping, approx KL ~ 0. In fp32 the sampling pass's
     log-probs (cached decoding, LM head on the last position) equal the update's full forward (LM head on
-    response positions, fused GELU); with bf16 autocast (opt-in on CPU) the old log-probabilities come from a
+    response positions, fused GELU); with bf16 autocast (auto on a CPU with AMX) the old log-probabilities come from a
     full forward pass like the update's. Weights stay fp32."""
     reward = untrained_reward_dir(tmp_path, str(tiny_gpt2))
     cfg = PPOConfig(
@@ -296,17 +313,15 @@ def test_every_update_starts_at_ratio_one(tiny_gpt2, tmp_path, precision):
             h["clipfrac"] == 0.0 and abs(h["approx_kl"]) < 1e-4 and math.isfinite(h["policy_loss"])
         )
     assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())
-    assert (
-        build_ppo_trainer(
-            str(tiny_gpt2),
-            str(reward),
-            PROMPTS[:4],
-            cfg.model_copy(update={"mixed_precision": "auto"}),
-            ModelConfig(),
-            progress=False,
-        ).autocast
-        is None
-    )  # auto: only on a GPU with bf16
+    auto = build_ppo_trainer(
+        str(tiny_gpt2),
+        str(reward),
+        PROMPTS[:4],
+        cfg.model_copy(update={"mixed_precision": "auto"}),
+        ModelConfig(),
+        progress=False,
+    ).autocast
+    assert auto == (torch.bfloat16 if has_bf16_units(torch.device("cpu")) else None)
 
 
 def test_the_best_judged_check_is_kept_and_patience_stops_training(tiny_gpt2, tmp_path):

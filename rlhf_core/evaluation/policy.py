@@ -30,6 +30,7 @@ from rlhf_core.models.fused import fuse_activations
 from rlhf_core.ppo.rollout import Batch, left_pad, response_logits, sample
 from rlhf_core.reward.model import RewardModel
 from rlhf_core.sft import collate, encode_examples, token_nll
+from rlhf_core.training import autocast_context, autocast_dtype
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 SAMPLING = ("max_new_tokens", "max_prompt_tokens", "temperature", "top_p")
@@ -105,6 +106,11 @@ class PolicyEvaluator:
         self.use_chat_template = use_chat_template
         self.progress = progress or (lambda what, done, total: None)
 
+    def amp(self, model):
+        """bf16 autocast for a policy's forward passes where settings.mixed_precision asks for it."""
+        device = next(model.parameters()).device
+        return autocast_context(device, autocast_dtype(self.s.mixed_precision, device))
+
     # -- one policy ----------------------------------------------------------------------------
     @torch.no_grad()
     def generate(
@@ -128,17 +134,18 @@ class PolicyEvaluator:
             generator = torch.Generator(device=device).manual_seed(
                 self.seed * 1_000_003 + start
             )  # same noise for every policy
-            batch, _ = sample(
-                model,
-                ids,
-                mask,
-                s.max_new_tokens,
-                temperature=s.temperature,
-                top_p=s.top_p,
-                eos_id=tokenizer.eos_token_id,
-                pad_id=pad,
-                generator=generator,
-            )
+            with self.amp(model):
+                batch, _ = sample(
+                    model,
+                    ids,
+                    mask,
+                    s.max_new_tokens,
+                    temperature=s.temperature,
+                    top_p=s.top_p,
+                    eos_id=tokenizer.eos_token_id,
+                    pad_id=pad,
+                    generator=generator,
+                )
             texts += [
                 t.strip()
                 for t in tokenizer.batch_decode(
@@ -198,7 +205,8 @@ class PolicyEvaluator:
         total, count = 0.0, 0
         for start in range(0, len(examples), self.s.batch_size):
             batch = collate(examples[start : start + self.s.batch_size], pad)
-            loss, n = token_nll(model, {k: v.to(device) for k, v in batch.items()})
+            with self.amp(model):
+                loss, n = token_nll(model, {k: v.to(device) for k, v in batch.items()})
             total, count = total + float(loss), count + n
         return math.exp(min(total / max(count, 1), 50.0))
 
@@ -269,8 +277,9 @@ class PolicyEvaluator:
         """KL(model || reference) on the model's own samples: per token and per response (sum over its tokens)."""
         per_response, tokens = [], 0
         for batch in gens.batches:
-            logits_p = response_logits(model, batch)[0]
-            logits_q = response_logits(reference, batch)[0]
+            with self.amp(model):
+                logits_p = response_logits(model, batch)[0].float()
+                logits_q = response_logits(reference, batch)[0].float()
             kl = token_kl(logits_p, logits_q, batch.mask, self.s.temperature)
             per_response += kl.sum(1).tolist()
             tokens += int(batch.mask.sum())

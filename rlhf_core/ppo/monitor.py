@@ -50,9 +50,10 @@ class JudgeMonitor:
         win, _ = ev.compare_texts(gens.prompts, gens.texts, self.reference.texts)
         per_response = []
         for batch in gens.batches:
-            logits_p = response_logits(policy, batch)[0]
-            with reference_model() as reference:
-                logits_q = response_logits(reference, batch)[0]
+            with ev.amp(policy):
+                logits_p = response_logits(policy, batch)[0].float()
+                with reference_model() as reference:
+                    logits_q = response_logits(reference, batch)[0].float()
             per_response += (
                 token_kl(logits_p, logits_q, batch.mask, ev.s.temperature).sum(1).tolist()
             )

@@ -39,6 +39,7 @@ from rlhf_core.ppo.core import (
     token_rewards,
     value_loss,
 )
+from rlhf_core.ppo.merged import MergedSampler, is_lora
 from rlhf_core.ppo.rollout import Batch, CompiledDecoding, left_pad, response_logits, sample
 from rlhf_core.ppo.value import ValueHead, ValueModel
 from rlhf_core.reward.ensemble import EnsembleRewardModel, aggregate
@@ -154,9 +155,12 @@ class PPOTrainer:
             if s.adaptive_kl
             else FixedKLController(s.beta)
         )
+        self.merged = MergedSampler(policy) if s.merged_sampling and is_lora(policy) else None
+        if self.merged is not None and s.fuse_activations:
+            fuse_activations(self.merged.model)
         self.sample_gen = torch.Generator(device=self.device).manual_seed(seed)
         self.compiled = (
-            CompiledDecoding(policy, s.max_prompt_tokens + s.max_new_tokens)
+            CompiledDecoding(self.sampler(), s.max_prompt_tokens + s.max_new_tokens)
             if s.compile_generation
             else None
         )
@@ -190,6 +194,10 @@ class PPOTrainer:
         return [i for i in out for _ in range(k)]
 
     # -- rollout ------------------------------------------------------------------------------
+    def sampler(self):
+        """The model that samples: the policy, or its merged copy synced to the current adapter."""
+        return self.merged.sync() if self.merged is not None else self.policy
+
     @contextmanager
     def reference_model(self) -> Iterator[Any]:
         """The frozen reference: its own copy, or the policy with the LoRA adapter disabled."""
@@ -246,13 +254,13 @@ class PPOTrainer:
     @torch.no_grad()
     def rollout(self, prompt_idx: list[int]) -> dict:
         s = self.s
-        chunks = []
+        chunks, sampler = [], self.sampler()
         for start in range(0, len(prompt_idx), s.generation_batch_size):
             idx = prompt_idx[start : start + s.generation_batch_size]
             queries, qmask = left_pad([self.prompt_ids[i] for i in idx], self.pad_id, self.device)
             with self.amp():
                 batch, logprobs = sample(
-                    self.policy,
+                    sampler,
                     queries,
                     qmask,
                     s.max_new_tokens,
@@ -535,7 +543,7 @@ class PPOTrainer:
 
     def check(self) -> dict:
         """One judged check (monitor.py); remembers the weights when the win rate is the best yet."""
-        metrics = self.monitor(self.policy, self.tokenizer, self.reference_model)
+        metrics = self.monitor(self.sampler(), self.tokenizer, self.reference_model)
         rate = metrics["val_win_rate"]
         if self.best is None or rate > self.best["val_win_rate"]:
             self.best = {"iteration": self.iteration, "val_win_rate": rate}
