@@ -81,6 +81,11 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
+def autocast_for(mode: str, device: torch.device):
+    """The autocast context a `mixed_precision` setting asks for on `device`."""
+    return autocast_context(device, autocast_dtype(mode, device))
+
+
 def untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses tensors that share memory (tied embeddings): store independent copies."""
     seen: dict[int, str] = {}

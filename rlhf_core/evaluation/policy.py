@@ -30,7 +30,7 @@ from rlhf_core.models.fused import fuse_activations
 from rlhf_core.ppo.rollout import Batch, left_pad, response_logits, sample
 from rlhf_core.reward.model import RewardModel
 from rlhf_core.sft import collate, encode_examples, token_nll
-from rlhf_core.training import autocast_context, autocast_dtype
+from rlhf_core.training import autocast_for
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 SAMPLING = ("max_new_tokens", "max_prompt_tokens", "temperature", "top_p")
@@ -108,8 +108,7 @@ class PolicyEvaluator:
 
     def amp(self, model):
         """bf16 autocast for a policy's forward passes where settings.mixed_precision asks for it."""
-        device = next(model.parameters()).device
-        return autocast_context(device, autocast_dtype(self.s.mixed_precision, device))
+        return autocast_for(self.s.mixed_precision, next(model.parameters()).device)
 
     # -- one policy ----------------------------------------------------------------------------
     @torch.no_grad()

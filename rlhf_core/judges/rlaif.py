@@ -134,10 +134,9 @@ def generate_pairs(
     from rlhf_core.models.fused import fuse_activations
     from rlhf_core.models.loading import load_causal_lm
     from rlhf_core.ppo.rollout import left_pad, sample
-    from rlhf_core.training import autocast_context, autocast_dtype
+    from rlhf_core.training import autocast_for
 
     lm = load_causal_lm(policy_dir, device=device)
-    precision = autocast_dtype(cfg.mixed_precision, lm.device)
     model, tok = lm.model.eval(), lm.tokenizer
     fuse_activations(model)
     fmt = ChatFormat(tok, use_chat_template=use_chat_template)
@@ -148,7 +147,7 @@ def generate_pairs(
         batch = list(prompts[start : start + step])
         ids, mask = left_pad([fmt.encode(p)[0] for p in batch for _ in range(k)], pad, lm.device)
         generator = torch.Generator(device=lm.device).manual_seed(seed * 1_000_003 + start)
-        with torch.no_grad(), autocast_context(lm.device, precision):
+        with torch.no_grad(), autocast_for(cfg.mixed_precision, lm.device):
             out, _ = sample(
                 model,
                 ids,

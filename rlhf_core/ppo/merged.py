@@ -6,7 +6,8 @@ peft runs every adapted linear layer as
 
 which on SmolLM2-135M with all-linear LoRA (210 layers) multiplies the small kernels of each decode
 step, and under bf16 autocast its frozen base weights are cast again at every step: sampling 16
-answers of 48 tokens took 7.0 s on 2 CPU cores against 3.2 s for the merged copy. Sampling needs no gradients, so before each rollout a plain copy takes
+answers of 48 tokens took 7.0 s on 2 CPU cores against 3.2 s for the merged copy. Sampling needs
+no gradients, so before each rollout a plain copy takes
 
     W_merged = W + (alpha / r) * B A
 
@@ -34,7 +35,6 @@ class MergedSampler:
     def __init__(self, policy):
         from peft.tuners.lora import LoraLayer
 
-        self.policy = policy
         self.layers = {
             name.removeprefix(self.PREFIX): module
             for name, module in policy.named_modules()
