@@ -86,6 +86,25 @@ def autocast_for(mode: str, device: torch.device):
     return autocast_context(device, autocast_dtype(mode, device))
 
 
+class FP32Linear(torch.nn.Linear):
+    """A Linear that stays fp32 under autocast. For scalar heads (rewards, values): in bf16 a reward
+    near 4 has a resolution of 1/32, coarser than the margins Bradley-Terry and PPO's advantages
+    work with; and oneDNN's bf16 matmul with one output column reduces over every token, a reduction
+    it does not promise to order the same way from run to run (the gradient of the reward head
+    differed after a resume on one CI machine). The head costs nothing next to the backbone."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
+def fp32_head(linear: torch.nn.Linear) -> torch.nn.Linear:
+    """Make this Linear (same weights, same state-dict keys) an FP32Linear."""
+    if type(linear) is torch.nn.Linear:
+        linear.__class__ = FP32Linear
+    return linear
+
+
 def untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses tensors that share memory (tied embeddings): store independent copies."""
     seen: dict[int, str] = {}

@@ -218,5 +218,22 @@ def assert_kill_and_resume_is_exact(job: str, args: list, tmp_path: Path, marker
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-2000:]
     a, b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
     assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    if not differ:
+        return
+    # Is this a resume bug, or does the job not even repeat itself bit for bit on this machine's
+    # kernels? A second straight run tells.
+    again = start("c")
+    assert again.wait(timeout=600) == 0, again.stderr.read().decode()[-2000:]
+    c = load_file(tmp_path / "c.safetensors")
+    gap = max(float((a[k] - b[k]).abs().max()) for k in differ)
+    noise = [k for k in a if not torch.equal(a[k], c[k])]
+    if noise:
+        pytest.skip(
+            f"{job} is not bit-reproducible on this machine ({len(noise)} tensors differ between two "
+            f"straight runs), so an exact resume cannot be checked here (resumed vs straight: max |diff| {gap:.2e})"
+        )
+    pytest.fail(
+        f"resumed {job} differs from the straight run in {len(differ)} tensors (first {differ[0]}, "
+        f"max |diff| {gap:.2e}) while two straight runs agree bit for bit"
+    )

@@ -112,6 +112,28 @@ def test_evaluation_flags_a_reward_that_measures_length(tmp_path):
 
 
 # -- models and training ----------------------------------------------------------------------
+def test_reward_head_stays_fp32_under_bf16_autocast(tiny_gpt2, tmp_path):
+    """bf16 would round a reward near 4 to a multiple of 1/32; the head (also after save and load,
+    and as PPO's value head copied from it) keeps fp32."""
+    from rlhf_core.ppo.value import value_from_reward_model
+
+    rm = build_reward_model(str(tiny_gpt2), device="cpu", seed=0)
+    rm.normalisation = {"mean": 0.0, "std": 1.0, "n": 0, "source": "test"}
+    rm.save(tmp_path / "rm")
+    for model in (rm, load_reward_model(str(tmp_path / "rm"), device="cpu")):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            r = model.forward(
+                model.encode(["Hi"] * 8, [f"answer {i} " * (i + 1) for i in range(8)])
+            )
+        assert r.dtype == torch.float32
+        assert not torch.equal(r, r.to(torch.bfloat16).float())  # not bf16-rounded
+        value_head = value_from_reward_model(model.model).head
+        assert value_head.weight.dtype == torch.float32
+        x = torch.randn(2, 3, value_head.in_features)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert value_head(x).dtype == torch.float32
+
+
 def test_head_initialisation(tiny_gpt2):
     rm = build_reward_model(str(tiny_gpt2), device="cpu", seed=3)
     head = head_of(rm.model)

@@ -13,12 +13,13 @@ import math
 import torch
 
 from rlhf_core.ppo.rollout import Batch
+from rlhf_core.training import FP32Linear
 
 
 class ValueHead(torch.nn.Module):
     def __init__(self, hidden: int, seed: int = 0):
         super().__init__()
-        self.linear = torch.nn.Linear(hidden, 1)
+        self.linear = FP32Linear(hidden, 1)
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             self.linear.weight.copy_(

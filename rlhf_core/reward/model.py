@@ -28,6 +28,7 @@ from rlhf_core.models.loading import (
     packaged_minilm_path,
     save_model,
 )
+from rlhf_core.training import fp32_head
 
 META_FILE = "reward_model.json"
 PACKAGED_ENCODER = (
@@ -238,6 +239,7 @@ def build_reward_model(
     )
     model = loaded.model
     init_head(model, seed)
+    fp32_head(head_of(model))
     kind = backbone_kind(model)
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(
         model.config, "n_positions", None
@@ -284,7 +286,7 @@ def load_reward_model(
     )
     meta_path = Path(path) / META_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    head_of(loaded.model)
+    fp32_head(head_of(loaded.model))
     kind = meta.pop("kind", backbone_kind(loaded.model))
     max_length = meta.pop(
         "max_length", min(512, getattr(loaded.tokenizer, "model_max_length", 512) or 512)
