@@ -9,6 +9,7 @@ from rlhf_core.config import EvaluateConfig, JudgeConfig, ModelConfig, PPOConfig
 from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.ppo.build import build_ppo_trainer
 from rlhf_core.ppo.core import logprobs_from_logits
+from rlhf_core.ppo.merged import MergedSampler
 from rlhf_core.ppo.rollout import left_pad, response_logits, sample
 from rlhf_core.ppo.trainer import PPODiverged
 from rlhf_core.training import has_bf16_units
@@ -254,6 +255,7 @@ def test_lora_policy_with_adapter_reference_and_shared_value_head(tiny_gpt2, tmp
         reference="adapter",
         value_model="shared",
         lora={"enabled": True, "r": 4, "alpha": 8},
+        mixed_precision="no",  # the merge itself is checked in fp32; its bf16 copy below
     )
     trainer = build_ppo_trainer(
         str(tiny_gpt2), str(reward), PROMPTS[:20], cfg, ModelConfig(), progress=False
@@ -284,6 +286,25 @@ def test_lora_policy_with_adapter_reference_and_shared_value_head(tiny_gpt2, tmp
         with trainer.reference_model() as reference:
             ref = response_logits(reference, batch)[0]
     assert torch.allclose(merged, lora, atol=1e-4) and not torch.allclose(merged, ref, atol=1e-4)
+    # the judged checks sample the reference from the same copy holding the base weights, then restore it
+    with torch.no_grad():
+        with trainer.reference_sampler() as fast_reference:
+            assert fast_reference is trainer.merged.model
+            base_logits = response_logits(fast_reference, batch)[0]
+        again = response_logits(trainer.merged.model, batch)[
+            0
+        ]  # restored on exit, not by a new sync
+    assert torch.allclose(base_logits, ref, atol=1e-4) and torch.equal(again, merged)
+    # under bf16 autocast the copy holds bf16 weights (no casts per decode step), same merge
+    low = MergedSampler(trainer.policy, torch.bfloat16)
+    assert {p.dtype for p in low.model.parameters()} == {torch.bfloat16}
+    for name in low.layers:
+        assert torch.equal(
+            low.model.get_submodule(name).weight,
+            trainer.merged.model.get_submodule(name).weight.to(torch.bfloat16),
+        )
+    with torch.no_grad():
+        assert (response_logits(low.model, batch)[0].float() - lora).abs().max() < 0.05
 
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])
@@ -345,7 +366,7 @@ def test_the_best_judged_check_is_kept_and_patience_stops_training(tiny_gpt2, tm
     rates = iter([0.5, 0.7, 0.55, 0.7, 0.6, 0.9])
     seen = {}
 
-    def monitor(policy, tokenizer, reference_model):
+    def monitor(policy, tokenizer, reference_model, sampler, reference_sampler):
         seen[trainer.iteration] = {n: p.detach().clone() for n, p in policy.named_parameters()}
         with reference_model() as reference:
             assert reference is trainer.reference

@@ -27,10 +27,10 @@ from rlhf_core.judges.base import Judge
 from rlhf_core.judges.labeling import label_pairs
 from rlhf_core.models.chat import ChatFormat
 from rlhf_core.models.fused import fuse_activations
-from rlhf_core.ppo.rollout import Batch, left_pad, response_logits, sample
+from rlhf_core.ppo.rollout import Batch, left_pad, response_logits, sample, sampling_copy
 from rlhf_core.reward.model import RewardModel
 from rlhf_core.sft import collate, encode_examples, token_nll
-from rlhf_core.training import autocast_for
+from rlhf_core.training import autocast_dtype, autocast_for
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 SAMPLING = ("max_new_tokens", "max_prompt_tokens", "temperature", "top_p")
@@ -124,6 +124,7 @@ class PolicyEvaluator:
         was_training = model.training
         model.eval()
         fuse_activations(model)  # the same function, one kernel
+        sampler = sampling_copy(model, autocast_dtype(s.mixed_precision, device))
         texts, lengths, eos, batches = [], [], [], []
         for start in range(0, len(prompts), s.batch_size):
             chunk = prompts[start : start + s.batch_size]
@@ -135,7 +136,7 @@ class PolicyEvaluator:
             )  # same noise for every policy
             with self.amp(model):
                 batch, _ = sample(
-                    model,
+                    sampler,
                     ids,
                     mask,
                     s.max_new_tokens,

@@ -133,12 +133,13 @@ def generate_pairs(
     from rlhf_core.models.chat import ChatFormat
     from rlhf_core.models.fused import fuse_activations
     from rlhf_core.models.loading import load_causal_lm
-    from rlhf_core.ppo.rollout import left_pad, sample
-    from rlhf_core.training import autocast_for
+    from rlhf_core.ppo.rollout import left_pad, sample, sampling_copy
+    from rlhf_core.training import autocast_dtype, autocast_for
 
     lm = load_causal_lm(policy_dir, device=device)
     model, tok = lm.model.eval(), lm.tokenizer
     fuse_activations(model)
+    model = sampling_copy(model, autocast_dtype(cfg.mixed_precision, lm.device))
     fmt = ChatFormat(tok, use_chat_template=use_chat_template)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     k, pairs = cfg.samples_per_prompt, []

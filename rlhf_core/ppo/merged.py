@@ -28,11 +28,17 @@ def is_lora(model) -> bool:
 
 
 class MergedSampler:
-    """`model` is a plain copy of a LoRA policy; `sync()` copies the current adapter into it."""
+    """`model` is a plain copy of a LoRA policy; `sync()` copies the current adapter into it.
+
+    With dtype bf16 (the policy trains under bf16 autocast) the copy holds bf16 weights: sampling
+    then casts nothing (autocast casts every linear layer's input and output at every decode step:
+    64 x 48 tokens of SmolLM2-135M took 8.3 s under autocast, 5.7 s on bf16 weights). The drift is
+    small: on 32 x 48 sampled tokens, KL(autocast || bf16 weights) was 0.10 per response, against
+    0.04 between autocast and fp32. The update and the KL terms still use the policy itself."""
 
     PREFIX = "base_model.model."
 
-    def __init__(self, policy):
+    def __init__(self, policy, dtype: torch.dtype | None = None):
         from peft.tuners.lora import LoraLayer
 
         self.layers = {
@@ -40,21 +46,27 @@ class MergedSampler:
             for name, module in policy.named_modules()
             if isinstance(module, LoraLayer)
         }
-        # Its weights keep requires_grad (no optimiser holds them; sampling runs under no_grad):
+        self.model = copy.deepcopy(policy).merge_and_unload().eval()
+        if dtype is not None:
+            self.model.to(dtype)
+        # fp32 weights keep requires_grad (no optimiser holds them; sampling runs under no_grad):
         # bf16 autocast caches its casts only of leaf weights that require grad, so a frozen copy
         # would be cast again at every decode step (5.4 s against 3.2 s for 16 x 48 tokens).
-        self.model = copy.deepcopy(policy).merge_and_unload().eval().requires_grad_(True)
+        self.model.requires_grad_(dtype is None)
         self.sync()
 
     @torch.no_grad()
-    def sync(self):
-        """W + delta for every adapted layer, from the policy's current adapter weights."""
+    def sync(self, adapter: bool = True):
+        """W + delta for every adapted layer, from the policy's current adapter weights; W alone
+        (the reference policy, sampled as fast as the policy) with adapter=False."""
         for name, layer in self.layers.items():
             target = self.model.get_submodule(name).weight
+            base = layer.get_base_layer().weight
+            if not adapter:
+                target.copy_(base)
+                continue
             delta = sum(
-                layer.get_delta_weight(adapter)
-                for adapter in layer.active_adapters
-                if adapter in layer.lora_A
+                layer.get_delta_weight(key) for key in layer.active_adapters if key in layer.lora_A
             )
-            target.copy_(layer.get_base_layer().weight + delta)
+            target.copy_(base + delta)
         return self.model

@@ -40,13 +40,25 @@ class JudgeMonitor:
         return float(np.mean(self.ev.rm.normalise(raw)))
 
     @torch.no_grad()
-    def __call__(self, policy, tokenizer, reference_model: ReferenceModel) -> dict[str, float]:
+    def __call__(
+        self,
+        policy,
+        tokenizer,
+        reference_model: ReferenceModel,
+        sampler=None,
+        reference_sampler: ReferenceModel | None = None,
+    ) -> dict[str, float]:
+        """sampler and reference_sampler: faster models to sample from than the policy and
+        reference_model (the trainer's merged copy, holding the adapter or only the base weights);
+        the KL is measured on the policy and reference themselves."""
         ev = self.ev
         if self.reference is None:
-            with reference_model() as reference:
+            with (reference_sampler or reference_model)() as reference:
                 self.reference = ev.generate(reference, tokenizer, ev.prompts, "monitor: reference")
             self.reference_score = self._score(self.reference)
-        gens = ev.generate(policy, tokenizer, ev.prompts, "monitor: policy")
+        gens = ev.generate(
+            sampler if sampler is not None else policy, tokenizer, ev.prompts, "monitor: policy"
+        )
         win, _ = ev.compare_texts(gens.prompts, gens.texts, self.reference.texts)
         per_response = []
         for batch in gens.batches:

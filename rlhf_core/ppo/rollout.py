@@ -147,6 +147,18 @@ class CompiledDecoding:
         )
 
 
+def sampling_copy(model, dtype: torch.dtype | None):
+    """The model to sample from under autocast to `dtype`: a copy holding `dtype` weights, so decode
+    steps cast nothing (rlhf_core/ppo/merged.py has the numbers), or the model itself when there is
+    no autocast or its weights already are `dtype`. Forward passes that score (KL, perplexity, the
+    update) keep the original weights."""
+    if dtype is None or next(model.parameters()).dtype == dtype:
+        return model
+    import copy
+
+    return copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+
+
 @torch.no_grad()
 def sample(
     model,

@@ -155,7 +155,9 @@ class PPOTrainer:
             if s.adaptive_kl
             else FixedKLController(s.beta)
         )
-        self.merged = MergedSampler(policy) if s.merged_sampling and is_lora(policy) else None
+        self.merged = (
+            MergedSampler(policy, self.autocast) if s.merged_sampling and is_lora(policy) else None
+        )
         if self.merged is not None and s.fuse_activations:
             fuse_activations(self.merged.model)
         self.sample_gen = torch.Generator(device=self.device).manual_seed(seed)
@@ -206,6 +208,19 @@ class PPOTrainer:
         else:
             with self.policy.disable_adapter():
                 yield self.policy
+
+    @contextmanager
+    def reference_sampler(self) -> Iterator[Any]:
+        """The reference for sampling: with merged sampling and an adapter reference, the merged copy
+        holding the base weights (as fast as the policy's sampling), re-synced afterwards."""
+        if self.merged is None or self.reference is not None:
+            with self.reference_model() as reference:
+                yield reference
+            return
+        try:
+            yield self.merged.sync(adapter=False)
+        finally:
+            self.merged.sync()
 
     @torch.no_grad()
     def _reference_logits(self, batch: Batch) -> torch.Tensor:
@@ -543,7 +558,13 @@ class PPOTrainer:
 
     def check(self) -> dict:
         """One judged check (monitor.py); remembers the weights when the win rate is the best yet."""
-        metrics = self.monitor(self.sampler(), self.tokenizer, self.reference_model)
+        metrics = self.monitor(
+            self.policy,
+            self.tokenizer,
+            self.reference_model,
+            self.sampler(),
+            self.reference_sampler,
+        )
         rate = metrics["val_win_rate"]
         if self.best is None or rate > self.best["val_win_rate"]:
             self.best = {"iteration": self.iteration, "val_win_rate": rate}
