@@ -61,6 +61,8 @@ CURVES = [
             "perplexity_examples",
             "perplexity_max_length",
             "n_samples",
+            "best_of_n",
+            "best_of_n_prompts",
             "device",
             "safety",
             "judge",

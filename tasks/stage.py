@@ -252,6 +252,7 @@ def stage(
             return _run_cached(run, name, key, tracking, inputs)
 
         call.code_version = version
+        call.ignored = ignored
         call.task = run
         return call
 

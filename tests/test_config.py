@@ -159,3 +159,27 @@ def test_evaluation_judge_defaults_to_the_label_judge_and_can_be_separate():
     assert cfg.evaluation_judge == cfg.labels.judge
     separate = load_config(overrides=["evaluate.judge={backend: embedding, temperature: 0.3}"])
     assert separate.evaluation_judge.temperature == 0.3 and separate.labels.judge.temperature == 0.1
+
+
+def test_stage_keys_ignore_only_fields_that_exist():
+    """A stage leaves config fields it never reads out of its cache key; a misspelt or renamed field
+    would silently put one back in. PPO's judged checks never run the best-of-n baseline, so
+    changing it must not re-run PPO."""
+    import importlib
+    import inspect
+    import typing
+
+    stages = [
+        obj
+        for name in ("data", "evaluate", "labels", "models", "ppo", "registry", "reward")
+        for obj in vars(importlib.import_module(f"tasks.{name}")).values()
+        if callable(obj) and hasattr(obj, "ignored")
+    ]
+    assert stages
+    for stage in stages:
+        hints = typing.get_type_hints(inspect.unwrap(stage))
+        for param, fields in stage.ignored.items():
+            assert set(fields) <= set(hints[param].model_fields), (stage.__name__, param)
+    from tasks.ppo import ppo
+
+    assert {"best_of_n", "best_of_n_prompts"} <= ppo.ignored["evaluate"]
