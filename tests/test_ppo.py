@@ -9,8 +9,7 @@ from rlhf_core.config import EvaluateConfig, JudgeConfig, ModelConfig, PPOConfig
 from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.ppo.build import build_ppo_trainer
 from rlhf_core.ppo.core import logprobs_from_logits
-from rlhf_core.ppo.merged import MergedSampler
-from rlhf_core.ppo.rollout import left_pad, response_logits, sample
+from rlhf_core.ppo.rollout import left_pad, response_logits, sample, sampling_copy
 from rlhf_core.ppo.trainer import PPODiverged
 from rlhf_core.training import has_bf16_units
 from tests.helpers import assert_kill_and_resume_is_exact, demo_rows, untrained_reward_dir
@@ -295,16 +294,16 @@ def test_lora_policy_with_adapter_reference_and_shared_value_head(tiny_gpt2, tmp
             0
         ]  # restored on exit, not by a new sync
     assert torch.allclose(base_logits, ref, atol=1e-4) and torch.equal(again, merged)
-    # under bf16 autocast the copy holds bf16 weights (no casts per decode step), same merge
-    low = MergedSampler(trainer.policy, torch.bfloat16)
-    assert {p.dtype for p in low.model.parameters()} == {torch.bfloat16}
-    for name in low.layers:
+    # texts are sampled from a bf16 copy where autocast is bf16: the same weights, rounded
+    low = sampling_copy(trainer.merged.model, torch.bfloat16)
+    assert {p.dtype for p in low.parameters()} == {torch.bfloat16}
+    assert all(p.requires_grad for p in low.parameters())  # frozen bf16 weights decode 2.5x slower
+    for name in trainer.merged.layers:
         assert torch.equal(
-            low.model.get_submodule(name).weight,
+            low.get_submodule(name).weight,
             trainer.merged.model.get_submodule(name).weight.to(torch.bfloat16),
         )
-    with torch.no_grad():
-        assert (response_logits(low.model, batch)[0].float() - lora).abs().max() < 0.05
+    assert sampling_copy(trainer.policy, None) is trainer.policy
 
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])

@@ -148,10 +148,13 @@ class CompiledDecoding:
 
 
 def sampling_copy(model, dtype: torch.dtype | None):
-    """The model to sample from under autocast to `dtype`: a copy holding `dtype` weights, so decode
-    steps cast nothing (rlhf_core/ppo/merged.py has the numbers), or the model itself when there is
-    no autocast or its weights already are `dtype`. Forward passes that score (KL, perplexity, the
-    update) keep the original weights."""
+    """The model to sample texts from under autocast to `dtype`: a copy holding `dtype` weights, or
+    the model itself when there is no autocast or its weights already are `dtype`. Autocast casts
+    every linear layer's input and output at every decode step: 64 x 48 tokens of SmolLM2-135M took
+    7.7 s under autocast, 5.5 s on bf16 weights. The copy drifts a little (KL 0.10 per response on
+    32 x 48 tokens, against 0.04 between autocast and fp32), so it serves samples that are only
+    texts (evaluation, judged checks, label pairs), never PPO's rollouts (merged.py); scoring
+    passes (KL, perplexity) keep the original weights."""
     if dtype is None or next(model.parameters()).dtype == dtype:
         return model
     import copy

@@ -155,9 +155,7 @@ class PPOTrainer:
             if s.adaptive_kl
             else FixedKLController(s.beta)
         )
-        self.merged = (
-            MergedSampler(policy, self.autocast) if s.merged_sampling and is_lora(policy) else None
-        )
+        self.merged = MergedSampler(policy) if s.merged_sampling and is_lora(policy) else None
         if self.merged is not None and s.fuse_activations:
             fuse_activations(self.merged.model)
         self.sample_gen = torch.Generator(device=self.device).manual_seed(seed)
