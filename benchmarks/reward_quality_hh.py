@@ -1,10 +1,13 @@
 """Reward-model quality on real human preferences: the HH-RLHF harmless sample in ../shared/data.
 
-Splits the sample by prompt with the pipeline's own splitter (80/10/10, seed 0), trains a reward
-model on the packaged pretrained all-MiniLM-L6-v2 encoder (CPU, minutes), evaluates on the test
-split and logs everything to the MLflow experiment `reward-quality`.
+Measures what `rlhf reward train --data <the sample>` does with the pipeline's config (default:
+configs/default.yaml; `--set reward.key=value` changes it): for each split seed, the sample is split
+by prompt 80/10/10 with the pipeline's splitter, `train_reward` trains on the train split (the
+validation split picks the checkpoint or the probe's L2), and the test split is scored. Prints
+each split's test accuracy, their mean, and the "shorter reply wins" baseline; logs each split to
+the MLflow experiment `reward-quality`.
 
-    python benchmarks/reward_quality_hh.py [--split-seed 0] [--epochs 2] [--lr 3e-5] [--max-length 128] [--json]
+    python benchmarks/reward_quality_hh.py [--split-seeds 0 1 2] [--set reward.pooling=mean ...] [--json]
 """
 
 from __future__ import annotations
@@ -25,101 +28,96 @@ from common import (
     print_result,
 )
 
-from rlhf_core.config import (  # noqa: E402
-    DataConfig,
-    RewardConfig,  # noqa: E402
-    SplitRatios,
-)
+from rlhf_core.config import load_config  # noqa: E402
 from rlhf_core.data.dataset import read_valid_pairs, split_by_prompt  # noqa: E402
 from rlhf_core.reward.evaluate import evaluate_reward_model, write_plots  # noqa: E402
-from rlhf_core.reward.model import build_reward_model  # noqa: E402
-from rlhf_core.reward.trainer import RewardTrainer, encode_pairs  # noqa: E402
+from rlhf_core.reward.trainer import train_reward  # noqa: E402
 
 
 def main() -> None:
     ap = common.make_parser(__doc__)
-    ap.add_argument("--backbone", default="minilm")
-    ap.add_argument("--epochs", type=float, default=2.0)
-    ap.add_argument("--lr", type=float, default=3e-5)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument(
-        "--split-seed", type=int, default=0, help="seed of the by-prompt 80/10/10 split"
+        "--config", default=None, help="pipeline config (default: configs/default.yaml)"
     )
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="section.key=value")
+    ap.add_argument("--split-seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument(
         "--tracking-uri", default=f"sqlite:///{Path('.rlhf/benchmarks/mlflow.db').resolve()}"
     )
-    add_common_args(ap, seed=True, threads=True)
+    add_common_args(ap, threads=True)
     args = ap.parse_args()
     common.set_threads(args)
+    cfg = load_config(args.config, args.sets)
+    frame, _ = read_valid_pairs(str(SHARED_DATA / HH_FILE), cfg.data)
+    splits = [split_one(frame, cfg, seed, args) for seed in args.split_seeds]
+    accs = [s["test_accuracy"] for s in splits]
+    out = {
+        "sets": args.sets,
+        "split_seeds": args.split_seeds,
+        "test_accuracy_per_split": accs,
+        "test_accuracy_mean": round(sum(accs) / len(accs), 4),
+        "shorter_wins_per_split": [s["shorter_wins"] for s in splits],
+        "train_seconds_per_split": [s["train_seconds"] for s in splits],
+        "splits": splits,
+    }
+    print_result(out, args.json, key_width=28)
 
-    frame, _ = read_valid_pairs(str(SHARED_DATA / HH_FILE), DataConfig())
-    which = split_by_prompt(frame["prompt"], SplitRatios(), seed=args.split_seed)
+
+def split_one(frame, cfg, split_seed: int, args) -> dict:
+    which = split_by_prompt(frame["prompt"], cfg.data.splits, seed=split_seed)
     train, val, test = (frame[which == i].reset_index(drop=True) for i in range(3))
-
-    rm = build_reward_model(args.backbone, max_length=args.max_length, seed=args.seed)
-    settings = RewardConfig(
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        eval_every=40,
-        early_stopping_patience=None,
-        checkpoint_every=10**9,
-    )
     t0 = time.perf_counter()
-    trainer = RewardTrainer(
-        rm,
-        encode_pairs(rm, train, settings),
-        encode_pairs(rm, val, settings),
-        settings,
-        seed=args.seed,
+    rm, results = train_reward(
+        train,
+        val,
+        cfg.reward,
+        cfg.model,
+        cfg.reward.backbone,
+        seed=cfg.run.seed,
+        progress=False,
         on_log=lambda step, m: print(step, {k: round(v, 4) for k, v in m.items()}, file=sys.stderr),
     )
-    result = trainer.train(resume=False)
     train_s = time.perf_counter() - t0
+    result = results[0]
     ev = evaluate_reward_model(rm, test, "test")
     val_ev = evaluate_reward_model(
         rm, val, "val"
     )  # val also chose the best checkpoint: slightly optimistic
+    shorter = (test["chosen"].str.len() < test["rejected"].str.len()).mean()
     out = {
-        "backbone": args.backbone,
-        "split_seed": args.split_seed,
+        "split_seed": split_seed,
         "train_pairs": len(train),
         "val_pairs": len(val),
         "test_pairs": len(test),
-        "epochs": args.epochs,
-        "lr": args.lr,
-        "max_length": args.max_length,
         "train_seconds": round(train_s, 1),
         "pairs_per_s": round(result.units_per_s, 2),
         "best_val_accuracy": result.best_metric,
+        "test_accuracy": round(ev.metrics["test_accuracy"], 4),
         "test_accuracy_ci95": [round(x, 4) for x in ev.report["accuracy_ci95"]],
+        "shorter_wins": round(float(shorter), 4),
         **{k: round(v, 4) for k, v in ev.metrics.items()},
         **{k: round(v, 4) for k, v in val_ev.metrics.items()},
     }
-
     import mlflow
 
     with (
-        mlflow_run(args.tracking_uri, "reward-quality", f"hh-harmless-{args.backbone}"),
+        mlflow_run(args.tracking_uri, "reward-quality", f"hh-harmless-{cfg.reward.backbone}"),
         tempfile.TemporaryDirectory() as tmp,
     ):
-        params = (
-            "backbone",
-            "split_seed",
-            "epochs",
-            "lr",
-            "max_length",
-            "train_pairs",
-            "test_pairs",
+        mlflow.log_params(
+            {
+                **{k: out[k] for k in ("split_seed", "train_pairs", "test_pairs")},
+                **{f"reward.{k}": v for k, v in cfg.reward.model_dump().items()},
+                "sets": " ".join(args.sets),
+            }
         )
-        mlflow.log_params({k: out[k] for k in params})
-        log_numeric_metrics(out, exclude=("epochs", "lr", "max_length"))
+        log_numeric_metrics(out)
         for p in write_plots(ev, Path(tmp)):
             mlflow.log_artifact(str(p), "plots")
         (Path(tmp) / "report.json").write_text(json.dumps(ev.report, indent=2))
         mlflow.log_artifact(str(Path(tmp) / "report.json"))
-    print_result(out, args.json, key_width=28)
+    print(f"split {split_seed}: test accuracy {out['test_accuracy']:.3f}", file=sys.stderr)
+    return out
 
 
 if __name__ == "__main__":

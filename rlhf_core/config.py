@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
 
 from rlhf_core.errors import UserError
 
@@ -378,6 +378,18 @@ class RewardConfig(LoopConfig):
     (shares its tokenizer); or any local HF folder / hub id."""
     max_length: int = Field(128, ge=8)
     """Tokens per (prompt, response); longer ones are truncated."""
+    pooling: Literal["model", "mean"] = "model"
+    """What the scalar head reads. model: the backbone's own choice (a causal LM's last token, an
+    encoder's pooled [CLS]); mean: the mean of the last hidden states over the response's tokens."""
+    freeze_backbone: bool = False
+    """Train the head alone: the frozen backbone's features are computed once and the head is fit
+    to them by L-BFGS (a linear probe; the L2 strength from head_l2 with the lowest validation
+    loss). Minutes even on a 135M LM; epochs, lr, schedule and lora do not apply."""
+    head_l2: list[PositiveFloat] = Field(
+        default_factory=lambda: [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2], min_length=1
+    )
+    """L2 strengths tried for a frozen backbone's head (on features scaled to unit mean square
+    difference); without validation pairs the strongest is used."""
     lr: float = Field(3e-5, gt=0)
     """Peak learning rate (AdamW)."""
     warmup_ratio: float = Field(0.1, ge=0, lt=1)

@@ -15,6 +15,7 @@ import rlhf_core.reward.ensemble
 import rlhf_core.reward.evaluate
 import rlhf_core.reward.losses
 import rlhf_core.reward.model
+import rlhf_core.reward.probe
 import rlhf_core.reward.trainer
 import rlhf_core.sft
 import rlhf_core.training
@@ -35,6 +36,7 @@ from tasks.tracking import TrackingContext
         rlhf_core.reward.losses,
         rlhf_core.reward.model,
         rlhf_core.reward.ensemble,
+        rlhf_core.reward.probe,
         rlhf_core.reward.trainer,
         rlhf_core.training,
         rlhf_core.models.loading,
@@ -73,6 +75,8 @@ def train_reward_model(
             "human_weight": reward.human_weight,
             "ai_weight": reward.ai_weight,
             "lora": reward.lora.enabled,
+            "pooling": reward.pooling,
+            "freeze_backbone": reward.freeze_backbone,
             **{f"train_pairs_{k}": v for k, v in sources.items()},
         }
     )

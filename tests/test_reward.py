@@ -404,3 +404,69 @@ def test_reward_ensemble_trains_saves_loads_and_scores_as_its_aggregate(tiny_gpt
     assert trainer.rm.how == "min" and trainer.rm_reads_policy_tokens
     history = trainer.train().history
     assert history[0]["reward_disagreement"] > 0
+
+
+def test_probe_weights_known_answers():
+    """One feature, every pair d = 1 with soft label 0.75: sigmoid(w) = 0.75, so w = ln 3 without
+    L2; with L2 the optimum's gradient vanishes: -(p - sigmoid(w)) + 2 l2 w = 0."""
+    from rlhf_core.reward.probe import fit_weights
+
+    d = torch.ones(8, 1)
+    w, _ = fit_weights(d, 1e-12, p=torch.full((8,), 0.75))
+    assert float(w) == pytest.approx(math.log(3), abs=1e-5)
+    w, _ = fit_weights(d, 0.1, p=torch.full((8,), 0.75))
+    assert -(0.75 - sig(float(w))) + 2 * 0.1 * float(w) == pytest.approx(0, abs=1e-7)
+    # hard labels with margin 1 and weights: the weighted mean gradient vanishes
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(40, 3, generator=g)
+    m, a = torch.full((40,), 1.0), torch.rand(40, generator=g) + 0.5
+    w, iters = fit_weights(d, 0.01, margin=m, weight=a)
+    w = w.clone().requires_grad_(True)
+    z = d.double() @ w - m.double()
+    loss = (a.double() * -torch.nn.functional.logsigmoid(z)).sum() / a.sum() + 0.01 * (w @ w)
+    (grad,) = torch.autograd.grad(loss, w)
+    assert float(grad.abs().max()) < 1e-7 and iters >= 1
+
+
+def test_mean_pooling_reads_only_the_response(tiny_gpt2, tmp_path):
+    for backbone in ("minilm", str(tiny_gpt2)):
+        rm = build_reward_model(backbone, max_length=64, device="cpu", pooling="mean")
+        a, b = rm.encode(["say hi", "a different and longer prompt: say hi"], ["hello there"] * 2)
+        response = rm.tokenizer.decode(a.input_ids[a.response_start :]).strip().lower()
+        assert a.response_start > 0 and response.startswith("hello"), response
+        x = rm.features([a, b])
+        assert x.shape == (2, head_of(rm.model).in_features)
+        if rm.kind == "causal":  # causal attention: the response's states depend on the prompt
+            assert not torch.allclose(x[0], x[1])
+        rm.save(tmp_path / rm.kind)
+        back = load_reward_model(str(tmp_path / rm.kind), device="cpu")
+        assert back.pooling == "mean"
+        assert np.allclose(
+            back.score(["say hi"], ["hello"]), rm.score(["say hi"], ["hello"]), atol=1e-5
+        )
+
+
+def test_frozen_backbone_probe_learns_demo_preferences_and_keeps_the_backbone():
+    """The head alone, fit by L-BFGS on frozen MiniLM features, separates the demo's pairs; the
+    backbone's weights are untouched and the L2 strength with the lowest validation loss is kept."""
+    cfg = RewardConfig(freeze_backbone=True, pooling="mean", head_l2=[1e-4, 1e-2], device="cpu")
+    before = build_reward_model("minilm", device="cpu", seed=0, pooling="mean")
+    backbone = {k: v.clone() for k, v in before.model.bert.state_dict().items()}
+    logged = []
+    rm, results = train_reward(
+        demo_frame(0, 200),
+        demo_frame(500, 580),
+        cfg,
+        ModelConfig(),
+        "minilm",
+        on_log=lambda step, m: logged.append(m),
+        progress=False,
+    )
+    (result,) = results
+    assert [m["head_l2"] for m in logged] == [1e-4, 1e-2]
+    assert result.final_eval["eval_loss"] == min(m["eval_loss"] for m in logged)
+    assert result.best_metric >= 0.85, result.history
+    for k, v in rm.model.bert.state_dict().items():
+        assert torch.equal(v, backbone[k]), k
+    ev = evaluate_reward_model(rm, demo_frame(400, 480), "test").report
+    assert ev["accuracy"] >= 0.85

@@ -4,7 +4,9 @@ Two kinds, told apart by the head the sequence-classification class puts on the 
 - causal (GPT-2, Llama, ...; head `score`): the policy's chat format, reward read at the last token;
 - encoder (BERT, MiniLM, DeBERTa, ...; head `classifier`): (prompt, response) as a sentence pair.
 Because the reward model owns its tokenizer, PPO scores decoded text and the policy may use
-another vocabulary. Saved as a plain HF folder plus `reward_model.json` (kind, max length and the
+another vocabulary. With `pooling="mean"` the head reads instead the mean of the backbone's last
+hidden states over the response's tokens (the final Linear of the head; for RoBERTa-style heads
+the dense layer before it is skipped). Saved as a plain HF folder plus `reward_model.json` (kind, max length and the
 reward normalisation statistics PPO uses).
 """
 
@@ -40,6 +42,7 @@ PACKAGED_ENCODER = (
 class Encoded:
     input_ids: list[int]
     token_type_ids: list[int] | None = None
+    response_start: int = 0  # index of the response's first token (mean pooling reads from here)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -66,6 +69,12 @@ def backbone_kind(model: torch.nn.Module) -> str:
     return "causal" if hasattr(model, "score") else "encoder"
 
 
+def backbone_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformer under the head (LlamaModel, BertModel, ...), LoRA layers included."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.base_model
+
+
 @torch.no_grad()
 def init_head(model: torch.nn.Module, seed: int) -> None:
     """N(0, 1/sqrt(d + 1)) weights, zero bias: rewards start near zero whatever the backbone's scale."""
@@ -86,6 +95,7 @@ class RewardModel:
     use_chat_template: bool = True
     normalisation: dict | None = None  # {"mean", "std", "n", "source"}
     info: dict = field(default_factory=dict)
+    pooling: str = "model"  # model | mean (RewardConfig.pooling)
 
     @property
     def device(self) -> torch.device:
@@ -126,7 +136,7 @@ class RewardModel:
             keep_prompt = min(len(p_ids), max(L // 2, L - len(r_ids)))
             p_ids = p_ids[len(p_ids) - keep_prompt :]
             r_ids = r_ids[: L - len(p_ids) - 1] + r_ids[-1:]
-        return Encoded(list(p_ids) + list(r_ids))
+        return Encoded(list(p_ids) + list(r_ids), response_start=len(p_ids))
 
     def _encode_pairs(self, prompts: list[str], responses: list[str]) -> list[Encoded]:
         tok, L = self.tokenizer, self.max_length
@@ -147,7 +157,7 @@ class RewardModel:
         enc = tok(tails, responses, truncation="longest_first", max_length=L)
         types = enc.get("token_type_ids")
         return [
-            Encoded(ids, types[i] if types is not None else None)
+            Encoded(ids, types[i] if types is not None else None, _second_start(enc, i))
             for i, ids in enumerate(enc["input_ids"])
         ]
 
@@ -172,7 +182,20 @@ class RewardModel:
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def forward(self, items: Sequence[Encoded]) -> torch.Tensor:
+        if self.pooling == "mean":
+            return head_of(self.model)(self.features(items)).squeeze(-1).float()
         return self.model(**self.collate(items)).logits.squeeze(-1).float()
+
+    def features(self, items: Sequence[Encoded]) -> torch.Tensor:
+        """What the head reads with mean pooling: the mean of the last hidden states over each
+        response's tokens (fp32)."""
+        batch = self.collate(items)
+        hidden = backbone_of(self.model)(**batch).last_hidden_state.float()
+        positions = torch.arange(hidden.shape[1], device=hidden.device)
+        starts = torch.tensor([e.response_start for e in items], device=hidden.device)
+        mask = (positions[None, :] >= starts[:, None]) & batch["attention_mask"].bool()
+        mask = mask.unsqueeze(-1).float()
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
     # -- scoring -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -210,6 +233,7 @@ class RewardModel:
             "kind": self.kind,
             "max_length": self.max_length,
             "use_chat_template": self.use_chat_template,
+            "pooling": self.pooling,
             "normalisation": self.normalisation,
             **self.info,
         }
@@ -231,6 +255,7 @@ def build_reward_model(
     trust_remote_code: bool = False,
     seed: int = 0,
     lora: LoraSection | None = None,
+    pooling: str = "model",
 ) -> RewardModel:
     """A backbone (local folder, hub id, or 'minilm') with a freshly initialised scalar head."""
     path = resolve_backbone(backbone)
@@ -259,6 +284,7 @@ def build_reward_model(
         max_length,
         use_chat_template,
         info={"backbone": backbone, "backbone_path": path},
+        pooling=pooling,
     )
 
 
@@ -298,5 +324,12 @@ def load_reward_model(
         max_length,
         meta.pop("use_chat_template", True),
         meta.pop("normalisation", None),
+        pooling=meta.pop("pooling", "model"),
         info=meta,
     )
+
+
+def _second_start(enc, i: int) -> int:
+    """Where the second text of a tokenized pair starts (its first token of sequence id 1)."""
+    ids = enc.sequence_ids(i)
+    return next((j for j, sid in enumerate(ids) if sid == 1), len(ids))

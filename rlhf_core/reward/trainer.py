@@ -17,6 +17,7 @@ from rlhf_core.metrics import accuracy
 from rlhf_core.reward.ensemble import EnsembleRewardModel, bootstrap_indices
 from rlhf_core.reward.losses import bradley_terry_loss
 from rlhf_core.reward.model import Encoded, RewardModel, build_reward_model
+from rlhf_core.reward.probe import fit_head
 from rlhf_core.training import LogFn, LoopResult, TrainLoop
 
 
@@ -233,23 +234,30 @@ def train_reward(
             use_chat_template=model.use_chat_template,
             trust_remote_code=model.trust_remote_code,
             seed=member_seed,
-            lora=cfg.lora,
+            lora=None if cfg.freeze_backbone else cfg.lora,
+            pooling=cfg.pooling,
         )
         val = encode_pairs(rm, val_df, cfg) if val_df is not None and len(val_df) else None
         member_log = on_log if k == 1 or on_log is None else _prefixed(on_log, f"member{i}_")
-        trainer = RewardTrainer(
-            rm,
-            encode_pairs(rm, rows, cfg),
-            val,
-            cfg,
-            seed=member_seed,
-            checkpoint_dir=(
-                checkpoint_dir / f"member-{i}" if checkpoint_dir and k > 1 else checkpoint_dir
-            ),
-            on_log=member_log,
-            progress=progress,
-        )
-        result = trainer.train()
+        if cfg.freeze_backbone:
+            result = fit_head(rm, encode_pairs(rm, rows, cfg), val, cfg)
+            for row in result.history:
+                if member_log:
+                    member_log(row["step"], {key: v for key, v in row.items() if key != "step"})
+        else:
+            trainer = RewardTrainer(
+                rm,
+                encode_pairs(rm, rows, cfg),
+                val,
+                cfg,
+                seed=member_seed,
+                checkpoint_dir=(
+                    checkpoint_dir / f"member-{i}" if checkpoint_dir and k > 1 else checkpoint_dir
+                ),
+                on_log=member_log,
+                progress=progress,
+            )
+            result = trainer.train()
         if hasattr(rm.model, "merge_and_unload"):  # LoRA: one plain model from here on
             rm.model = rm.model.merge_and_unload()
         rm.info.update(
@@ -265,7 +273,7 @@ def train_reward(
         train_df[train_df["source"] == "generated"] if "source" in train_df else train_df.head(0)
     )
     prompts, responses, source = reference_samples(
-        train_df["prompt"].tolist(),
+        train_df["prompt"].tolist() * 2,  # beside chosen + rejected below
         policy_dir,
         cfg,
         model,
