@@ -470,3 +470,21 @@ def test_frozen_backbone_probe_learns_demo_preferences_and_keeps_the_backbone():
         assert torch.equal(v, backbone[k]), k
     ev = evaluate_reward_model(rm, demo_frame(400, 480), "test").report
     assert ev["accuracy"] >= 0.85
+
+
+@pytest.mark.parametrize("pooling", ["model", "mean"])
+def test_probe_features_are_what_the_model_reads(tiny_gpt2, pooling):
+    """The probe fits the head to head_inputs(); scoring must read exactly those features."""
+    from rlhf_core.reward.probe import head_inputs
+
+    for backbone, eos_pads in (("minilm", False), (str(tiny_gpt2), False), (str(tiny_gpt2), True)):
+        rm = build_reward_model(backbone, max_length=48, device="cpu", pooling=pooling)
+        if eos_pads:  # tokenizers whose pad token is EOS: the classifier reads the token before it
+            rm.tokenizer.pad_token = rm.tokenizer.eos_token
+            rm.model.config.pad_token_id = rm.tokenizer.eos_token_id
+        df = demo_frame(0, 12)
+        items = rm.encode(df["prompt"], df["chosen"])
+        x = head_inputs(rm, items, batch_size=5, mixed_precision="no")
+        with torch.no_grad():
+            expected = head_of(rm.model)(x).squeeze(-1)
+        assert torch.allclose(expected, torch.as_tensor(rm.score_encoded(items)).float(), atol=1e-4)

@@ -35,6 +35,7 @@ def head_inputs(
 ) -> torch.Tensor:
     """(n, hidden) fp32: what the head's final Linear reads for each item, in the given order."""
     head = head_of(rm.model)
+    pad = rm.model.config.pad_token_id
     was_training = rm.model.training
     rm.model.eval()
     out: torch.Tensor | None = None
@@ -49,8 +50,8 @@ def head_inputs(
                 captured.clear()
                 rm.forward(batch)
                 x = captured[0].float()
-                if x.dim() == 3:  # a causal LM's head runs on every position; it reads the last
-                    last = torch.tensor([len(e) - 1 for e in batch], device=x.device)
+                if x.dim() == 3:  # a causal LM's head runs on every position; the model reads one
+                    last = torch.tensor([_read_position(e, pad) for e in batch], device=x.device)
                     x = x[torch.arange(len(batch), device=x.device), last]
                 if out is None:
                     out = torch.empty(len(items), x.shape[-1])
@@ -59,6 +60,13 @@ def head_inputs(
         hook.remove()
         rm.model.train(was_training)
     return out
+
+
+def _read_position(e: Encoded, pad: int | None) -> int:
+    """The position transformers' sequence classifiers read: the last token that is not padding
+    (so where EOS is the pad token, the one before it)."""
+    ids = e.input_ids
+    return next((j for j in range(len(ids) - 1, -1, -1) if ids[j] != pad), len(ids) - 1)
 
 
 def fit_weights(
