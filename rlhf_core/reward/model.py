@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -200,18 +200,22 @@ class RewardModel:
     # -- scoring -------------------------------------------------------------------------------
     @torch.no_grad()
     def score_encoded(self, items: Sequence[Encoded], batch_size: int = 64) -> np.ndarray:
+        out = np.empty(len(items), dtype=np.float64)
+        for idx in self.sorted_batches(items, batch_size):
+            out[idx] = self.forward([items[i] for i in idx]).cpu().numpy()
+        return out
+
+    def sorted_batches(self, items: Sequence[Encoded], batch_size: int) -> Iterator[list[int]]:
+        """Indices of items in batches of similar length (little padding), with the model in eval
+        mode meanwhile."""
         was_training = self.model.training
         self.model.eval()
-        out = np.empty(len(items), dtype=np.float64)
-        order = sorted(
-            range(len(items)), key=lambda i: len(items[i])
-        )  # similar lengths together: little padding
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            out[idx] = self.forward([items[i] for i in idx]).cpu().numpy()
-        if was_training:
-            self.model.train()
-        return out
+        order = sorted(range(len(items)), key=lambda i: len(items[i]))
+        try:
+            for start in range(0, len(order), batch_size):
+                yield order[start : start + batch_size]
+        finally:
+            self.model.train(was_training)
 
     def score(
         self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 64

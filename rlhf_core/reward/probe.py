@@ -24,9 +24,10 @@ from collections.abc import Sequence
 import torch
 
 from rlhf_core.config import RewardConfig
+from rlhf_core.metrics import accuracy
 from rlhf_core.reward.losses import bradley_terry_loss
 from rlhf_core.reward.model import Encoded, RewardModel, head_of
-from rlhf_core.training import LoopResult, autocast_for
+from rlhf_core.training import LogFn, LoopResult, autocast_for
 
 
 @torch.no_grad()
@@ -34,18 +35,13 @@ def head_inputs(
     rm: RewardModel, items: Sequence[Encoded], batch_size: int = 32, mixed_precision: str = "auto"
 ) -> torch.Tensor:
     """(n, hidden) fp32: what the head's final Linear reads for each item, in the given order."""
-    head = head_of(rm.model)
     pad = rm.model.config.pad_token_id
-    was_training = rm.model.training
-    rm.model.eval()
     out: torch.Tensor | None = None
-    order = sorted(range(len(items)), key=lambda i: len(items[i]))  # little padding
     captured: list[torch.Tensor] = []
-    hook = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    hook = head_of(rm.model).register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
     try:
         with autocast_for(mixed_precision, rm.device):
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
+            for idx in rm.sorted_batches(items, batch_size):
                 batch = [items[i] for i in idx]
                 captured.clear()
                 rm.forward(batch)
@@ -58,7 +54,6 @@ def head_inputs(
                 out[idx] = x.cpu()
     finally:
         hook.remove()
-        rm.model.train(was_training)
     return out
 
 
@@ -107,8 +102,11 @@ def fit_weights(
     return w.detach(), int(opt.state[w]["n_iter"])
 
 
-def fit_head(rm: RewardModel, train, val, cfg: RewardConfig) -> LoopResult:
-    """Fit rm's head to its frozen backbone's features on the train PairSet (val: PairSet or None)."""
+def fit_head(
+    rm: RewardModel, train, val, cfg: RewardConfig, on_log: LogFn | None = None
+) -> LoopResult:
+    """Fit rm's head to its frozen backbone's features on the train PairSet (val: PairSet or None);
+    on_log(i, metrics) for each L2 strength tried."""
     t0 = time.perf_counter()
     feats = lambda items: head_inputs(rm, items, cfg.eval_batch_size, cfg.mixed_precision)  # noqa: E731
     xc, xr = feats(train.chosen), feats(train.rejected)
@@ -117,25 +115,24 @@ def fit_head(rm: RewardModel, train, val, cfg: RewardConfig) -> LoopResult:
     d = d / scale
     t = lambda v: torch.as_tensor(v, dtype=torch.float64)  # noqa: E731
     p, margin, weight = t(train.p_chosen), t(train.margin), t(train.weight)
-    if val is not None and len(val):
+    has_val = val is not None and len(val) > 0
+    if has_val:
         dv = (feats(val.chosen) - feats(val.rejected)).double() / scale
         pv = t(val.p_chosen)
-    history, best = [], None
-    grid = cfg.head_l2 if val is not None and len(val) else [max(cfg.head_l2)]
-    for i, l2 in enumerate(grid):
+    history, fits = [], []
+    for i, l2 in enumerate(cfg.head_l2 if has_val else [max(cfg.head_l2)]):
         w, iters = fit_weights(d, l2, p, margin, weight)
         row = {"head_l2": l2, "lbfgs_iterations": iters}
-        if val is not None and len(val):
+        if has_val:
             z = dv @ w
             loss, _ = bradley_terry_loss(z, torch.zeros_like(z), pv)
-            row |= {
-                "eval_loss": float(loss.mean()),
-                "eval_accuracy": float(((z > 0) == (pv >= 0.5)).double().mean()),
-            }
+            row["eval_loss"] = float(loss.mean())
+            row["eval_accuracy"] = accuracy(torch.sigmoid(z).numpy(), val.p_chosen >= 0.5)
+        if on_log:
+            on_log(i, row)
         history.append({"step": i, **row})
-        if best is None or row.get("eval_loss", 0.0) < best[0].get("eval_loss", 0.0):
-            best = (row, w, iters)
-    row, w, iters = best
+        fits.append((row, w, iters))
+    row, w, iters = min(fits, key=lambda fit: fit[0].get("eval_loss", 0.0))
     head = head_of(rm.model)
     with torch.no_grad():
         head.weight.copy_((w / scale).to(head.weight.dtype).reshape(head.weight.shape))

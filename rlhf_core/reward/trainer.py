@@ -239,15 +239,13 @@ def train_reward(
         )
         val = encode_pairs(rm, val_df, cfg) if val_df is not None and len(val_df) else None
         member_log = on_log if k == 1 or on_log is None else _prefixed(on_log, f"member{i}_")
+        pairs = encode_pairs(rm, rows, cfg)
         if cfg.freeze_backbone:
-            result = fit_head(rm, encode_pairs(rm, rows, cfg), val, cfg)
-            for row in result.history:
-                if member_log:
-                    member_log(row["step"], {key: v for key, v in row.items() if key != "step"})
+            result = fit_head(rm, pairs, val, cfg, member_log)
         else:
             trainer = RewardTrainer(
                 rm,
-                encode_pairs(rm, rows, cfg),
+                pairs,
                 val,
                 cfg,
                 seed=member_seed,
