@@ -376,6 +376,9 @@ class RewardConfig(LoopConfig):
     backbone: str = Field("minilm", json_schema_extra={"input_file": True})
     """minilm: the packaged all-MiniLM-L6-v2 (own tokenizer); policy: the SFT policy's backbone
     (shares its tokenizer); or any local HF folder / hub id."""
+    backbone_layers: int | None = Field(None, ge=1)
+    """Keep only the backbone's first N transformer blocks (a middle layer of a pretrained LM often
+    ranks answers as well as its last, at a fraction of the cost); null: all."""
     max_length: int = Field(128, ge=8)
     """Tokens per (prompt, response); longer ones are truncated."""
     pooling: Literal["model", "mean"] = "model"
@@ -596,7 +599,7 @@ class EvaluateConfig(Section):
     """Comparisons per judge batch."""
     tie_margin: float = Field(0.02, ge=0, lt=0.5)
     """|P(tuned better) - 0.5| at most this counts as a tie."""
-    perplexity_examples: int = Field(256, ge=0)
+    perplexity_examples: int = Field(128, ge=0)
     """Validation-split chosen responses for perplexity (0: skip)."""
     perplexity_max_length: int = Field(256, ge=8)
     """Tokens per perplexity example."""

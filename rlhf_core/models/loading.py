@@ -119,17 +119,28 @@ def load_sequence_classifier(
     device: str = "auto",
     trust_remote_code: bool = False,
     num_labels: int = 1,
+    num_layers: int | None = None,
 ) -> LoadedModel:
-    """A backbone with a scalar head (reward and value models)."""
-    from transformers import AutoModelForSequenceClassification
+    """A backbone with a scalar head (reward and value models); num_layers: keep only the
+    backbone's first transformer blocks (the saved model is then that smaller model)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     name_or_path = resolve_model_source(name_or_path)
     _check_source(name_or_path)
     dev = resolve_device(device)
+    truncate = {}
+    if num_layers is not None:
+        total = AutoConfig.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code
+        ).num_hidden_layers
+        if num_layers > total:
+            raise UserError(f"{name_or_path} has {total} layers; cannot keep {num_layers}")
+        truncate = {"num_hidden_layers": num_layers}
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             name_or_path,
             num_labels=num_labels,
+            **truncate,
             dtype=resolve_dtype(dtype, dev),
             use_safetensors=True,
             trust_remote_code=trust_remote_code,

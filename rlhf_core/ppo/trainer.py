@@ -308,7 +308,8 @@ class PPOTrainer:
                     if self.value is not None
                     else torch.zeros_like(logprobs)
                 )
-            raw, disagreement = self.score(batch, idx)  # rewards in fp32, as in evaluation
+            raw, disagreement = self.score(batch, idx)  # outside the policy's autocast: the reward
+            # model scores under its own precision (RewardModel.amp), as in evaluation
             chunks.append(
                 {
                     "batch": batch,

@@ -30,7 +30,7 @@ from rlhf_core.models.loading import (
     packaged_minilm_path,
     save_model,
 )
-from rlhf_core.training import fp32_head
+from rlhf_core.training import autocast_for, fp32_head
 
 META_FILE = "reward_model.json"
 PACKAGED_ENCODER = (
@@ -96,6 +96,13 @@ class RewardModel:
     normalisation: dict | None = None  # {"mean", "std", "n", "source"}
     info: dict = field(default_factory=dict)
     pooling: str = "model"  # model | mean (RewardConfig.pooling)
+    mixed_precision: str = "no"  # RewardConfig.mixed_precision: scoring runs as the model was fit
+
+    def amp(self):
+        """The autocast the reward model was trained or fit under, for every forward pass that
+        scores: the fitted head reads the features it was fit to (and bf16 scores 2.6x faster
+        than fp32 on a CPU with AMX)."""
+        return autocast_for(self.mixed_precision, self.device)
 
     @property
     def device(self) -> torch.device:
@@ -201,8 +208,9 @@ class RewardModel:
     @torch.no_grad()
     def score_encoded(self, items: Sequence[Encoded], batch_size: int = 64) -> np.ndarray:
         out = np.empty(len(items), dtype=np.float64)
-        for idx in self.sorted_batches(items, batch_size):
-            out[idx] = self.forward([items[i] for i in idx]).cpu().numpy()
+        with self.amp():
+            for idx in self.sorted_batches(items, batch_size):
+                out[idx] = self.forward([items[i] for i in idx]).cpu().numpy()
         return out
 
     def sorted_batches(self, items: Sequence[Encoded], batch_size: int) -> Iterator[list[int]]:
@@ -238,6 +246,7 @@ class RewardModel:
             "max_length": self.max_length,
             "use_chat_template": self.use_chat_template,
             "pooling": self.pooling,
+            "mixed_precision": self.mixed_precision,
             "normalisation": self.normalisation,
             **self.info,
         }
@@ -260,11 +269,18 @@ def build_reward_model(
     seed: int = 0,
     lora: LoraSection | None = None,
     pooling: str = "model",
+    mixed_precision: str = "no",
+    num_layers: int | None = None,
 ) -> RewardModel:
-    """A backbone (local folder, hub id, or 'minilm') with a freshly initialised scalar head."""
+    """A backbone (local folder, hub id, or 'minilm') with a freshly initialised scalar head;
+    num_layers keeps the backbone's first transformer blocks only (RewardConfig.backbone_layers)."""
     path = resolve_backbone(backbone)
     loaded = load_sequence_classifier(
-        path, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+        path,
+        dtype=dtype,
+        device=device,
+        trust_remote_code=trust_remote_code,
+        num_layers=num_layers,
     )
     model = loaded.model
     init_head(model, seed)
@@ -289,6 +305,7 @@ def build_reward_model(
         use_chat_template,
         info={"backbone": backbone, "backbone_path": path},
         pooling=pooling,
+        mixed_precision=mixed_precision,
     )
 
 
@@ -329,6 +346,7 @@ def load_reward_model(
         meta.pop("use_chat_template", True),
         meta.pop("normalisation", None),
         pooling=meta.pop("pooling", "model"),
+        mixed_precision=meta.pop("mixed_precision", "no"),
         info=meta,
     )
 

@@ -27,20 +27,19 @@ from rlhf_core.config import RewardConfig
 from rlhf_core.metrics import accuracy
 from rlhf_core.reward.losses import bradley_terry_loss
 from rlhf_core.reward.model import Encoded, RewardModel, head_of
-from rlhf_core.training import LogFn, LoopResult, autocast_for
+from rlhf_core.training import LogFn, LoopResult
 
 
 @torch.no_grad()
-def head_inputs(
-    rm: RewardModel, items: Sequence[Encoded], batch_size: int = 32, mixed_precision: str = "auto"
-) -> torch.Tensor:
-    """(n, hidden) fp32: what the head's final Linear reads for each item, in the given order."""
+def head_inputs(rm: RewardModel, items: Sequence[Encoded], batch_size: int = 32) -> torch.Tensor:
+    """(n, hidden) fp32: what the head's final Linear reads for each item, in the given order,
+    under the autocast the model scores with (RewardModel.amp)."""
     pad = rm.model.config.pad_token_id
     out: torch.Tensor | None = None
     captured: list[torch.Tensor] = []
     hook = head_of(rm.model).register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
     try:
-        with autocast_for(mixed_precision, rm.device):
+        with rm.amp():
             for idx in rm.sorted_batches(items, batch_size):
                 batch = [items[i] for i in idx]
                 captured.clear()
@@ -108,7 +107,7 @@ def fit_head(
     """Fit rm's head to its frozen backbone's features on the train PairSet (val: PairSet or None);
     on_log(i, metrics) for each L2 strength tried."""
     t0 = time.perf_counter()
-    feats = lambda items: head_inputs(rm, items, cfg.eval_batch_size, cfg.mixed_precision)  # noqa: E731
+    feats = lambda items: head_inputs(rm, items, cfg.eval_batch_size)  # noqa: E731
     xc, xr = feats(train.chosen), feats(train.rejected)
     d = (xc - xr).double()
     scale = float(d.pow(2).sum(1).mean().sqrt()) or 1.0

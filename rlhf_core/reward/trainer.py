@@ -236,6 +236,8 @@ def train_reward(
             seed=member_seed,
             lora=None if cfg.freeze_backbone else cfg.lora,
             pooling=cfg.pooling,
+            mixed_precision=cfg.mixed_precision,
+            num_layers=cfg.backbone_layers,
         )
         val = encode_pairs(rm, val_df, cfg) if val_df is not None and len(val_df) else None
         member_log = on_log if k == 1 or on_log is None else _prefixed(on_log, f"member{i}_")
