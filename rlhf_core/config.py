@@ -377,8 +377,8 @@ class RewardConfig(LoopConfig):
     """minilm: the packaged all-MiniLM-L6-v2 (own tokenizer); policy: the SFT policy's backbone
     (shares its tokenizer); or any local HF folder / hub id."""
     backbone_layers: int | None = Field(None, ge=1)
-    """Keep only the backbone's first N transformer blocks (a middle layer of a pretrained LM often
-    ranks answers as well as its last, at a fraction of the cost); null: all."""
+    """Keep only the backbone's first N transformer blocks: every reward pass costs N/total (on
+    HH-RLHF, SmolLM2's full depth ranked best: docs/benchmarks.md); null: all."""
     max_length: int = Field(128, ge=8)
     """Tokens per (prompt, response); longer ones are truncated."""
     pooling: Literal["model", "mean"] = "model"

@@ -269,7 +269,7 @@ def test_any_hf_sequence_classifier_loads_as_a_reward_model(tiny_gpt2, tmp_path)
 # -- CLI --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("head_only", [True, False])
 def test_cli_reward_train_and_eval(tiny_gpt2, tmp_path, head_only):
-    """`rlhf reward train` on its defaults (a probe on the frozen backbone) and fine-tuning."""
+    """`rlhf reward train`: fine-tuning (the defaults) and a probe on the frozen backbone."""
     data = tmp_path / "prefs.jsonl"
     data.write_text(
         "".join(
@@ -301,12 +301,12 @@ def test_cli_reward_train_and_eval(tiny_gpt2, tmp_path, head_only):
             "--set",
             f"run.work_dir={tmp_path / 'work'}",
         ]
-        + ([] if head_only else ["--set", "reward.freeze_backbone=false"]),
+        + (["--set", "reward.freeze_backbone=true"] if head_only else []),
     )
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert (out / "reward_model.json").exists() and (out / "model.safetensors").exists()
-    if head_only:  # the shipped config fits a probe: L-BFGS iterations, not optimiser steps
+    if head_only:  # a probe counts L-BFGS iterations, not optimiser steps
         assert summary["steps"] >= 1 and summary["best_val_accuracy"] is not None
     else:
         assert summary["steps"] == 4
