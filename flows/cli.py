@@ -20,6 +20,7 @@ from rich.table import Table
 
 from rlhf_core.config import SourceConfig, load_config
 from rlhf_core.errors import UnusableInputError, UserError
+from rlhf_core.redaction import redact_url
 
 app = typer.Typer(
     help="RLHF pipeline: preference data in, aligned model out.",
@@ -123,7 +124,7 @@ def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
         )
         table.add_row("promotion", g.get("note") or g.get("message", ""))
     table.add_row("MLflow parent run", result["mlflow_run_id"])
-    table.add_row("MLflow tracking", cfg.mlflow_tracking_uri)
+    table.add_row("MLflow tracking", redact_url(cfg.mlflow_tracking_uri))
     out.print(table)
 
 

@@ -16,9 +16,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from rlhf_core.errors import UserError
+from rlhf_core.redaction import API_KEY_ENV, check_endpoint, credential_url_key, redact
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 STACK_HOST = "127.0.0.1"  # `rlhf stack` serves on loopback only
@@ -277,11 +286,13 @@ class JudgeConfig(Section):
     device: str = "auto"
     """Device of a local judge model."""
     base_url: str | None = None
-    """openai: the endpoint (vLLM, TGI, `transformers serve`, a hosted API), e.g. http://127.0.0.1:8000/v1."""
+    """openai: the endpoint (vLLM, TGI, `transformers serve`, a hosted API), e.g.
+    http://127.0.0.1:8000/v1; https unless the host is this machine."""
     model: str | None = None
     """openai: the model name the server knows."""
     api_key_env: str = "OPENAI_API_KEY"
-    """openai: the variable the API key is read from (never from the config)."""
+    """openai: the variable the API key is read from (never from the config); its name must end
+    in _API_KEY."""
     timeout_s: float = Field(60.0, gt=0)
     """openai: seconds per request."""
     max_retries: int = Field(4, ge=0)
@@ -310,6 +321,21 @@ class JudgeConfig(Section):
     """hf: format the judging prompt with the model's chat template when it has one."""
     trust_remote_code: bool = False
     """hf: allow model code from the judge's checkpoint folder."""
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _api_key_env(cls, name: str) -> str:
+        if not API_KEY_ENV.match(name):
+            raise ValueError(
+                f"{name!r}: the key is sent to the judge's server, so name a variable ending in "
+                "_API_KEY (e.g. OPENAI_API_KEY)"
+            )
+        return name
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, url: str | None) -> str | None:
+        return None if url is None else check_endpoint(url)
 
 
 class GenerateConfig(Section):
@@ -757,6 +783,20 @@ class PipelineConfig(Section):
     deploy: DeployConfig = Field(default_factory=DeployConfig)
     """Prefect deployment for `rlhf deploy`."""
 
+    @model_validator(mode="after")
+    def _no_credentials(self) -> PipelineConfig:
+        """The settings are logged and are a Prefect flow parameter: a URL in them must not carry
+        user:password@ (MLflow, Prefect and S3 read theirs from the environment)."""
+        key = credential_url_key(self.model_dump(mode="json"))
+        if key:
+            raise UserError(
+                f"{key}: credentials do not belong in the config (it is logged and stored with "
+                "each run): put the URL in the environment (MLFLOW_TRACKING_URI, PREFECT_API_URL, "
+                "...) or the secret in its own variable (AWS_SECRET_ACCESS_KEY, "
+                "MLFLOW_TRACKING_PASSWORD, labels.judge.api_key_env)"
+            )
+        return self
+
     # -- derived settings -----------------------------------------------------------------
     @property
     def evaluation_judge(self) -> JudgeConfig:
@@ -802,8 +842,13 @@ class PipelineConfig(Section):
     def config_hash(self) -> str:
         return stable_hash(self.model_dump(mode="json"))
 
+    def logged(self) -> dict:
+        """The settings as they may be logged: every URL without user-info or query string."""
+        return redact(self.model_dump(mode="json"))
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The settings as YAML, for logging (URLs redacted, as in logged())."""
+        return yaml.safe_dump(self.logged(), sort_keys=False)
 
 
 def stable_hash(obj: Any, length: int = 16) -> str:
@@ -824,7 +869,7 @@ def _format_validation_error(err: ValidationError, where: str) -> str:
             and first["type"] not in ("missing",)
             and not isinstance(first["input"], (dict, list))
         ):
-            msg += f" (got {first['input']!r})"
+            msg += f" (got {redact(first['input'])!r})"  # a URL's credentials stay out
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{where}: {key}: {msg}{more}"
 

@@ -18,6 +18,7 @@ from prefect import get_run_logger, task
 from rlhf_core.config import PipelineConfig
 from rlhf_core.evaluation.promotion import decide
 from rlhf_core.evaluation.report import markdown_report, write_plots
+from rlhf_core.redaction import redact_url
 from tasks.results import Evaluation, RewardEvaluation, RewardModel, Tuned
 from tasks.tracking import TrackingContext, git_commit, stage_run
 
@@ -65,7 +66,7 @@ def alias_version(client: MlflowClient, name: str, alias: str):
 
 
 def run_link(tracking: TrackingContext, run_id: str) -> str:
-    uri = tracking.tracking_uri
+    uri = redact_url(tracking.tracking_uri)
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/#/experiments/{tracking.experiment_id}/runs/{run_id}"
     return f"run `{run_id}` (open with `mlflow ui --backend-store-uri {uri}`)"

@@ -121,7 +121,7 @@ def start_pipeline_run(
         },
     )
     rid = run.info.run_id
-    params = _flat_params(cfg.model_dump(mode="json"))
+    params = _flat_params(cfg.logged())
     for batch_start in range(0, len(params), 100):
         items = list(params.items())[batch_start : batch_start + 100]
         client.log_batch(rid, params=[mlflow.entities.Param(k, v[:6000]) for k, v in items])

@@ -88,12 +88,12 @@ B = ["No.", "Look it up yourself."]
 
 def test_judges_through_a_real_server_by_votes(served_model, tmp_path, monkeypatch):
     url, model = served_model
-    monkeypatch.setenv("RLHF_TEST_KEY", "sk-test-secret")
+    monkeypatch.setenv("RLHF_TEST_API_KEY", "sk-test-secret")
     settings = JudgeConfig(
         backend="openai",
         base_url=url,
         model=model,
-        api_key_env="RLHF_TEST_KEY",
+        api_key_env="RLHF_TEST_API_KEY",
         votes=3,
         concurrency=2,
     )

@@ -21,6 +21,7 @@ from rlhf_core.config import JudgeConfig
 from rlhf_core.errors import UserError
 from rlhf_core.judges.base import Judge, judge_prompt
 from rlhf_core.judges.constitution import Constitution
+from rlhf_core.redaction import redact_url
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
@@ -97,7 +98,8 @@ class OpenAIJudge(Judge):
         )
         self._server_gives_logprobs: bool | None = None if use_logprobs else False
         self._stats_lock = threading.Lock()
-        self.version = f"1:{base_url}:{model}:votes={votes}:t={vote_temperature}"  # no key in here: versions are logged
+        # no key in here: versions are logged
+        self.version = f"1:{redact_url(base_url)}:{model}:votes={votes}:t={vote_temperature}"
 
     # -- HTTP -------------------------------------------------------------------------------------
     def _post(self, body: dict) -> dict:
