@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -51,6 +52,26 @@ def _start_ticks(pid: int) -> int | None:
 def is_ours(s: Started) -> bool:
     """The recorded process is still alive (a zombie is not: its parent has gone, and only init may reap it)."""
     return _start_ticks(s.pid) == s.start_ticks and not _zombie(s.pid)
+
+
+BASE_ENV = re.compile(
+    r"^(PATH|HOME|USER|LOGNAME|LANG|LC_[A-Z]+|TZ|TMPDIR|VIRTUAL_ENV|SSL_CERT_FILE|SSL_CERT_DIR)$"
+)
+"""What every server needs of the caller's environment; nothing else of it is passed on (a
+shell's tokens and keys stay with the shell)."""
+
+PIPELINE_ENV = re.compile(
+    r"^(RLHF_[A-Z0-9_]+|HF_(HOME|HUB_[A-Z_]+|DATASETS_[A-Z_]+)|TRANSFORMERS_[A-Z_]+|OMP_NUM_THREADS"
+    r"|MKL_NUM_THREADS"
+    r"|CUDA_VISIBLE_DEVICES|AWS_(DEFAULT_)?REGION|[A-Z][A-Z0-9_]*_API_KEY)$"
+)
+"""What the worker's pipeline runs read besides: project settings, model caches and offline flags,
+thread counts, the judge's API key (labels.judge.api_key_env ends in _API_KEY)."""
+
+
+def service_env(allowed: re.Pattern = BASE_ENV) -> dict[str, str]:
+    """The caller's environment variables whose names `allowed` matches."""
+    return {k: v for k, v in os.environ.items() if allowed.match(k)}
 
 
 def credentials() -> tuple[str, str]:
@@ -186,13 +207,13 @@ class Stack:
         s, key_secret = self.s, credentials()
         bin_dir = Path(sys.executable).parent
         data = self.root / "data"
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+        base = service_env()
         s3_env = {
             **base,
             "AWS_ACCESS_KEY_ID": key_secret[0],
             "AWS_SECRET_ACCESS_KEY": key_secret[1],
         }
-        prefect_env = {
+        prefect_env = {  # the Prefect server holds no S3 or API keys
             **base,
             "PREFECT_HOME": str(self.root / "prefect"),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -274,6 +295,7 @@ class Stack:
                 {
                     **prefect_env,
                     **s3_env,
+                    **service_env(PIPELINE_ENV),  # the runs it starts read these
                     "PREFECT_API_URL": s.prefect_url,
                     "MLFLOW_TRACKING_URI": s.mlflow_url,
                     "RLHF_S3_ENDPOINT_URL": s.s3_url,

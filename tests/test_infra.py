@@ -1,5 +1,6 @@
 """infra/: the production compose file is valid Compose and in step with `rlhf stack` (Docker cannot run here)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +111,34 @@ def test_kubernetes_gpu_template_patch_is_json_with_a_gpu_limit(name):
     ][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
     assert patch["variables"]["properties"]["gpu_count"]["default"] == 1
+
+
+def test_each_server_gets_only_the_environment_it_needs(monkeypatch, tmp_path):
+    """A shell's tokens stay with the shell: the S3 store and MLflow get the S3 keys, the Prefect
+    server neither those nor API keys, the worker what its pipeline runs read."""
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "aws-canary",
+        "GITHUB_TOKEN": "gh-canary",
+        "HF_TOKEN": "hf-canary",
+        "OPENAI_API_KEY": "openai-canary",
+        "RLHF_SHARED_DATA": "/data",
+        "HF_HUB_OFFLINE": "1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    envs = {name: env for name, (_, env, _) in Stack(StackConfig(), tmp_path)._commands().items()}
+    for name, env in envs.items():
+        assert "gh-canary" not in env.values() and "hf-canary" not in env.values(), name
+        assert env["PATH"] == os.environ["PATH"]
+    assert (
+        envs["s3"]["AWS_SECRET_ACCESS_KEY"]
+        == envs["mlflow"]["AWS_SECRET_ACCESS_KEY"]
+        == "aws-canary"
+    )
+    assert (
+        "AWS_SECRET_ACCESS_KEY" not in envs["prefect"] and "OPENAI_API_KEY" not in envs["prefect"]
+    )
+    assert "OPENAI_API_KEY" not in envs["s3"] and "OPENAI_API_KEY" not in envs["mlflow"]
+    worker = envs["worker"]
+    assert worker["OPENAI_API_KEY"] == "openai-canary" and worker["RLHF_SHARED_DATA"] == "/data"
+    assert worker["HF_HUB_OFFLINE"] == "1" and worker["AWS_SECRET_ACCESS_KEY"] == "aws-canary"
