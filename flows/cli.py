@@ -333,6 +333,11 @@ def reward_train(
         rm.save(staging)
     shutil.rmtree(checkpoints, ignore_errors=True)
     result = results[0]
+    for r in results:
+        if r.resume_note:
+            err.print(f"note: {r.resume_note}", highlight=False)
+        elif r.resumed_from_step:
+            err.print(f"resumed from step {r.resumed_from_step}", highlight=False)
     summary = {
         "out": str(out_dir),
         "steps": sum(r.steps for r in results),

@@ -14,7 +14,7 @@ import torch
 
 from rlhf_core.config import ModelConfig, SFTConfig
 from rlhf_core.models.chat import ChatFormat
-from rlhf_core.training import LogFn, TrainLoop
+from rlhf_core.training import LogFn, TrainLoop, ids_digest
 
 IGNORE = -100
 
@@ -95,6 +95,7 @@ class SFTResult:
     train_tokens: int
     tokens_per_s: float
     history: list[dict] = field(default_factory=list)
+    resume_note: str | None = None
 
 
 class SFTTrainer(TrainLoop):
@@ -128,6 +129,11 @@ class SFTTrainer(TrainLoop):
 
     def units(self, indices: Sequence[int]) -> int:
         return sum(len(self.train_set[i]) - max(1, self.train_set[i].n_prompt) for i in indices)
+
+    def data_digest(self) -> str:
+        return ids_digest(
+            [e.input_ids for e in self.train_set], [e.n_prompt for e in self.train_set]
+        )
 
     def micro_step(self, indices: Sequence[int], step_units: int) -> float:
         batch = collate([self.train_set[i] for i in indices], self.pad_id)
@@ -164,6 +170,7 @@ class SFTTrainer(TrainLoop):
             train_tokens=r.train_units,
             tokens_per_s=r.units_per_s,
             history=r.history,
+            resume_note=r.resume_note,
         )
 
 

@@ -9,6 +9,7 @@ far: a run that is killed and started again ends with the same weights as one th
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlhf_core.config import LoopConfig
+from rlhf_core.config import LoopConfig, stable_hash
 from rlhf_core.models.fused import fuse_activations
 
 
@@ -152,6 +153,18 @@ class LoopResult:
     train_units: int  # tokens (SFT) or pairs (reward model) trained on
     units_per_s: float
     history: list[dict] = field(default_factory=list)
+    resume_note: str | None = None  # why a checkpoint found was not resumed
+
+
+def ids_digest(seqs: Sequence[Sequence[int]], *extra: Sequence[float]) -> str:
+    """Digest of token-id sequences (and per-example numbers: labels, weights), in order."""
+    h = hashlib.sha256()
+    for ids in seqs:
+        h.update(np.asarray(ids, dtype=np.int64).tobytes())
+        h.update(b"|")
+    for values in extra:
+        h.update(np.asarray(values, dtype=np.float64).tobytes())
+    return h.hexdigest()[:16]
 
 
 LogFn = Callable[[int, dict], None]
@@ -232,6 +245,24 @@ class TrainLoop:
     def evaluate(self) -> dict[str, float]:
         raise NotImplementedError
 
+    def data_digest(self) -> str:
+        """What the training examples are (subclasses: their token ids and labels)."""
+        return stable_hash(self.lengths)
+
+    def fingerprint(self) -> str:
+        """A checkpoint is resumed only by the run that wrote it: the same settings, seed, data
+        and starting model."""
+        config = getattr(self.model, "config", None)
+        return stable_hash(
+            {
+                "settings": self.s.model_dump(mode="json"),
+                "seed": self.seed,
+                "data": self.data_digest(),
+                "model": getattr(config, "_name_or_path", ""),
+                "parameters": sum(p.numel() for p in self.model.parameters()),
+            }
+        )
+
     def amp(self):
         return autocast_context(self.device, self.autocast)
 
@@ -258,7 +289,12 @@ class TrainLoop:
             )
             (tmp / "state.json").write_text(
                 json.dumps(
-                    {**self.state, "settings": self.s.model_dump(mode="json"), "seed": self.seed}
+                    {
+                        **self.state,
+                        "settings": self.s.model_dump(mode="json"),
+                        "seed": self.seed,
+                        "fingerprint": self.fingerprint(),
+                    }
                 )
             )
         return self.checkpoint_dir / name
@@ -279,9 +315,23 @@ class TrainLoop:
         if blob["cuda_rng"]:
             torch.cuda.set_rng_state_all(blob["cuda_rng"])
         state = json.loads((path / "state.json").read_text())
-        state.pop("settings", None)
-        state.pop("seed", None)
+        for key in ("settings", "seed", "fingerprint"):
+            state.pop(key, None)
         self.state.update(state)
+
+    def set_aside_if_foreign(self, path: Path) -> str | None:
+        """None when the checkpoint at path is this run's; else moves the checkpoints aside (to
+        <dir>.previous, nothing is deleted) and says why."""
+        written = json.loads((path / "state.json").read_text()).get("fingerprint")
+        if written == self.fingerprint():
+            return None
+        aside = self.checkpoint_dir.with_name(self.checkpoint_dir.name + ".previous")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(self.checkpoint_dir, aside)
+        return (
+            f"{path.name} in {self.checkpoint_dir} is another run's (data, settings or model "
+            f"differ): started fresh, kept it in {aside}"
+        )
 
     # -- evaluation bookkeeping ----------------------------------------------------------------
     def _after_eval(self, metrics: dict) -> None:
@@ -312,10 +362,15 @@ class TrainLoop:
     def train(self, resume: bool = True, has_eval: bool = True) -> LoopResult:
         from tqdm.auto import tqdm
 
-        resumed_from = None
+        resumed_from, note = None, None
+        # dropout draws from the global generator: the same run whatever ran before it in this
+        # process (a resumed run restores the generator's state from its checkpoint)
+        torch.manual_seed(self.seed)
         if resume and (ckpt := self.latest_checkpoint()):
-            self.load_checkpoint(ckpt)
-            resumed_from = self.state["step"]
+            note = self.set_aside_if_foreign(ckpt)
+            if note is None:
+                self.load_checkpoint(ckpt)
+                resumed_from = self.state["step"]
         self.model.train()
         s, st = self.s, self.state
         # disable=None: a bar on a terminal, silence in logs (CI, Prefect workers)
@@ -396,4 +451,5 @@ class TrainLoop:
             train_units=st["train_units"],
             units_per_s=(st["train_units"] - units_at_start) / max(1e-9, elapsed),
             history=st["history"],
+            resume_note=note,
         )

@@ -8,6 +8,7 @@ import shutil
 
 import mlflow
 import pandas as pd
+from prefect import get_run_logger
 
 import rlhf_core.data.instructions
 import rlhf_core.models.chat
@@ -92,8 +93,11 @@ def sft(
             "parameters": sum(p.numel() for p in policy.parameters()),
         }
     )
-    result = trainer.train()
+    result, logger = trainer.train(), get_run_logger()
+    if result.resume_note:
+        logger.warning(f"sft: {result.resume_note}")
     if result.resumed_from_step is not None:
+        logger.info(f"sft: resumed from step {result.resumed_from_step}")
         mlflow.set_tag("rlhf.resumed_from_step", str(result.resumed_from_step))
     shown = sft_pairs(splits.val)[: sft.n_samples]
     if shown:

@@ -95,6 +95,8 @@ def train_reward_model(
     )
     mlflow.log_params({"kind": rm.kind, "ensemble_members": len(results)})
     result = results[0]
+    if result.resume_note:
+        logger.warning(f"reward model: {result.resume_note}")
     if result.resumed_from_step:
         logger.info(f"reward model: resumed from step {result.resumed_from_step}")
     with atomic_dir(out) as staging:

@@ -535,3 +535,48 @@ def test_backbone_layers_keeps_the_first_blocks(tmp_path):
     )
     with pytest.raises(UserError, match="has 6 layers; cannot keep 7"):
         build_reward_model("minilm", device="cpu", num_layers=7)
+
+
+def _fine_tune_head(cfg: RewardConfig, train, checkpoint_dir=None):
+    rm, results = train_reward(
+        train,
+        None,
+        cfg,
+        ModelConfig(),
+        "minilm",
+        checkpoint_dir=checkpoint_dir,
+        progress=False,
+    )
+    return head_of(rm.model).weight.detach().clone(), results[0]
+
+
+def test_training_is_the_same_whatever_ran_before(tmp_path):
+    """MiniLM has dropout: training seeds the global generator itself, so a run does not depend
+    on which stages happened to run (or come from the cache) before it in the process."""
+    cfg = RewardConfig(
+        max_steps=3, batch_size=8, device="cpu", norm_prompts=4, mixed_precision="no"
+    )
+    train = demo_frame(0, 32)
+    torch.manual_seed(123)
+    first, _ = _fine_tune_head(cfg, train)
+    torch.rand(1000)  # another stage drew from the generator
+    second, _ = _fine_tune_head(cfg, train)
+    assert torch.equal(first, second)
+
+
+def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path):
+    """Resume checks what it resumes: other data start fresh (the old checkpoints set aside, not
+    deleted) with a note; the same data and settings resume."""
+    cfg = RewardConfig(
+        max_steps=4, batch_size=8, device="cpu", norm_prompts=4, checkpoint_every=2, eval_every=2
+    )
+    ckpt = tmp_path / "rm.checkpoints"
+    _fine_tune_head(cfg, demo_frame(0, 32), ckpt)
+    _, same = _fine_tune_head(cfg, demo_frame(0, 32), ckpt)
+    assert same.resumed_from_step == 4 and same.resume_note is None
+    _, other = _fine_tune_head(cfg, demo_frame(100, 132), ckpt)
+    assert other.resumed_from_step is None and other.steps == 4
+    assert "another run's" in other.resume_note and (tmp_path / "rm.checkpoints.previous").exists()
+    longer = cfg.model_copy(update={"max_steps": 6})
+    _, changed = _fine_tune_head(longer, demo_frame(100, 132), ckpt)
+    assert changed.resumed_from_step is None and changed.resume_note  # settings changed too

@@ -18,7 +18,7 @@ from rlhf_core.reward.ensemble import EnsembleRewardModel, bootstrap_indices
 from rlhf_core.reward.losses import bradley_terry_loss
 from rlhf_core.reward.model import Encoded, RewardModel, build_reward_model
 from rlhf_core.reward.probe import fit_head
-from rlhf_core.training import LogFn, LoopResult, TrainLoop
+from rlhf_core.training import LogFn, LoopResult, TrainLoop, ids_digest
 
 
 @dataclass
@@ -90,6 +90,15 @@ class RewardTrainer(TrainLoop):
 
     def units(self, indices: Sequence[int]) -> int:
         return len(indices)
+
+    def data_digest(self) -> str:
+        t = self.train_set
+        return ids_digest(
+            [e.input_ids for e in t.chosen] + [e.input_ids for e in t.rejected],
+            t.p_chosen,
+            t.margin,
+            t.weight,
+        )
 
     def _tensor(self, values: np.ndarray, indices: Sequence[int]) -> torch.Tensor:
         return torch.as_tensor(values[list(indices)], dtype=torch.float32, device=self.device)
