@@ -9,6 +9,7 @@ far: a run that is killed and started again ends with the same weights as one th
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -249,6 +250,7 @@ class TrainLoop:
         """What the training examples are (subclasses: their token ids and labels)."""
         return stable_hash(self.lengths)
 
+    @functools.cached_property
     def fingerprint(self) -> str:
         """A checkpoint is resumed only by the run that wrote it: the same settings, seed, data
         and starting model."""
@@ -293,7 +295,7 @@ class TrainLoop:
                         **self.state,
                         "settings": self.s.model_dump(mode="json"),
                         "seed": self.seed,
-                        "fingerprint": self.fingerprint(),
+                        "fingerprint": self.fingerprint,
                     }
                 )
             )
@@ -323,7 +325,7 @@ class TrainLoop:
         """None when the checkpoint at path is this run's; else moves the checkpoints aside (to
         <dir>.previous, nothing is deleted) and says why."""
         written = json.loads((path / "state.json").read_text()).get("fingerprint")
-        if written == self.fingerprint():
+        if written == self.fingerprint:
             return None
         aside = self.checkpoint_dir.with_name(self.checkpoint_dir.name + ".previous")
         shutil.rmtree(aside, ignore_errors=True)
