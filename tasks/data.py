@@ -23,16 +23,8 @@ from rlhf_core.data.demo import write_demo
 from tasks.results import DemoData, Ingested, Splits, Validated
 from tasks.stage import StageContext, stage
 
-DEMO_CODE = (
-    rlhf_core.data.demo,
+DEMO_CODE = (  # the tables the generator reads
     *sorted((Path(rlhf_core.data.demo.__file__).parent / "demo_tables").glob("*.json")),
-)
-DATA_CODE = (
-    rlhf_core.data.readers,
-    rlhf_core.data.formats,
-    rlhf_core.data.validate,
-    rlhf_core.data.dataset,
-    rlhf_core.storage,
 )
 MLFLOW_DATASET_MAX_ROWS = (
     200_000  # above this, log the dataset's identity and schema without loading it
@@ -62,7 +54,7 @@ def demo_data(ctx: StageContext, demo: DemoDataConfig) -> DemoData:
     )
 
 
-@stage("ingest", code=DATA_CODE)
+@stage("ingest")
 def ingest(
     ctx: StageContext, sources: list[SourceConfig], chunk_rows: int, s3: S3Config
 ) -> Ingested:
@@ -110,7 +102,7 @@ def _report_tables(report: dict) -> tuple[list[dict], str]:
     return rows, md
 
 
-@stage("validate", code=DATA_CODE, ignore={"data": {"sources", "splits", "demo", "chunk_rows"}})
+@stage("validate", ignore={"data": {"sources", "splits", "demo", "chunk_rows"}})
 def validate(ctx: StageContext, ingested: Ingested, data: DataConfig) -> Validated:
     """pandera rules; bad rows quarantined with their reasons, never dropped."""
     out = ctx.out_dir
@@ -194,7 +186,7 @@ def _parquet_rows(path: Path) -> int:
     return pq.ParquetFile(path).metadata.num_rows
 
 
-@stage("split", code=DATA_CODE, folder="datasets")
+@stage("split", folder="datasets")
 def split(ctx: StageContext, validated: Validated, ratios: SplitRatios, seed: int) -> Splits:
     """Train/val/test by prompt (no prompt in two splits): the versioned dataset."""
     out = ctx.out_dir

@@ -10,13 +10,6 @@ import mlflow
 import pandas as pd
 from prefect import get_run_logger
 
-import rlhf_core.evaluation.baselines
-import rlhf_core.evaluation.compare
-import rlhf_core.evaluation.metrics
-import rlhf_core.evaluation.policy
-import rlhf_core.evaluation.prompts
-import rlhf_core.evaluation.report
-import rlhf_core.reward.ensemble
 from rlhf_core.config import EvaluateConfig, JudgeConfig, ModelConfig, PPOConfig
 from rlhf_core.evaluation.compare import (
     build_evaluator,
@@ -48,16 +41,7 @@ def phase_logger():
 
 @stage(
     "evaluate",
-    code=(
-        rlhf_core.evaluation.metrics,
-        rlhf_core.evaluation.policy,
-        rlhf_core.evaluation.prompts,
-        rlhf_core.evaluation.compare,
-        rlhf_core.evaluation.report,
-        rlhf_core.evaluation.baselines,
-        rlhf_core.reward.ensemble,
-    )
-    + JUDGE_CODE,
+    code=JUDGE_CODE,
 )
 def evaluate_policy(
     ctx: StageContext,

@@ -10,13 +10,6 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-import rlhf_core.data.dataset
-import rlhf_core.judges.base
-import rlhf_core.judges.embedding
-import rlhf_core.judges.hf
-import rlhf_core.judges.labeling
-import rlhf_core.judges.openai_compat
-import rlhf_core.judges.rlaif
 from rlhf_core.config import LabelsConfig
 from rlhf_core.judges.constitution import DEFAULT_CONSTITUTION
 from rlhf_core.judges.rlaif import label_metrics, label_training_pairs, write_labelled
@@ -24,15 +17,7 @@ from rlhf_core.storage import atomic_dir
 from tasks.results import Labelled, Policy, Splits
 from tasks.stage import StageContext, stage
 
-JUDGE_CODE = (
-    rlhf_core.judges.base,
-    rlhf_core.judges.embedding,
-    rlhf_core.judges.hf,
-    rlhf_core.judges.openai_compat,
-    rlhf_core.judges.labeling,
-    rlhf_core.judges.rlaif,
-    DEFAULT_CONSTITUTION,
-)
+JUDGE_CODE = (DEFAULT_CONSTITUTION,)  # read when no constitution is configured
 
 
 def _progress_reporter():
@@ -51,7 +36,7 @@ def _progress_reporter():
     return report
 
 
-@stage("label", code=JUDGE_CODE + (rlhf_core.data.dataset,))
+@stage("label", code=JUDGE_CODE)
 def label(
     ctx: StageContext, splits: Splits, policy: Policy | None, labels: LabelsConfig, seed: int
 ) -> Labelled:

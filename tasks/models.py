@@ -10,12 +10,6 @@ import mlflow
 import pandas as pd
 from prefect import get_run_logger
 
-import rlhf_core.data.instructions
-import rlhf_core.models.chat
-import rlhf_core.models.loading
-import rlhf_core.models.scratch
-import rlhf_core.sft
-import rlhf_core.training
 from rlhf_core.config import ModelConfig, SFTConfig
 from rlhf_core.models.loading import load_causal_lm, save_model
 from rlhf_core.models.scratch import build_scratch_model
@@ -25,7 +19,7 @@ from tasks.results import Policy, Splits
 from tasks.stage import StageContext, input_digest, metrics_logger, stage
 
 
-@stage("init-policy", code=(rlhf_core.models.scratch, rlhf_core.models.loading))
+@stage("init-policy")
 def init_policy(ctx: StageContext, splits: Splits, model: ModelConfig, seed: int) -> Policy:
     """Build a small causal LM and a BPE tokenizer trained on the training split's text."""
     train = pd.read_parquet(splits.train, columns=["prompt", "chosen", "rejected"])
@@ -52,16 +46,7 @@ def pretrained_policy(model: ModelConfig) -> Policy:
     )
 
 
-@stage(
-    "sft",
-    code=(
-        rlhf_core.sft,
-        rlhf_core.training,
-        rlhf_core.models.chat,
-        rlhf_core.models.loading,
-        rlhf_core.data.instructions,
-    ),
-)
+@stage("sft")
 def sft(
     ctx: StageContext, start: Policy, splits: Splits, model: ModelConfig, sft: SFTConfig, seed: int
 ) -> Policy:

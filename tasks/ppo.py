@@ -9,15 +9,6 @@ import mlflow
 import pandas as pd
 from prefect import get_run_logger
 
-import rlhf_core.evaluation.policy
-import rlhf_core.models.fused
-import rlhf_core.ppo.build
-import rlhf_core.ppo.core
-import rlhf_core.ppo.monitor
-import rlhf_core.ppo.rollout
-import rlhf_core.ppo.trainer
-import rlhf_core.ppo.value
-import rlhf_core.reward.ensemble
 from rlhf_core.config import EvaluateConfig, JudgeConfig, ModelConfig, PPOConfig
 from rlhf_core.models.loading import save_model
 from rlhf_core.plots import curves_plot, gold_proxy_plot
@@ -40,18 +31,7 @@ CURVES = [
 
 @stage(
     "ppo",
-    code=(
-        rlhf_core.ppo.core,
-        rlhf_core.ppo.rollout,
-        rlhf_core.ppo.value,
-        rlhf_core.ppo.trainer,
-        rlhf_core.ppo.build,
-        rlhf_core.ppo.monitor,
-        rlhf_core.reward.ensemble,
-        rlhf_core.evaluation.policy,
-        rlhf_core.models.fused,
-    )
-    + JUDGE_CODE,
+    code=JUDGE_CODE,
     # the judged checks sample and judge as the final evaluation does; nothing else of it matters
     ignore={
         "evaluate": {

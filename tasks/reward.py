@@ -10,15 +10,6 @@ import numpy as np
 import pandas as pd
 from prefect import get_run_logger
 
-import rlhf_core.models.loading
-import rlhf_core.reward.ensemble
-import rlhf_core.reward.evaluate
-import rlhf_core.reward.losses
-import rlhf_core.reward.model
-import rlhf_core.reward.probe
-import rlhf_core.reward.trainer
-import rlhf_core.sft
-import rlhf_core.training
 from rlhf_core.config import ModelConfig, RewardConfig
 from rlhf_core.errors import UserError
 from rlhf_core.reward.evaluate import evaluate_reward_model, write_plots
@@ -32,16 +23,6 @@ from tasks.tracking import TrackingContext
 
 @stage(
     "reward-train",
-    code=(
-        rlhf_core.reward.losses,
-        rlhf_core.reward.model,
-        rlhf_core.reward.ensemble,
-        rlhf_core.reward.probe,
-        rlhf_core.reward.trainer,
-        rlhf_core.training,
-        rlhf_core.models.loading,
-        rlhf_core.sft,
-    ),
     ignore={"reward": {"gate"}},
 )
 def train_reward_model(
@@ -142,7 +123,6 @@ def train_reward_model(
 
 @stage(
     "reward-eval",
-    code=(rlhf_core.reward.evaluate, rlhf_core.reward.model, rlhf_core.reward.ensemble),
     ignore={"reward": {"gate"}},
 )
 def evaluate_reward(

@@ -10,9 +10,9 @@ from the work or from the cache; it never builds a key or looks into a folder.
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
-import inspect
 import json
 import logging
 import sys
@@ -29,7 +29,7 @@ from prefect.serializers import Serializer
 from prefect.states import Failed, State
 from pydantic import BaseModel, ConfigDict
 
-from rlhf_core.config import S3Config, Section, stable_hash
+from rlhf_core.config import PROJECT_ROOT, S3Config, Section, stable_hash
 from rlhf_core.errors import UserError
 from rlhf_core.storage import source_fingerprint
 from tasks.tracking import TrackingContext, log_cached_stage, stage_run
@@ -121,12 +121,60 @@ class StageContext:
         )
 
 
-def code_version(*parts: ModuleType | Callable | Path) -> str:
-    """Hash of the source a stage runs (modules, functions, or shipped files such as the default
-    constitution): editing it invalidates the stage's cache."""
+PROJECT_PACKAGES = ("rlhf_core", "tasks")
+
+
+def _module_file(name: str, root: Path) -> Path | None:
+    base = root.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def import_closure(files: list[Path], root: Path, packages=PROJECT_PACKAGES) -> list[Path]:
+    """The project's source files that `files` import, directly or through each other, at any
+    depth in the file (imports inside functions too), with the packages' __init__ files; sorted."""
+    seen: set[Path] = set()
+    todo = [f.resolve() for f in files]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            for name in names:
+                if name.split(".")[0] not in packages:
+                    continue
+                parts = name.split(".")
+                for depth in range(1, len(parts) + 1):  # the packages on the way execute too
+                    found = _module_file(".".join(parts[:depth]), root)
+                    if found and found.resolve() not in seen:
+                        todo.append(found.resolve())
+    return sorted(seen)
+
+
+def code_version(*parts: ModuleType | Path, root: Path = PROJECT_ROOT) -> str:
+    """Hash of the code a stage runs: each module given and every project module it imports,
+    transitively (import_closure), plus shipped files such as the default constitution. Editing
+    any of it invalidates the stage's cache, and the stages after it (their keys hold its key)."""
+    modules = [Path(p.__file__) for p in parts if isinstance(p, ModuleType)]
+    return files_version(modules, [p for p in parts if isinstance(p, Path)], root)
+
+
+def files_version(sources: list[Path], data: list[Path], root: Path) -> str:
+    """code_version of source files (with their import closure) and data files under root."""
+    files = import_closure(sources, root) + sorted(data)
     h = hashlib.sha256()
-    for part in parts:
-        h.update(part.read_bytes() if isinstance(part, Path) else inspect.getsource(part).encode())
+    for f in files:
+        h.update(str(f.resolve().relative_to(root.resolve())).encode() + b"\0")
+        h.update(f.read_bytes())
     return h.hexdigest()[:12]
 
 
@@ -214,17 +262,17 @@ def _cache_key(_context, parameters: dict) -> str:
 def stage(
     name: str,
     *,
-    code: tuple = (),
+    code: tuple[Path, ...] = (),
     ignore: dict[str, set[str]] | None = None,
     folder: str | None = None,
 ) -> Callable:
-    """Declare a pipeline stage (see the module docstring). `code`: the library modules it runs
-    (its own module is added); `ignore`: config fields a stage never reads, by parameter name
+    """Declare a pipeline stage (see the module docstring). `code`: shipped data files it reads
+    (the code it runs is found from its module's imports: code_version); `ignore`: config fields a stage never reads, by parameter name
     (they stay out of its key); `folder`: its folder under <work_dir>/stages (default: name)."""
     ignored = {k: frozenset(v) for k, v in (ignore or {}).items()}
 
     def declare(fn: Callable[..., R]) -> Callable[..., R]:
-        version = code_version(*code, sys.modules[fn.__module__])
+        version = code_version(sys.modules[fn.__module__], *code)
 
         @task(
             name=name,

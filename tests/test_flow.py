@@ -538,3 +538,26 @@ def test_reward_gate_ppo_evaluation_and_registry(prefect_harness, tmp_path):
     assert "ppo" not in stage_runs(
         client, failed_parent[0].info.run_id
     )  # PPO never started on the failed model
+
+
+def test_stage_code_version_follows_the_code_it_runs(tmp_path):
+    """A stage's key holds the code it runs: its module and every project module that imports,
+    at any depth (lazy imports too). Editing the training loop SFT uses invalidates SFT; editing
+    the PPO trainer, which SFT never runs, does not."""
+    import shutil
+
+    from rlhf_core.config import PROJECT_ROOT
+    from tasks.stage import files_version, import_closure
+
+    for package in ("rlhf_core", "tasks"):
+        shutil.copytree(PROJECT_ROOT / package, tmp_path / package)
+    sft_module = tmp_path / "tasks" / "models.py"
+    closure = {str(p.relative_to(tmp_path)) for p in import_closure([sft_module], tmp_path)}
+    assert {"rlhf_core/training.py", "rlhf_core/models/fused.py", "rlhf_core/sft.py"} <= closure
+    before = files_version([sft_module], [], tmp_path)
+    with open(tmp_path / "rlhf_core" / "ppo" / "trainer.py", "a") as f:
+        f.write("\n# an edit SFT never runs\n")
+    assert files_version([sft_module], [], tmp_path) == before
+    with open(tmp_path / "rlhf_core" / "models" / "fused.py", "a") as f:
+        f.write("\n# an edit SFT runs\n")
+    assert files_version([sft_module], [], tmp_path) != before
