@@ -74,11 +74,13 @@ def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Run the pipeline flow (Prefect; everything tracked in MLflow)."""
     cfg = load_config(config, set_ or [])
     from flows.runtime import configure_environment
+    from rlhf_core.storage import work_dir_lock
 
-    configure_environment(cfg)
-    from flows.pipeline import rlhf_pipeline  # imports Prefect only after its environment is set
+    with work_dir_lock(cfg.work_dir, f"rlhf run ({cfg.run.name})"):  # before Prefect's home in it
+        configure_environment(cfg)
+        from flows.pipeline import rlhf_pipeline  # imports Prefect after its environment is set
 
-    state = rlhf_pipeline(config=cfg.model_dump(mode="json"), return_state=True)
+        state = rlhf_pipeline(config=cfg.model_dump(mode="json"), return_state=True)
     if not state.is_completed():
         fail(state.message or "pipeline failed", 1)
     result = state.result()

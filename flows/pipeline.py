@@ -8,7 +8,9 @@ from prefect.runtime import flow_run
 from prefect.states import Failed, State
 
 from rlhf_core.config import PipelineConfig, SourceConfig
+from rlhf_core.errors import UserError
 from rlhf_core.reward.evaluate import check_gate
+from rlhf_core.storage import work_dir_lock
 from tasks import data, evaluate, labels, models, ppo, registry, reward
 from tasks.results import DemoData, Splits
 from tasks.stage import StageFailed, quiet_clean_failures
@@ -151,6 +153,15 @@ def rlhf_pipeline(config: dict, data_path: str | None = None) -> dict | State:
         sources = [SourceConfig(path=data_path)]
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"sources": sources})})
     flow_name = flow_run.get_name() or "local"
+    try:  # one run per work dir: the other one's stages and checkpoints are in it
+        with work_dir_lock(cfg.work_dir, f"flow run {flow_name}"):
+            return tracked_run(cfg, flow_name)
+    except UserError as exc:
+        return Failed(message=str(exc))
+
+
+def tracked_run(cfg: PipelineConfig, flow_name: str) -> dict | State:
+    """The stages inside the pipeline's MLflow parent run, closed as FINISHED or FAILED."""
     t = start_pipeline_run(
         cfg,
         run_name=f"{cfg.run.name}-{flow_name}",

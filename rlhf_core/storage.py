@@ -41,6 +41,63 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+_HELD: dict[Path, int] = {}  # work dirs this process holds: path -> depth (the lock is re-entrant)
+
+
+@contextlib.contextmanager
+def work_dir_lock(work_dir: Path, what: str = "a pipeline run") -> Iterator[None]:
+    """One run per work dir at a time: an exclusive lock on <work_dir>/.lock (released by the OS
+    when the holder dies, even by kill -9). A second run fails at once with one line naming the
+    holder; the same process may take it again (the CLI, then the flow inside it)."""
+    import fcntl
+    import json
+    import socket
+    import time
+
+    work_dir = Path(work_dir).resolve()
+    if work_dir in _HELD:
+        _HELD[work_dir] += 1
+        try:
+            yield
+        finally:
+            _HELD[work_dir] -= 1
+        return
+    work_dir.mkdir(parents=True, exist_ok=True)
+    path = work_dir / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "{}"
+            try:
+                h = json.loads(holder)
+                since = time.strftime("%H:%M:%S", time.localtime(h["since"]))
+                by = f"{h['what']} (pid {h['pid']} on {h['host']}, since {since})"
+            except (ValueError, KeyError, TypeError):
+                by = "another process"
+            raise UserError(
+                f"{work_dir} is in use by {by}: wait for it to finish, or set another run.work_dir"
+            ) from None
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.time(),
+            "what": what,
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        _HELD[work_dir] = 1
+        try:
+            yield
+        finally:
+            del _HELD[work_dir]
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 def file_digest(path: Path, block: int = 1 << 23) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -127,11 +128,21 @@ def cpu_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def checkpoint_folder(root: Path, name: str, prefix: str, keep: int):
     """Yield a staging folder; on success it becomes root/name atomically and only the newest `keep`
     folders named prefix* remain. A kill mid-write leaves no half checkpoint behind."""
-    final, tmp = root / name, root / f".{name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    yield tmp
-    os.replace(tmp, final)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f".{prefix}*.partial-*"):  # left by a killed writer
+        if time.time() - stale.stat().st_mtime > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
+    final = root / name
+    tmp = Path(
+        tempfile.mkdtemp(prefix=f".{name}.partial-", dir=root)
+    )  # unique: writers never share it
+    try:
+        yield tmp
+        if final.exists():  # another writer got there first with the same step
+            shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     for old in sorted(root.glob(f"{prefix}*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -72,3 +72,58 @@ def test_new_objects_since_the_last_look(s3_env):
     assert new_s3_objects("s3://prefs/watch/", cfg, state)[0] == ["s3://prefs/watch/a.jsonl"]
     _, narrow = new_s3_objects("s3://prefs/watch/", cfg, state, lookback_s=0)
     assert len(narrow["recent"]) <= 3  # only what is inside the look-back window is remembered
+
+
+HOLD = (
+    "import sys, time; from rlhf_core.storage import work_dir_lock\n"
+    "with work_dir_lock(sys.argv[1], 'the holder test'):\n"
+    "    print('held', flush=True); time.sleep(600)\n"
+)
+
+
+def test_one_run_per_work_dir(tmp_path):
+    """A second run on a busy work dir fails at once with one line naming the holder; the lock
+    dies with its holder (kill -9 too); one process may take it again."""
+    import os
+    import signal
+
+    import pytest
+
+    from rlhf_core.storage import work_dir_lock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError) as busy:
+            with work_dir_lock(tmp_path):
+                pass
+        msg = str(busy.value)
+        assert f"is in use by the holder test (pid {holder.pid} on " in msg and "\n" not in msg
+        from tests.test_cli import rlhf  # the CLI: refused before Prefect touches the work dir
+
+        r = rlhf("run", "--set", f"run.work_dir={tmp_path}", cwd=Path(__file__).parent.parent)
+        assert r.returncode != 0 and "is in use by the holder test" in r.stderr + r.stdout
+        assert not (tmp_path / "prefect").exists()
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    with work_dir_lock(tmp_path, "me"):
+        with work_dir_lock(tmp_path, "me again"):  # re-entrant: the CLI, then its flow
+            pass
+
+
+def test_checkpoint_writers_never_share_a_staging_folder(tmp_path):
+    from rlhf_core.training import checkpoint_folder
+
+    with checkpoint_folder(tmp_path, "step-00000005", "step-", 2) as a:
+        with checkpoint_folder(tmp_path, "step-00000005", "step-", 2) as b:
+            assert a != b
+            (b / "w").write_text("b")
+        (a / "w").write_text("a")
+    assert (tmp_path / "step-00000005" / "w").read_text() == "a"
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000005"]
