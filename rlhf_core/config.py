@@ -245,6 +245,9 @@ class LoopConfig(Section):
     """Checkpoints kept on disk."""
     early_stopping_patience: int | None = Field(3, ge=1)
     """Stop after this many evaluations without improvement; null: never."""
+    max_nonfinite_steps: int = Field(3, ge=1)
+    """A step whose loss or gradient norm is NaN or infinite is skipped (the weights stay as they
+    were); this many in a row stop training with an error."""
     bucket_factor: int = Field(50, ge=1)
     """Length bucketing: sort by length within mega-batches of bucket_factor x batch_size."""
 

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlhf_core.config import LoopConfig, stable_hash
+from rlhf_core.errors import UserError
 from rlhf_core.models.fused import fuse_activations
 
 
@@ -152,6 +153,10 @@ def latest_checkpoint(root: Path | None, prefix: str) -> Path | None:
         return None
     done = sorted(p for p in root.glob(f"{prefix}*") if (p / "state.json").exists())
     return done[-1] if done else None
+
+
+class TrainingDiverged(UserError):
+    """Training produced non-finite losses or gradients repeatedly: the stage stops with one line."""
 
 
 @dataclass
@@ -362,6 +367,20 @@ class TrainLoop:
             if patience is not None and self.state["evals_without_improvement"] >= patience:
                 self.state["stopped_early"] = True
 
+    def _skip_nonfinite(self, loss: float, grad_norm: float) -> None:
+        """A NaN/inf step never reaches the weights or the optimiser's moments."""
+        self.optimizer.zero_grad(set_to_none=True)
+        st = self.state
+        st["skipped_steps"] = st.get("skipped_steps", 0) + 1
+        st["nonfinite_in_a_row"] = st.get("nonfinite_in_a_row", 0) + 1
+        self.on_log(st["step"], {"skipped_steps": st["skipped_steps"]})
+        if st["nonfinite_in_a_row"] >= self.s.max_nonfinite_steps:
+            raise TrainingDiverged(
+                f"{self.desc}: loss {loss:g}, gradient norm {grad_norm:g}: "
+                f"{st['nonfinite_in_a_row']} non-finite steps in a row after step {st['step']} "
+                f"(the last checkpoint is intact; lower the learning rate or check the data)"
+            )
+
     def _evaluate_in_eval_mode(self) -> dict[str, float]:
         was_training = self.model.training
         self.model.eval()  # dropout off
@@ -408,11 +427,15 @@ class TrainLoop:
                 n_units = sum(self.units(b) for b in group)
                 step_loss = sum(self.micro_step(b, n_units) for b in group)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.max_grad_norm)
+                st["batch_in_epoch"] += len(group)
+                if not (math.isfinite(step_loss) and math.isfinite(float(grad_norm))):
+                    self._skip_nonfinite(step_loss, float(grad_norm))
+                    continue
+                st["nonfinite_in_a_row"] = 0
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 st["step"] += 1
-                st["batch_in_epoch"] += len(group)
                 st["train_units"] += n_units
                 window_units += n_units
                 window_loss += step_loss

@@ -217,3 +217,42 @@ def test_instruction_data_errors(tmp_path):
     )
     with pytest.raises(UserError, match=r"bad.jsonl:2: expected an object"):
         load_instruction_pairs(bad)
+
+
+def _nan_at(trainer, calls: set[int]):
+    """Make the gradient of the given micro-steps (1-based) NaN, as a bad batch or an overflow."""
+    original, count = trainer.micro_step, [0]
+
+    def micro_step(indices, step_units):
+        loss = original(indices, step_units)
+        count[0] += 1
+        if count[0] in calls:
+            next(p for p in trainer.model.parameters() if p.grad is not None).grad.fill_(
+                float("nan")
+            )
+        return loss
+
+    trainer.micro_step = micro_step
+
+
+def test_nonfinite_steps_are_skipped_then_stop_training(tiny_gpt2):
+    """A NaN gradient never reaches the weights; max_nonfinite_steps in a row stop training with
+    one line (a UserError, so the stage fails cleanly)."""
+    from rlhf_core.training import TrainingDiverged
+
+    lm = load_causal_lm(str(tiny_gpt2), device="cpu", eval_mode=False)
+    train = _examples(ChatFormat(lm.tokenizer), demo_rows()[:64])
+    settings = SFTConfig(max_steps=6, batch_size=8, checkpoint_every=1000, max_nonfinite_steps=2)
+    trainer = SFTTrainer(lm.model, lm.tokenizer, train, [], settings, progress=False)
+    logged = []
+    trainer.on_log = lambda step, m: logged.append(m)
+    _nan_at(trainer, {2})
+    result = trainer.train()
+    assert result.steps == 6 and trainer.state["skipped_steps"] == 1
+    assert {"skipped_steps": 1} in logged
+    assert all(torch.isfinite(p).all() for p in lm.model.parameters())
+    trainer = SFTTrainer(lm.model, lm.tokenizer, train, [], settings, progress=False)
+    _nan_at(trainer, set(range(1, 100)))
+    with pytest.raises(TrainingDiverged, match="sft: .*2 non-finite steps in a row after step 0"):
+        trainer.train()
+    assert all(torch.isfinite(p).all() for p in lm.model.parameters())
