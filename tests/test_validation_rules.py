@@ -137,6 +137,23 @@ def test_p_chosen_range(tmp_path: Path) -> None:
     assert run.report["reasons"] == {"p_chosen outside [0, 1]": 3}
 
 
+def test_non_finite_labels_are_quarantined(tmp_path: Path) -> None:
+    """An infinite margin would dominate every loss it enters."""
+    rows = [
+        pair(1, margin=1.5),
+        pair(2, margin=float("inf")),
+        pair(3, margin=float("-inf")),
+        pair(5, p_chosen=float("inf")),
+    ]
+    run = Run(tmp_path, rows)
+    assert run.valid_rows == [1]
+    assert run.reasons_by_row == {
+        2: ["margin is not finite"],
+        3: ["margin is not finite"],
+        5: ["p_chosen outside [0, 1]"],
+    }
+
+
 def test_label_source_must_be_human_or_ai(tmp_path: Path) -> None:
     rows = [
         pair(1, label_source="human"),

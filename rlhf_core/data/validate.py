@@ -37,6 +37,10 @@ class PreferenceTable(pa.DataFrameModel):
     def _has_label(cls, df: pd.DataFrame) -> Series[bool]:
         return df["p_chosen"].notna() | (df["label_source"] == "none")
 
+    @pa.check("margin", name="finite")
+    def _finite_margin(cls, s: Series[float]) -> Series[bool]:
+        return s.isna() | np.isfinite(s)  # inf would dominate every Bradley-Terry loss it enters
+
     @pa.dataframe_check(name="chosen_differs_from_rejected")
     def _differs(cls, df: pd.DataFrame) -> Series[bool]:
         return df["chosen"].str.strip() != df["rejected"].str.strip()
@@ -84,6 +88,8 @@ class PreferenceValidator:
             return f"empty {column}"
         if check == "chosen_differs_from_rejected":
             return "chosen is the same as rejected"
+        if check == "finite":
+            return f"{column} is not finite"
         if check == "labelled_pair_has_p_chosen":
             return "p_chosen missing on a labelled pair"
         if check.startswith("greater_than_or_equal_to") or check.startswith(
