@@ -143,14 +143,14 @@ def test_non_finite_labels_are_quarantined(tmp_path: Path) -> None:
         pair(1, margin=1.5),
         pair(2, margin=float("inf")),
         pair(3, margin=float("-inf")),
-        pair(5, p_chosen=float("inf")),
+        pair(4, p_chosen=float("inf")),
     ]
     run = Run(tmp_path, rows)
     assert run.valid_rows == [1]
     assert run.reasons_by_row == {
         2: ["margin is not finite"],
         3: ["margin is not finite"],
-        5: ["p_chosen outside [0, 1]"],
+        4: ["p_chosen outside [0, 1]"],
     }
 
 
