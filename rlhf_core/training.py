@@ -134,9 +134,8 @@ def checkpoint_folder(root: Path, name: str, prefix: str, keep: int):
         if time.time() - stale.stat().st_mtime > 3600:
             shutil.rmtree(stale, ignore_errors=True)
     final = root / name
-    tmp = Path(
-        tempfile.mkdtemp(prefix=f".{name}.partial-", dir=root)
-    )  # unique: writers never share it
+    # unique per writer: two runs writing the same step never share (or delete) a staging folder
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=root))
     try:
         yield tmp
         if final.exists():  # another writer got there first with the same step
