@@ -236,10 +236,10 @@ def test_kl_guard_stops_with_one_line_and_keeps_the_checkpoint(tiny_gpt2, tmp_pa
     with pytest.raises(PPODiverged) as err:
         trainer.train()
     msg = str(err.value)
-    assert (
-        "exceeds ppo.kl_hard_limit 0.5" in msg and "last good checkpoint" in msg and "\n" not in msg
-    )
-    assert list((tmp_path / "ckpt").glob("iter-*"))
+    assert "exceeds ppo.kl_hard_limit 0.5" in msg and "\n" not in msg
+    good = sorted((tmp_path / "ckpt").glob("iter-*"))  # the weights that sampled the far rollout
+    assert list((tmp_path / "ckpt").glob("diverged-iter-*"))  # are set aside
+    assert (f"(last good checkpoint: {good[-1]})" if good else "starts from the reference") in msg
 
 
 def test_lora_policy_with_adapter_reference_and_shared_value_head(tiny_gpt2, tmp_path):
@@ -450,3 +450,67 @@ def test_rloo_groups_answers_per_prompt_and_needs_no_value_model(tiny_gpt2, tmp_
 def test_batch_sizes_must_divide():
     with pytest.raises(ValueError, match="multiple of mini_batch_size"):
         PPOConfig(batch_size=12, mini_batch_size=8)
+
+
+def _ppo(tiny_gpt2, tmp_path, **overrides):
+    reward = untrained_reward_dir(tmp_path, str(tiny_gpt2))
+    cfg = PPOConfig(
+        iterations=6,
+        batch_size=8,
+        mini_batch_size=8,
+        micro_batch_size=8,
+        max_new_tokens=8,
+        device="cpu",
+        checkpoint_every=1,
+        keep_checkpoints=3,
+        **overrides,
+    )
+    return build_ppo_trainer(
+        str(tiny_gpt2),
+        str(reward),
+        PROMPTS[:40],
+        cfg,
+        ModelConfig(),
+        checkpoint_dir=tmp_path / "ckpt",
+        progress=False,
+    )
+
+
+def test_nan_rollout_condemns_the_weights_it_sampled_from(tiny_gpt2, tmp_path):
+    """A checkpoint is good once the rollout after it passed: when iteration 4's rollout is NaN,
+    iteration 3's weights sampled it, so iter-3 is set aside and iter-2 is the one named; a
+    rerun resumes from it."""
+    trainer = _ppo(tiny_gpt2, tmp_path)
+    score, calls = trainer.score, [0]
+
+    def nan_at_fourth(batch, idx):
+        calls[0] += 1
+        raw, disagreement = score(batch, idx)
+        return (raw * float("nan") if calls[0] == 4 else raw), disagreement
+
+    trainer.score = nan_at_fourth
+    with pytest.raises(PPODiverged) as err:
+        trainer.train()
+    msg = str(err.value)
+    assert msg.startswith("PPO stopped at iteration 4: non-finite values in the rollout")
+    assert msg.endswith(f"(last good checkpoint: {tmp_path / 'ckpt' / 'iter-000002'})")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "diverged-iter-000003",
+        "iter-000001",
+        "iter-000002",
+    ]
+    again = _ppo(tiny_gpt2, tmp_path)
+    assert again.train().resumed_from == 2
+
+
+def test_nan_gradient_stops_before_the_weights_change(tiny_gpt2, tmp_path):
+    trainer = _ppo(tiny_gpt2, tmp_path)
+    trainer.train()  # six good iterations
+    before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
+    trainer.s = trainer.s.model_copy(update={"iterations": 7})
+    first = trainer.policy_params[0]
+    first.register_hook(lambda g: g * float("nan"))
+    with pytest.raises(PPODiverged, match="non-finite values in the update's gradients"):
+        trainer.train(resume=False)
+    assert all(torch.equal(p, before[n]) for n, p in trainer.policy.named_parameters())
+    assert trainer.latest_checkpoint().name == "iter-000006"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -385,7 +387,8 @@ class PPOTrainer:
             "rollout_s": t_rollout,
             "update_s": elapsed - t_rollout,
         }
-        self._guard(metrics["policy_loss"] + metrics["value_loss"], None, "update")
+        weights = [p.detach() for p in self.policy_params + self.value_params]
+        self._guard(metrics["policy_loss"] + metrics["value_loss"], weights, "update")
         if self.on_samples and s.sample_every and (self.iteration % s.sample_every == 0):
             texts = self.tokenizer.batch_decode(
                 batch.responses.masked_fill(~mask, self.pad_id)[: s.n_samples],
@@ -463,6 +466,7 @@ class PPOTrainer:
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     self.policy_params + self.value_params, s.max_grad_norm
                 )
+                self._guard(float(grad_norm), None, "update's gradients")  # before the weights
                 grad_norms.append(float(grad_norm))
                 self.policy_opt.step()
                 if self.value_opt:
@@ -472,20 +476,43 @@ class PPOTrainer:
             "grad_norm": float(np.mean(grad_norms)),
         }
 
-    def _guard(self, value: float, tensor: torch.Tensor | None, where: str) -> None:
-        last = self.latest_checkpoint()
-        keep = f" (last good checkpoint: {last})" if last else ""
-        if not math.isfinite(value) or (
-            tensor is not None and not bool(torch.isfinite(tensor).all())
-        ):
+    def _guard(self, value: float, tensors: torch.Tensor | list | None, where: str) -> None:
+        """Stop on NaN/inf (or a KL beyond ppo.kl_hard_limit), naming the last good checkpoint: a
+        checkpoint is good once the rollout after it passed. A failed rollout condemns the weights
+        it sampled from (the latest iteration's), so their checkpoints are set aside and a rerun
+        resumes from the good one."""
+        tensors = [tensors] if isinstance(tensors, torch.Tensor) else tensors or []
+        finite = math.isfinite(value) and all(bool(torch.isfinite(t).all()) for t in tensors)
+        too_far = (
+            where == "rollout" and self.s.kl_hard_limit is not None and value > self.s.kl_hard_limit
+        )
+        if finite and not too_far:
+            return
+        last = self._keep_good_checkpoints(self.iteration if where == "rollout" else None)
+        keep = (
+            f" (last good checkpoint: {last})"
+            if last
+            else " (no checkpoint passed its next rollout: a rerun starts from the reference)"
+        )
+        if not finite:
             raise PPODiverged(
                 f"PPO stopped at iteration {self.iteration + 1}: non-finite values in the {where}{keep}"
             )
-        if where == "rollout" and self.s.kl_hard_limit is not None and value > self.s.kl_hard_limit:
-            raise PPODiverged(
-                f"PPO stopped at iteration {self.iteration + 1}: KL {value:.3f} exceeds ppo.kl_hard_limit "
-                f"{self.s.kl_hard_limit:g}{keep}"
-            )
+        raise PPODiverged(
+            f"PPO stopped at iteration {self.iteration + 1}: KL {value:.3f} exceeds ppo.kl_hard_limit "
+            f"{self.s.kl_hard_limit:g}{keep}"
+        )
+
+    def _keep_good_checkpoints(self, bad_from: int | None) -> Path | None:
+        """Set aside (renamed diverged-iter-*, not deleted) checkpoints of iteration >= bad_from;
+        return the latest one left."""
+        if self.checkpoint_dir and bad_from is not None:
+            for ckpt in self.checkpoint_dir.glob("iter-*"):
+                if int(ckpt.name.split("-")[1]) >= bad_from:
+                    aside = ckpt.with_name("diverged-" + ckpt.name)
+                    shutil.rmtree(aside, ignore_errors=True)
+                    os.replace(ckpt, aside)
+        return self.latest_checkpoint()
 
     # -- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
