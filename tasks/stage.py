@@ -132,6 +132,18 @@ def _module_file(name: str, root: Path) -> Path | None:
     return None
 
 
+@functools.lru_cache(maxsize=1024)
+def _imported_names(path: Path, mtime_ns: int) -> tuple[str, ...]:
+    """Every absolute module name a file imports, at any depth (`from m import x`: m and m.x)."""
+    names: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+    return tuple(names)
+
+
 def import_closure(files: list[Path], root: Path, packages=PROJECT_PACKAGES) -> list[Path]:
     """The project's source files that `files` import, directly or through each other, at any
     depth in the file (imports inside functions too), with the packages' __init__ files; sorted."""
@@ -142,21 +154,14 @@ def import_closure(files: list[Path], root: Path, packages=PROJECT_PACKAGES) -> 
         if path in seen:
             continue
         seen.add(path)
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            else:
+        for name in _imported_names(path, path.stat().st_mtime_ns):
+            parts = name.split(".")
+            if parts[0] not in packages:
                 continue
-            for name in names:
-                if name.split(".")[0] not in packages:
-                    continue
-                parts = name.split(".")
-                for depth in range(1, len(parts) + 1):  # the packages on the way execute too
-                    found = _module_file(".".join(parts[:depth]), root)
-                    if found and found.resolve() not in seen:
-                        todo.append(found.resolve())
+            for depth in range(1, len(parts) + 1):  # the packages on the way execute too
+                found = _module_file(".".join(parts[:depth]), root)
+                if found and found.resolve() not in seen:
+                    todo.append(found.resolve())
     return sorted(seen)
 
 
