@@ -211,27 +211,15 @@ def test_killed_ppo_run_resumes_to_the_same_result(tiny_gpt2, tmp_path):
 
 
 def test_kl_guard_stops_with_one_line_and_keeps_the_checkpoint(tiny_gpt2, tmp_path):
-    reward = untrained_reward_dir(tmp_path, str(tiny_gpt2))
-    cfg = PPOConfig(
+    trainer = _ppo(
+        tiny_gpt2,
+        tmp_path,
         iterations=50,
-        batch_size=8,
-        mini_batch_size=8,
-        micro_batch_size=8,
         max_new_tokens=12,
         lr=3e-3,
         beta=0.0,
-        device="cpu",
         kl_hard_limit=0.5,
-        checkpoint_every=1,
-    )
-    trainer = build_ppo_trainer(
-        str(tiny_gpt2),
-        str(reward),
-        PROMPTS[:40],
-        cfg,
-        ModelConfig(),
-        checkpoint_dir=tmp_path / "ckpt",
-        progress=False,
+        keep_checkpoints=2,
     )
     with pytest.raises(PPODiverged) as err:
         trainer.train()
@@ -453,18 +441,19 @@ def test_batch_sizes_must_divide():
 
 
 def _ppo(tiny_gpt2, tmp_path, **overrides):
+    """A small PPO run on the tiny policy that checkpoints every iteration."""
     reward = untrained_reward_dir(tmp_path, str(tiny_gpt2))
-    cfg = PPOConfig(
-        iterations=6,
-        batch_size=8,
-        mini_batch_size=8,
-        micro_batch_size=8,
-        max_new_tokens=8,
-        device="cpu",
-        checkpoint_every=1,
-        keep_checkpoints=3,
-        **overrides,
-    )
+    settings = {
+        "iterations": 6,
+        "batch_size": 8,
+        "mini_batch_size": 8,
+        "micro_batch_size": 8,
+        "max_new_tokens": 8,
+        "device": "cpu",
+        "checkpoint_every": 1,
+        "keep_checkpoints": 3,
+    }
+    cfg = PPOConfig(**{**settings, **overrides})
     return build_ppo_trainer(
         str(tiny_gpt2),
         str(reward),
