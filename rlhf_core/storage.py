@@ -6,9 +6,13 @@ S3 credentials come only from the environment / boto3's usual chain and are neve
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import json
 import os
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,11 +53,6 @@ def work_dir_lock(work_dir: Path, what: str = "a pipeline run") -> Iterator[None
     """One run per work dir at a time: an exclusive lock on <work_dir>/.lock (released by the OS
     when the holder dies, even by kill -9). A second run fails at once with one line naming the
     holder; the same process may take it again (the CLI, then the flow inside it)."""
-    import fcntl
-    import json
-    import socket
-    import time
-
     work_dir = Path(work_dir).resolve()
     if work_dir in _HELD:
         _HELD[work_dir] += 1
