@@ -178,7 +178,7 @@ def test_too_many_invalid_rows_fails_clearly_and_keeps_quarantine(prefect_harnes
     state = run_flow(cfg)
     assert state.is_failed()
     assert state.message.startswith(
-        "50.0% of rows are invalid (limit data.max_invalid_fraction=0.1)"
+        "50.0% of source records are invalid (limit data.max_invalid_fraction=0.1)"
     )
     client = MlflowClient(cfg.mlflow_tracking_uri)
     parent = client.search_runs(
@@ -292,8 +292,11 @@ def test_label_stage_rlaif(prefect_harness, tmp_path):
     assert meta[b"rlhf.labels.merge"] == b"ai" and meta[b"rlhf.labels.judge"].startswith(
         b"embedding@"
     )
-    assert len(train) == 60 and set(train["label_source"]) == {"ai"}  # merge: ai (RLAIF)
-    assert ((train["p_chosen"] >= 0) & (train["p_chosen"] <= 1)).all() and train[
+    # merge: ai (RLAIF) on the 60 judged pairs; the other training pairs keep their human labels
+    assert (train["label_source"] == "ai").sum() == 60 and len(train) > 60
+    assert set(train["label_source"]) == {"ai", "human"}
+    ai = train[train["label_source"] == "ai"]
+    assert ((ai["p_chosen"] >= 0) & (ai["p_chosen"] <= 1)).all() and ai[
         "p_chosen"
     ].nunique() > 10  # soft labels
 

@@ -376,3 +376,29 @@ def test_relabel_measures_agreement_only_on_labelled_pairs():
         table.loc[3, "chosen"] == "longer" and table.loc[3, "p_chosen"] > 0.5
     )  # oriented to the judge's winner
     assert set(table["label_source"]) == {"ai"}
+
+
+def test_max_pairs_judges_a_seeded_random_subset_and_keeps_the_rest():
+    from rlhf_core.judges.rlaif import relabel
+
+    n = 40
+    train = pd.DataFrame(
+        {
+            "prompt": [f"p{i}" for i in range(n)],
+            "chosen": [f"a much longer answer {i}" for i in range(n)],
+            "rejected": [f"short {i}" for i in range(n)],
+            "p_chosen": np.full(n, 0.9),
+            "label_source": ["human"] * n,
+        }
+    )
+    cfg = LabelsConfig(max_pairs=10)
+    table, per_pair, report = relabel(train, FirstSlotJudge(), cfg, cache=None, seed=3)
+    assert len(per_pair) == 10 and report["judged_pairs"] == 10 and report["kept_pairs"] == 30
+    judged = set(per_pair["prompt"])
+    assert judged != {f"p{i}" for i in range(10)}  # not the file's first rows
+    assert len(table) == n and set(table["prompt"]) == set(train["prompt"])  # nothing dropped
+    kept = table[~table["prompt"].isin(judged)]
+    assert (kept["label_source"] == "human").all() and (kept["p_chosen"] == 0.9).all()
+    assert (table[table["prompt"].isin(judged)]["label_source"] == "ai").all()
+    again = relabel(train, FirstSlotJudge(), cfg, cache=None, seed=3)[1]
+    assert set(again["prompt"]) == judged  # the subset is the seed's

@@ -67,10 +67,14 @@ def relabel(
     cfg: LabelsConfig,
     cache: LabelCache | None,
     progress: Progress | None = None,
+    seed: int = 0,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Judge the human-labelled pairs: (training table after merge, per-pair labels, report)."""
-    if cfg.max_pairs:
-        train = train.head(cfg.max_pairs)
+    """Judge the human-labelled pairs: (training table after merge, per-pair labels, report).
+    With labels.max_pairs a seeded random subset is judged; the other pairs keep their labels."""
+    full = train
+    if cfg.max_pairs and cfg.max_pairs < len(train):
+        pick = np.sort(np.random.default_rng(seed).choice(len(train), cfg.max_pairs, replace=False))
+        train = train.iloc[pick].reset_index(drop=True)
     prompts, chosen, rejected = (
         train["prompt"].tolist(),
         train["chosen"].tolist(),
@@ -112,7 +116,13 @@ def relabel(
     principles = _principle_report(judge, prompts, chosen, rejected)
     if principles:
         report["principles"] = principles
-    return merge_labels(train, outcome.p, cfg), per_pair, report
+    table = merge_labels(train, outcome.p, cfg)
+    if len(train) < len(full):
+        report["judged_pairs"], report["kept_pairs"] = len(train), len(full) - len(train)
+        rest = np.ones(len(full), bool)
+        rest[pick] = False
+        table = pd.concat([table, full[rest]], ignore_index=True)
+    return table, per_pair, report
 
 
 def generate_pairs(
@@ -259,7 +269,7 @@ def label_training_pairs(
         train = pd.read_parquet(train_file)
         table, per_pair, report = train, None, {}
         if labels.mode in ("relabel", "both"):
-            table, per_pair, report = relabel(train, judge, labels, cache, progress)
+            table, per_pair, report = relabel(train, judge, labels, cache, progress, seed)
         if labels.mode in ("generate", "both"):
             if policy_dir is None:
                 raise UserError(f"labels.mode '{labels.mode}' samples from the reference policy")
