@@ -143,7 +143,8 @@ class DataConfig(Section):
     demo: DemoDataConfig = Field(default_factory=DemoDataConfig)
     """The generated demo set (used when there are no sources)."""
     max_invalid_fraction: float = Field(0.05, ge=0, le=1)
-    """Validation fails when more than this share of rows is quarantined."""
+    """Validation fails when more than this share of source records is quarantined (a record
+    counts once however many pairs it gave: a ranked list, for example)."""
     max_prompt_chars: int = Field(8000, ge=1)
     """Longer prompts are quarantined."""
     max_response_chars: int = Field(8000, ge=1)
@@ -372,7 +373,8 @@ class LabelsConfig(Section):
     ai_weight: float = Field(0.5, ge=0, le=1)
     """merge weighted: p = ai_weight * p_ai + (1 - ai_weight) * p_human."""
     max_pairs: int | None = Field(None, ge=1)
-    """Label at most this many training pairs (cost control)."""
+    """Judge at most this many training pairs, a seeded random subset (cost control); the others
+    keep their own labels (unlabelled ones stay out of reward training)."""
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     """The AI judge."""
     generate: GenerateConfig = Field(default_factory=GenerateConfig)

@@ -132,10 +132,7 @@ def validate(ctx: StageContext, ingested: Ingested, data: DataConfig) -> Validat
     create_markdown_artifact(markdown=md, key="validation-report", description="Validation summary")
     if not report["passed"]:
         mlflow.set_tag("rlhf.failure", "too many invalid rows")
-        raise data_pipeline.TooManyInvalidRowsError(
-            f"{report['invalid_fraction']:.1%} of rows are invalid (limit data.max_invalid_fraction={data.max_invalid_fraction:g}); "
-            f"see {out / data_pipeline.QUARANTINE_FILE}"
-        )
+        raise data_pipeline.gate_error(report, out)
     return ctx.result(
         Validated,
         metrics=metrics,

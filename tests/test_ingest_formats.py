@@ -498,7 +498,7 @@ def test_ranked_ties_skipped_and_counted(tmp_path: Path) -> None:
                 "responses": ["a", "b", "c"],
                 "ranks": [1.0, 1.0, 2.0],
             },  # 1 tie, 2 pairs
-            {"prompt": "P2", "responses": ["x", "y"], "ranks": [3.0, 3.0]},  # 1 tie, 0 pairs
+            {"prompt": "P2", "responses": ["x", "y"], "ranks": [3.0, 3.0]},  # all tied
             {
                 "prompt": "P3",
                 "responses": ["d", "e", "f", "g"],
@@ -507,17 +507,19 @@ def test_ranked_ties_skipped_and_counted(tmp_path: Path) -> None:
         ],
     )
     report, frame, failures = ingest(tmp_path, path)
-    assert failures == []
-    assert report["ties_skipped"] == 2 and report["sources"][0]["ties_skipped"] == 2
-    assert report["pairs"] == 8
+    # a record with no preference at all is quarantined with its reason, never silently lost
+    assert [f["reasons"] for f in failures] == [["all 2 responses share rank 3: no preference"]]
+    assert report["ties_skipped"] == 1 and report["sources"][0]["ties_skipped"] == 1
+    assert report["pairs"] == 8 and report["records"] == 3 and report["ingest_failures"] == 1
     assert sorted(t for t in triples(frame) if t[0] == "P1") == [("P1", "a", "c"), ("P1", "b", "c")]
     p3 = {(c, r) for p, c, r in triples(frame) if p == "P3"}
     assert p3 == {("e", "f"), ("e", "g"), ("e", "d"), ("f", "g"), ("f", "d"), ("g", "d")}
     vreport = validate_normalised(
         tmp_path / "ingest", tmp_path / "valid", DataConfig(), enforce=False
     )
-    assert vreport["ties_skipped"] == 2
-    assert vreport["valid"] == 8 and vreport["quarantined"] == 0
+    assert vreport["ties_skipped"] == 1
+    assert vreport["valid"] == 8 and vreport["quarantined"] == 1
+    assert vreport["invalid_fraction"] == pytest.approx(1 / 3)
 
 
 def test_ranked_bad_records_quarantined_with_reasons(tmp_path: Path) -> None:

@@ -684,6 +684,61 @@ def test_unlabelled_source_and_missing_label(tmp_path):
     report = validate_normalised(
         tmp_path / "ing2", tmp_path / "val2", DataConfig(max_invalid_fraction=1.0)
     )
-    assert report["valid"] == 1 and report["reasons"] == {
-        "label_source must be 'human', 'ai' or 'none'": 1
+    # a labelled pair with an explicit null label is unknown, not certain
+    assert report["valid"] == 0 and report["reasons"] == {
+        "field 'p_chosen' is null: an unknown label (leave it out for 1.0)": 1,
+        "label_source must be 'human', 'ai' or 'none'": 1,
     }
+
+
+# -- the gate counts source records, and labels are never invented ----------------------------------------
+
+
+def ranked(i: int, k: int = 5, **kw) -> dict:
+    return {
+        "prompt": f"rank prompt {i}",
+        "responses": [f"answer {i}.{j}" for j in range(k)],
+        "ranks": list(range(1, k + 1)),
+        **kw,
+    }
+
+
+def test_gate_counts_ranked_records_not_the_pairs_they_give(tmp_path: Path) -> None:
+    # 7 good lists of 5 give 70 pairs; 3 broken records are 30% of the source, not 3 / 73 = 4%
+    rows = [ranked(i) for i in range(7)] + [ranked(i, ranks=None) for i in range(7, 10)]
+    run = Run(tmp_path, rows, DataConfig(max_invalid_fraction=0.05))
+    assert run.report["valid"] == 70 and run.report["records"] == 10
+    assert run.report["invalid_records"] == 3
+    assert run.report["invalid_fraction"] == pytest.approx(0.3)
+    assert run.report["passed"] is False
+
+
+def test_a_record_with_several_bad_pairs_counts_once(tmp_path: Path) -> None:
+    # record 1 repeats one answer at three ranks: 3 of its 10 pairs compare a text with itself
+    # and 4 repeat an earlier pair
+    dup = ranked(0)
+    dup["responses"][1] = dup["responses"][0]
+    dup["responses"][2] = dup["responses"][0]
+    run = Run(tmp_path, [dup] + [ranked(i) for i in range(1, 4)])
+    assert run.report["quarantined_at_validation"] == 7
+    assert run.report["invalid_records"] == 1
+    assert run.report["invalid_fraction"] == pytest.approx(1 / 4)
+
+
+@pytest.mark.parametrize("chunk_rows", [1000, 1])  # arrow's fast path and the exact one
+def test_explicit_null_p_chosen_is_quarantined_not_read_as_certain(
+    tmp_path: Path, chunk_rows: int
+) -> None:
+    rows = [
+        pair(1, p_chosen=None),  # explicit null: unknown, not 1.0
+        pair(2, p_chosen=0.7),
+        pair(3),  # left out: a hard label
+        pair(4, p_chosen=None, label_source="ai"),
+        pair(5, p_chosen=None, label_source="none"),  # unlabelled on purpose: kept, no label
+    ]
+    run = Run(tmp_path, rows, ingest_chunk_rows=chunk_rows)
+    reason = "field 'p_chosen' is null: an unknown label (leave it out for 1.0)"
+    assert run.reasons_by_row == {1: [reason], 4: [reason]}
+    assert [q["record"]["p_chosen"] for q in run.quarantine] == [None, None]
+    p = run.valid.set_index("source_row")["p_chosen"]
+    assert p[2] == 0.7 and p[3] == 1.0 and np.isnan(p[5])

@@ -228,6 +228,8 @@ def validate_normalised(
     reasons: Counter[str] = Counter()
     lengths = {"prompt": [], "chosen": [], "rejected": []}
     n_valid = n_invalid = 0
+    # the gate counts source records: a ranked record gives many pairs, and one bad pair spoils it
+    bad_records: dict[str, set[int]] = {}
     digest = hashlib.sha256()
     with atomic_dir(Path(out_dir)) as staging:
         with open(staging / QUARANTINE_FILE, "wb") as quarantine:
@@ -250,6 +252,7 @@ def validate_normalised(
                             bad_rows.astype(object).where(bad_rows.notna(), None).to_dict("records")
                         )
                         for pos, rec in zip(positions, bad_rows):
+                            bad_records.setdefault(rec["source"], set()).add(int(rec["source_row"]))
                             quarantine.write(
                                 orjson.dumps(
                                     {
@@ -277,8 +280,9 @@ def validate_normalised(
             finally:
                 writer.close()
         n_failed_ingest = ingest_report["ingest_failures"]
-        total_units = n_valid + n_invalid + n_failed_ingest
-        invalid_fraction = (n_invalid + n_failed_ingest) / total_units if total_units else 1.0
+        n_records = ingest_report["records"]
+        invalid_records = n_failed_ingest + sum(len(rows) for rows in bad_records.values())
+        invalid_fraction = invalid_records / n_records if n_records else 1.0
         report = {
             "dataset_version": digest.hexdigest()[:16],
             "sources": ingest_report["sources"],
@@ -288,6 +292,7 @@ def validate_normalised(
             "quarantined": n_invalid + n_failed_ingest,
             "quarantined_at_ingest": n_failed_ingest,
             "quarantined_at_validation": n_invalid,
+            "invalid_records": invalid_records,
             "blank_lines": ingest_report["blank_lines"],
             "ties_skipped": ingest_report["ties_skipped"],
             "invalid_fraction": round(invalid_fraction, 6),
@@ -301,11 +306,17 @@ def validate_normalised(
         }
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2))
     if enforce and not report["passed"]:
-        raise TooManyInvalidRowsError(
-            f"{invalid_fraction:.1%} of rows are invalid (limit data.max_invalid_fraction={data.max_invalid_fraction:g}); "
-            f"see {Path(out_dir) / QUARANTINE_FILE}"
-        )
+        raise gate_error(report, Path(out_dir))
     return report
+
+
+def gate_error(report: dict, out_dir: Path) -> TooManyInvalidRowsError:
+    """The one-line error of a validation report that did not pass."""
+    return TooManyInvalidRowsError(
+        f"{report['invalid_fraction']:.1%} of source records are invalid "
+        f"(limit data.max_invalid_fraction={report['max_invalid_fraction']:g}); "
+        f"see {Path(out_dir) / QUARANTINE_FILE}"
+    )
 
 
 def split_by_prompt(prompts: pd.Series, ratios: SplitRatios, seed: int) -> np.ndarray:

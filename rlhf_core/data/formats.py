@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from rlhf_core.config import ColumnMap
-from rlhf_core.data.readers import ROW
+from rlhf_core.data.readers import EXPLICIT_NULL, ROW
 from rlhf_core.errors import UnusableInputError
 
 NORMALISED_COLUMNS = [
@@ -79,7 +79,7 @@ def check_columns(fmt: str, columns: list[str], cols: ColumnMap, where: str) -> 
 class Normalised:
     frame: pd.DataFrame
     failures: list[dict]
-    ties_skipped: int = 0
+    ties_skipped: int = 0  # ranked: tied pairs of records that gave other pairs
     records_expanded: int = 0  # ranked: records that produced pairs
 
 
@@ -105,7 +105,11 @@ class _Problems:
 
 
 def _record_of(frame: pd.DataFrame, i: int) -> dict:
-    rec = {k: v for k, v in frame.iloc[i].items() if k != ROW}
+    rec = {
+        k: None if isinstance(v, str) and v == EXPLICIT_NULL else v
+        for k, v in frame.iloc[i].items()
+        if k != ROW
+    }
     return json.loads(
         json.dumps(rec, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
     )
@@ -162,9 +166,14 @@ def _string_column(frame: pd.DataFrame, name: str, problems: _Problems) -> pd.Se
 
 
 def _float_column(
-    frame: pd.DataFrame, name: str, default: float | None, problems: _Problems
+    frame: pd.DataFrame,
+    name: str,
+    default: float | None,
+    problems: _Problems,
+    unlabelled: pd.Series | None = None,
 ) -> pd.Series:
-    """Optional numeric column: missing -> default; a non-number is flagged."""
+    """Optional numeric column: missing -> default; a non-number is flagged, and so is an explicit
+    JSON null (EXPLICIT_NULL) except on the rows `unlabelled` marks (there it stays NaN)."""
     if name not in frame.columns:
         return pd.Series(
             np.full(len(frame), np.nan if default is None else default),
@@ -175,7 +184,14 @@ def _float_column(
     if pd.api.types.is_bool_dtype(col.dtype):
         problems.flag(np.ones(len(frame), bool), f"field '{name}' must be a number, got bool")
         return pd.Series(np.nan, index=frame.index, dtype="float64")
-    is_bool = np.zeros(len(frame), bool)
+    is_bool = is_null = np.zeros(len(frame), bool)
+    if not pd.api.types.is_numeric_dtype(col.dtype):
+        is_null = (col.astype(object) == EXPLICIT_NULL).to_numpy()
+        allowed = np.zeros(len(frame), bool) if unlabelled is None else unlabelled.to_numpy()
+        problems.flag(
+            is_null & ~allowed, f"field '{name}' is null: an unknown label (leave it out for 1.0)"
+        )
+        col = col.astype(object).where(~is_null, None)
     if col.dtype == object:  # mixed JSON values: a bool must not pass as 0/1
         is_bool = np.fromiter(
             (isinstance(v, (bool, np.bool_)) for v in col.to_numpy()), bool, len(col)
@@ -186,7 +202,7 @@ def _float_column(
     bad = numeric.isna() & col.notna() & (col.astype("str").str.strip() != "")
     problems.flag(bad.to_numpy(), lambda i: f"field '{name}' must be a number, got {col.iloc[i]!r}")
     if default is not None:
-        numeric = numeric.fillna(default)
+        numeric = numeric.fillna(default).mask(is_null)  # an allowed null stays unknown
     return numeric
 
 
@@ -225,19 +241,10 @@ def normalise_pairwise(
     prompt = _string_column(frame, "prompt", problems)
     chosen = _string_column(frame, "chosen", problems)
     rejected = _string_column(frame, "rejected", problems)
-    p_chosen = _float_column(frame, "p_chosen", 1.0, problems)
+    sources = _label_source_column(frame, label_source, problems)
+    p_chosen = _float_column(frame, "p_chosen", 1.0, problems, sources == "none")
     margin = _float_column(frame, "margin", None, problems)
-    return _assemble(
-        frame,
-        prompt,
-        chosen,
-        rejected,
-        p_chosen,
-        margin,
-        _label_source_column(frame, label_source, problems),
-        source,
-        problems,
-    )
+    return _assemble(frame, prompt, chosen, rejected, p_chosen, margin, sources, source, problems)
 
 
 def split_hh_dialogue(chosen: str, rejected: str) -> tuple[str, str, str] | None:
@@ -272,14 +279,15 @@ def normalise_hh(
         "no shared prompt: the two dialogues share no prefix ending in '\\n\\nAssistant:'",
     )
     idx = frame.index
+    sources = _label_source_column(frame, label_source, problems)
     return _assemble(
         frame,
         pd.Series(prompts, index=idx, dtype="str"),
         pd.Series(chosen, index=idx, dtype="str"),
         pd.Series(rejected, index=idx, dtype="str"),
-        _float_column(frame, "p_chosen", 1.0, problems),
+        _float_column(frame, "p_chosen", 1.0, problems, sources == "none"),
         _float_column(frame, "margin", None, problems),
-        _label_source_column(frame, label_source, problems),
+        sources,
         source,
         problems,
     )
@@ -360,6 +368,12 @@ def normalise_ranked(
             problems.flag(np.arange(len(frame)) == i, reason)
             continue
         if bad_before[i]:
+            continue
+        if len(set(ranks)) == 1:  # nothing to learn, but the record is accounted for
+            problems.flag(
+                np.arange(len(frame)) == i,
+                f"all {len(ranks)} responses share rank {ranks[0]:g}: no preference",
+            )
             continue
         expanded += 1
         for a in range(len(responses)):

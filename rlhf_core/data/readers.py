@@ -13,6 +13,7 @@ import io
 import itertools
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -29,6 +30,21 @@ from rlhf_core.errors import UnusableInputError
 
 ROW = "__row"
 FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
+
+# In JSON a field left out takes its format's default (p_chosen: a hard label) while an explicit
+# null means "unknown": the readers mark the null so the normaliser can quarantine it.
+NULL_IS_UNKNOWN = ("p_chosen",)
+EXPLICIT_NULL = "\x00null"
+_EXPLICIT_NULL_RE = re.compile(
+    rb'"(?:' + b"|".join(f.encode() for f in NULL_IS_UNKNOWN) + rb')"\s*:\s*null'
+)
+
+
+def mark_explicit_nulls(obj: dict) -> dict:
+    for key in NULL_IS_UNKNOWN:
+        if key in obj and obj[key] is None:
+            obj[key] = EXPLICIT_NULL
+    return obj
 
 
 @dataclass
@@ -116,7 +132,7 @@ def _parse_lines_exactly(numbered: list[tuple[int, bytes]]) -> RawChunk:
                 failure(lineno, f"not a JSON object (got {type(obj).__name__})", text.rstrip("\n"))
             )
             continue
-        records.append(obj)
+        records.append(mark_explicit_nulls(obj))
         rows.append(lineno)
     frame = pd.DataFrame.from_records(records) if records else pd.DataFrame()
     frame[ROW] = pd.Series(rows, dtype="int64")
@@ -148,6 +164,8 @@ def read_jsonl(path: Path, chunk_rows: int) -> Iterator[RawChunk]:
             try:
                 blob = b"".join(raw if raw.endswith(b"\n") else raw + b"\n" for _, raw in numbered)
                 blob.decode("utf-8")  # arrow does not check UTF-8 inside strings
+                if _EXPLICIT_NULL_RE.search(blob):  # arrow reads a null like a missing field
+                    raise pa.ArrowInvalid("explicit null label")
                 table = pa_json.read_json(
                     io.BytesIO(blob),
                     read_options=pa_json.ReadOptions(block_size=max(1 << 20, len(blob) + 1)),
@@ -201,7 +219,7 @@ def read_json(path: Path, chunk_rows: int) -> Iterator[RawChunk]:
         records, rows, failures = [], [], []
         for i, obj in enumerate(doc[start : start + chunk_rows], start=start + 1):
             if isinstance(obj, dict):
-                records.append(obj)
+                records.append(mark_explicit_nulls(obj))
                 rows.append(i)
             else:
                 failures.append(
