@@ -454,7 +454,9 @@ def stack_up(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     _health_table(health)
     env = stack.s.client_env()
     out.print(
-        "Use it from this shell:\n" + "\n".join(f"  export {k}={v}" for k, v in env.items()),
+        "Use it from this shell (the last line reads the servers' credentials):\n"
+        + "\n".join(f"  export {k}={v}" for k, v in env.items())
+        + f"\n  set -a; . {stack.credentials_path}; set +a",
         highlight=False,
     )
 

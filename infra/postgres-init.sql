@@ -1,2 +1,3 @@
--- Prefect uses the database POSTGRES_DB creates (prefect); MLflow gets its own.
+-- Prefect uses the database POSTGRES_DB creates (prefect); MLflow gets its own, and one for its users.
 CREATE DATABASE mlflow;
+CREATE DATABASE mlflow_auth;

@@ -27,6 +27,10 @@ from rlhf_core.services import port_is_free, weed_binary
 
 HOST = STACK_HOST
 STATE_FILE = "stack.json"
+CREDENTIALS_FILE = "credentials.env"
+"""The servers' credentials (mode 0600), in the clients' variable names: `set -a; . FILE; set +a`
+gives a shell what the worker and its pipeline runs use."""
+MLFLOW_ADMIN = "rlhf"
 
 
 @dataclass
@@ -63,10 +67,11 @@ shell's tokens and keys stay with the shell)."""
 PIPELINE_ENV = re.compile(
     r"^(RLHF_[A-Z0-9_]+|HF_(HOME|HUB_[A-Z_]+|DATASETS_[A-Z_]+)|TRANSFORMERS_[A-Z_]+|OMP_NUM_THREADS"
     r"|MKL_NUM_THREADS"
-    r"|CUDA_VISIBLE_DEVICES|AWS_(DEFAULT_)?REGION|[A-Z][A-Z0-9_]*_API_KEY)$"
+    r"|CUDA_VISIBLE_DEVICES|AWS_(DEFAULT_)?REGION|(?!PREFECT_)[A-Z][A-Z0-9_]*_API_KEY)$"
 )
 """What the worker's pipeline runs read besides: project settings, model caches and offline flags,
-thread counts, the judge's API key (labels.judge.api_key_env ends in _API_KEY)."""
+thread counts, the judge's API key (labels.judge.api_key_env ends in _API_KEY). Not a Prefect
+Cloud key: it would take precedence over the stack's auth string."""
 
 
 def service_env(allowed: re.Pattern = BASE_ENV) -> dict[str, str]:
@@ -83,12 +88,35 @@ def credentials() -> tuple[str, str]:
     return key, secret
 
 
+def load_credentials(path: Path) -> dict[str, str]:
+    """The stack's credentials file, refused when others may read it."""
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise UserError(f"{path} is readable by others (mode {mode:o}): chmod 600 it")
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines())
+    return {k: v for k, v in (p for p in pairs if len(p) == 2) if not k.startswith("#")}
+
+
+def basic_auth(user_colon_password: str) -> dict[str, str]:
+    """The Authorization header of HTTP basic authentication."""
+    import base64
+
+    return {"Authorization": "Basic " + base64.b64encode(user_colon_password.encode()).decode()}
+
+
 def _http_ok(
-    url: str, method: str = "GET", body: dict | None = None, timeout: float = 3.0
+    url: str,
+    method: str = "GET",
+    body: dict | None = None,
+    timeout: float = 3.0,
+    headers: dict[str, str] | None = None,
 ) -> tuple[bool, object]:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"}
+        url,
+        data=data,
+        method=method,
+        headers={"Content-Type": "application/json", **(headers or {})},
     )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -112,6 +140,38 @@ class Stack:
     @property
     def state_path(self) -> Path:
         return self.root / STATE_FILE
+
+    @property
+    def credentials_path(self) -> Path:
+        return self.root / CREDENTIALS_FILE
+
+    def credentials(self) -> dict[str, str]:
+        """The servers' credentials, generated at the first `up` (a fresh MLflow user store goes
+        with fresh credentials: MLflow creates its admin only in an empty store)."""
+        import secrets
+
+        if not self.credentials_path.exists():
+            self.root.mkdir(parents=True, exist_ok=True)
+            (self.root / "data" / "mlflow-auth.db").unlink(missing_ok=True)
+            creds = {
+                "PREFECT_API_AUTH_STRING": f"rlhf:{secrets.token_urlsafe(24)}",
+                "MLFLOW_TRACKING_USERNAME": MLFLOW_ADMIN,
+                "MLFLOW_TRACKING_PASSWORD": secrets.token_urlsafe(24),
+            }
+            text = "# rlhf stack credentials; a shell gets them with: set -a; . THIS_FILE; set +a\n"
+            fd = os.open(self.credentials_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text + "".join(f"{k}={v}\n" for k, v in creds.items()))
+        return load_credentials(self.credentials_path)
+
+    def _auth(self, service: str) -> dict[str, str]:
+        """Authorization header for the stack's Prefect API or MLflow server (none before `up`)."""
+        if not self.credentials_path.exists():
+            return {}
+        c = self.credentials()
+        if service == "prefect":
+            return basic_auth(c["PREFECT_API_AUTH_STRING"])
+        return basic_auth(f"{c['MLFLOW_TRACKING_USERNAME']}:{c['MLFLOW_TRACKING_PASSWORD']}")
 
     def started(self) -> dict[str, Started]:
         if not self.state_path.exists():
@@ -179,7 +239,10 @@ class Stack:
         from datetime import datetime
 
         ok, body = _http_ok(
-            f"{self.s.prefect_url}/work_pools/{self.s.work_pool}/workers/filter", "POST", {}
+            f"{self.s.prefect_url}/work_pools/{self.s.work_pool}/workers/filter",
+            "POST",
+            {},
+            headers=self._auth("prefect"),
         )
         if not ok:
             return False, f"work pool {self.s.work_pool}: {body}"
@@ -204,9 +267,10 @@ class Stack:
 
     # -- up / down -----------------------------------------------------------------------------
     def _commands(self) -> dict[str, tuple[list[str], dict[str, str], Callable[[], bool]]]:
-        s, key_secret = self.s, credentials()
+        s, key_secret, creds = self.s, credentials(), self.credentials()
         bin_dir = Path(sys.executable).parent
         data = self.root / "data"
+        data.mkdir(parents=True, exist_ok=True)
         base = service_env()
         s3_env = {
             **base,
@@ -219,7 +283,18 @@ class Stack:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY": "false",
             "PREFECT_UI_API_URL": s.prefect_url,
+            "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": s.prefect_ui,  # its own UI, no other page
         }
+        auth_ini = self.root / "mlflow-auth.ini"
+        auth_ini.write_text(
+            "[mlflow]\n"
+            "default_permission = NO_PERMISSIONS\n"
+            f"database_uri = sqlite:///{data / 'mlflow-auth.db'}\n"
+            f"admin_username = {creds['MLFLOW_TRACKING_USERNAME']}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
+        import secrets
+
         from rlhf_core.services import free_ports
 
         master, volume, filer, admin = free_ports(4, with_grpc=True, start=30000, stop=40000)
@@ -262,8 +337,17 @@ class Stack:
                     "--serve-artifacts",
                     "--artifacts-destination",
                     f"s3://{s.bucket}/mlflow",
+                    "--app-name",
+                    "basic-auth",
                 ],
-                {**s3_env, "MLFLOW_S3_ENDPOINT_URL": s.s3_url},
+                {
+                    **s3_env,
+                    "MLFLOW_S3_ENDPOINT_URL": s.s3_url,
+                    "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini),
+                    "MLFLOW_AUTH_ADMIN_PASSWORD": creds["MLFLOW_TRACKING_PASSWORD"],
+                    # one server process: its CSRF key need not outlive it
+                    "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_urlsafe(32),
+                },
                 lambda: _http_ok(f"{s.mlflow_url}/health")[0],
             ),
             "prefect": (
@@ -277,7 +361,7 @@ class Stack:
                     str(s.prefect_port),
                     "--analytics-off",
                 ],
-                prefect_env,
+                {**prefect_env, "PREFECT_SERVER_API_AUTH_STRING": creds["PREFECT_API_AUTH_STRING"]},
                 lambda: _http_ok(f"{s.prefect_url}/health")[0],
             ),
             "worker": (
@@ -296,6 +380,7 @@ class Stack:
                     **prefect_env,
                     **s3_env,
                     **service_env(PIPELINE_ENV),  # the runs it starts read these
+                    **creds,
                     "PREFECT_API_URL": s.prefect_url,
                     "MLFLOW_TRACKING_URI": s.mlflow_url,
                     "RLHF_S3_ENDPOINT_URL": s.s3_url,

@@ -57,13 +57,24 @@ def test_compose_and_the_local_stack_run_the_same_services(monkeypatch, tmp_path
         "worker",
     }  # + Postgres for both servers
 
-    assert services["seaweedfs"]["ports"] == [f"{defaults.s3_port}:8333"]
+    # published on loopback only, by default
+    loopback = "${RLHF_PUBLISH_HOST:-127.0.0.1}"
+    assert services["seaweedfs"]["ports"] == [f"{loopback}:{defaults.s3_port}:8333"]
     assert (
         f"-s3.port={defaults.s3_port}" in local["s3"][0]
         and "mini" in services["seaweedfs"]["command"]
     )
-    assert services["mlflow"]["ports"] == [f"{defaults.mlflow_port}:5000"]
-    assert services["prefect-server"]["ports"] == [f"{defaults.prefect_port}:4200"]
+    assert services["mlflow"]["ports"] == [f"{loopback}:{defaults.mlflow_port}:5000"]
+    assert services["prefect-server"]["ports"] == [f"{loopback}:{defaults.prefect_port}:4200"]
+
+    # both servers ask for credentials, and the worker has them
+    for cmd in (services["mlflow"]["command"], local["mlflow"][0]):
+        assert cmd[cmd.index("--app-name") + 1] == "basic-auth"
+    assert "default_permission = NO_PERMISSIONS" in compose["configs"]["mlflow-auth"]["content"]
+    assert "PREFECT_SERVER_API_AUTH_STRING" in services["prefect-server"]["environment"]
+    assert "PREFECT_SERVER_API_AUTH_STRING" in local["prefect"][1]
+    for env in (services["worker"]["environment"], local["worker"][1]):
+        assert {"PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_PASSWORD"} <= set(env)
 
     # MLflow: proxied artifacts to s3://<bucket>/mlflow, the server alone holding S3 credentials, one worker
     for cmd in (services["mlflow"]["command"], local["mlflow"][0]):
@@ -122,13 +133,14 @@ def test_each_server_gets_only_the_environment_it_needs(monkeypatch, tmp_path):
         "GITHUB_TOKEN": "gh-canary",
         "HF_TOKEN": "hf-canary",
         "OPENAI_API_KEY": "openai-canary",
+        "PREFECT_API_KEY": "cloud-canary",  # would override the stack's auth string
         "RLHF_SHARED_DATA": "/data",
         "HF_HUB_OFFLINE": "1",
     }.items():
         monkeypatch.setenv(name, value)
     envs = {name: env for name, (_, env, _) in Stack(StackConfig(), tmp_path)._commands().items()}
     for name, env in envs.items():
-        assert "gh-canary" not in env.values() and "hf-canary" not in env.values(), name
+        assert not {"gh-canary", "hf-canary", "cloud-canary"} & set(env.values()), name
         assert env["PATH"] == os.environ["PATH"]
     assert (
         envs["s3"]["AWS_SECRET_ACCESS_KEY"]
@@ -142,3 +154,27 @@ def test_each_server_gets_only_the_environment_it_needs(monkeypatch, tmp_path):
     worker = envs["worker"]
     assert worker["OPENAI_API_KEY"] == "openai-canary" and worker["RLHF_SHARED_DATA"] == "/data"
     assert worker["HF_HUB_OFFLINE"] == "1" and worker["AWS_SECRET_ACCESS_KEY"] == "aws-canary"
+
+
+def test_stack_credentials_are_generated_once_and_kept_private(monkeypatch, tmp_path):
+    from rlhf_core.errors import UserError
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    stack = Stack(StackConfig(), tmp_path)
+    creds = stack.credentials()
+    assert stack.credentials_path.stat().st_mode & 0o777 == 0o600
+    assert creds == Stack(StackConfig(), tmp_path).credentials()  # the same at every `up`
+    assert len(creds["MLFLOW_TRACKING_PASSWORD"]) >= 32
+    user, secret = creds["PREFECT_API_AUTH_STRING"].split(":")
+    assert user == "rlhf" and len(secret) >= 32
+    envs = {name: env for name, (_, env, _) in stack._commands().items()}
+    assert envs["prefect"]["PREFECT_SERVER_API_AUTH_STRING"] == creds["PREFECT_API_AUTH_STRING"]
+    assert envs["mlflow"]["MLFLOW_AUTH_ADMIN_PASSWORD"] == creds["MLFLOW_TRACKING_PASSWORD"]
+    assert all(envs["worker"][k] == v for k, v in creds.items())
+    assert (
+        "PREFECT_API_AUTH_STRING" not in envs["s3"] and "MLFLOW_TRACKING_PASSWORD" not in envs["s3"]
+    )
+    stack.credentials_path.chmod(0o644)
+    with pytest.raises(UserError, match=r"readable by others \(mode 644\): chmod 600 it"):
+        stack.credentials()
