@@ -394,6 +394,9 @@ class TrainLoop:
         from tqdm.auto import tqdm
 
         resumed_from, note = None, None
+        # dropout draws from the global generator: the same run whatever ran before it in this
+        # process (a resumed run restores the generator's state from its checkpoint)
+        torch.manual_seed(self.seed)
         if resume and (ckpt := self.latest_checkpoint()):
             note = self.set_aside_if_foreign(ckpt)
             if note is None:
