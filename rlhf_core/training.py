@@ -186,6 +186,48 @@ def ids_digest(seqs: Sequence[Sequence[int]], *extra: Sequence[float]) -> str:
 LogFn = Callable[[int, dict], None]
 
 
+def set_aside_if_foreign(path: Path, fingerprint: str) -> str | None:
+    """None when the checkpoint at path was written by the run whose fingerprint is given; else
+    moves its folder's checkpoints aside (to <dir>.previous, nothing is deleted) and says why."""
+    written = json.loads((path / "state.json").read_text()).get("fingerprint")
+    if written == fingerprint:
+        return None
+    folder = path.parent
+    aside = folder.with_name(folder.name + ".previous")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(folder, aside)
+    return (
+        f"{path.name} in {folder} is another run's (data, settings or model differ): "
+        f"started fresh, kept it in {aside}"
+    )
+
+
+def weights_signature(model) -> str:
+    """A cheap digest of a model's weights (names, shapes and sums): tells one starting model from
+    another where a folder name cannot (the same path rewritten, a model built in memory)."""
+    with torch.no_grad():
+        return stable_hash(
+            [
+                (name, list(p.shape), float(p.detach().sum(dtype=torch.float64)))
+                for name, p in model.state_dict().items()
+            ]
+        )
+
+
+def load_weights(model, file: Path, device) -> None:
+    """Load a checkpoint's weights; a checkpoint that does not fit the model is an error, never a
+    partial load (tied weights saved twice are the one allowed extra)."""
+    state = load_file(file, device=str(device))
+    result = model.load_state_dict(state, strict=False)
+    tied = {k for k in result.unexpected_keys if k.endswith("lm_head.weight")}
+    if result.missing_keys or set(result.unexpected_keys) - tied:
+        raise UserError(
+            f"{file} does not fit the model (missing {len(result.missing_keys)} tensors, e.g. "
+            f"{(result.missing_keys or ['-'])[0]}; unexpected {len(result.unexpected_keys)}): "
+            "delete the checkpoint folder to start fresh"
+        )
+
+
 class TrainLoop:
     """Subclasses say how to turn a micro-batch of example indices into a loss, and how to evaluate."""
 
@@ -320,9 +362,7 @@ class TrainLoop:
         return latest_checkpoint(self.checkpoint_dir, "step-")
 
     def load_checkpoint(self, path: Path) -> None:
-        self.model.load_state_dict(
-            load_file(path / "model.safetensors", device=str(self.device)), strict=False
-        )
+        load_weights(self.model, path / "model.safetensors", self.device)
         if (path / "best.safetensors").exists():
             self._best_weights = load_file(path / "best.safetensors")
         blob = torch.load(path / "trainer.pt", weights_only=True)
@@ -335,20 +375,6 @@ class TrainLoop:
         for key in ("settings", "seed", "fingerprint"):
             state.pop(key, None)
         self.state.update(state)
-
-    def set_aside_if_foreign(self, path: Path) -> str | None:
-        """None when the checkpoint at path is this run's; else moves the checkpoints aside (to
-        <dir>.previous, nothing is deleted) and says why."""
-        written = json.loads((path / "state.json").read_text()).get("fingerprint")
-        if written == self.fingerprint:
-            return None
-        aside = self.checkpoint_dir.with_name(self.checkpoint_dir.name + ".previous")
-        shutil.rmtree(aside, ignore_errors=True)
-        os.replace(self.checkpoint_dir, aside)
-        return (
-            f"{path.name} in {self.checkpoint_dir} is another run's (data, settings or model "
-            f"differ): started fresh, kept it in {aside}"
-        )
 
     # -- evaluation bookkeeping ----------------------------------------------------------------
     def _after_eval(self, metrics: dict) -> None:
@@ -398,7 +424,7 @@ class TrainLoop:
         # process (a resumed run restores the generator's state from its checkpoint)
         torch.manual_seed(self.seed)
         if resume and (ckpt := self.latest_checkpoint()):
-            note = self.set_aside_if_foreign(ckpt)
+            note = set_aside_if_foreign(ckpt, self.fingerprint)
             if note is None:
                 self.load_checkpoint(ckpt)
                 resumed_from = self.state["step"]

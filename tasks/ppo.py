@@ -111,6 +111,8 @@ def ppo(
         }
     )
     result = trainer.train()
+    if result.resume_note:
+        logger.warning(f"ppo: {result.resume_note}")
     if result.resumed_from:
         logger.info(f"ppo: resumed from iteration {result.resumed_from}")
     policy = trainer.policy

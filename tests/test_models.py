@@ -136,3 +136,21 @@ def test_chat_template_used_when_present(tiny_gpt2):
     assert fmt.prompt_text("Hi") == "<|user|>Hi<|assistant|>"
     assert fmt.response_text(" Hello ") == "Hello"
     assert not ChatFormat(tok, use_chat_template=False).has_template
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_refused(tiny_gpt2, tmp_path):
+    """Resume never half-loads: a weights file missing tensors (or holding strangers) is one line."""
+    from safetensors.torch import save_file
+
+    from rlhf_core.training import cpu_copy, load_weights, untie
+
+    model = load_causal_lm(str(tiny_gpt2), device="cpu").model
+    state = cpu_copy(model)
+    save_file(untie(state), tmp_path / "whole.safetensors")
+    load_weights(model, tmp_path / "whole.safetensors", "cpu")  # tied weights saved twice: fine
+    save_file(untie({k: v for k, v in state.items() if ".h.0." not in k}), tmp_path / "part.st")
+    with pytest.raises(UserError, match=r"part\.st does not fit the model \(missing \d+ tensors"):
+        load_weights(model, tmp_path / "part.st", "cpu")
+    save_file(untie({**state, "extra.weight": torch.zeros(2)}), tmp_path / "more.st")
+    with pytest.raises(UserError, match="unexpected 1"):
+        load_weights(model, tmp_path / "more.st", "cpu")

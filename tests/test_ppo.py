@@ -440,9 +440,9 @@ def test_batch_sizes_must_divide():
         PPOConfig(batch_size=12, mini_batch_size=8)
 
 
-def _ppo(tiny_gpt2, tmp_path, **overrides):
+def _ppo(tiny_gpt2, tmp_path, prompts=PROMPTS[:40], reward=None, **overrides):
     """A small PPO run on the tiny policy that checkpoints every iteration."""
-    reward = untrained_reward_dir(tmp_path, str(tiny_gpt2))
+    reward = reward or untrained_reward_dir(tmp_path, str(tiny_gpt2))
     settings = {
         "iterations": 6,
         "batch_size": 8,
@@ -457,7 +457,7 @@ def _ppo(tiny_gpt2, tmp_path, **overrides):
     return build_ppo_trainer(
         str(tiny_gpt2),
         str(reward),
-        PROMPTS[:40],
+        prompts,
         cfg,
         ModelConfig(),
         checkpoint_dir=tmp_path / "ckpt",
@@ -503,3 +503,24 @@ def test_nan_gradient_stops_before_the_weights_change(tiny_gpt2, tmp_path):
         trainer.train(resume=False)
     assert all(torch.equal(p, before[n]) for n, p in trainer.policy.named_parameters())
     assert trainer.latest_checkpoint().name == "iter-000006"
+
+
+def test_ppo_resumes_only_its_own_checkpoints(tiny_gpt2, tmp_path):
+    """Other prompts, another reward model or other settings start fresh (the old checkpoints set
+    aside, not deleted) with a note; the same run resumes."""
+    _ppo(tiny_gpt2, tmp_path, iterations=2).train()
+    same = _ppo(tiny_gpt2, tmp_path, iterations=2).train()
+    assert same.resumed_from == 2 and same.resume_note is None
+    other = _ppo(tiny_gpt2, tmp_path, prompts=PROMPTS[40:80], iterations=2).train()
+    assert other.resumed_from is None and "another run's" in other.resume_note
+    assert (tmp_path / "ckpt.previous" / "iter-000002").exists()
+    # a reward model with other weights in a folder of the same name
+    reward = untrained_reward_dir(tmp_path, str(tiny_gpt2))
+    from rlhf_core.reward.model import load_reward_model
+
+    rm = load_reward_model(str(reward), device="cpu")
+    with torch.no_grad():
+        next(rm.model.parameters()).add_(0.01)
+    rm.save(reward)
+    again = _ppo(tiny_gpt2, tmp_path, prompts=PROMPTS[40:80], iterations=2).train()
+    assert again.resumed_from is None and again.resume_note

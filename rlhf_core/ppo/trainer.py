@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlhf_core.config import PPOConfig
+from rlhf_core.config import PPOConfig, stable_hash
 from rlhf_core.errors import UserError
 from rlhf_core.models.chat import ChatFormat
 from rlhf_core.models.fused import fuse_activations
@@ -52,7 +52,10 @@ from rlhf_core.training import (
     checkpoint_folder,
     cpu_copy,
     latest_checkpoint,
+    load_weights,
+    set_aside_if_foreign,
     untie,
+    weights_signature,
 )
 
 
@@ -69,6 +72,7 @@ class PPOResult:
     history: list[dict] = field(default_factory=list)
     selected_iteration: int | None = None  # the judged check whose weights the policy holds
     stopped_early: bool = False
+    resume_note: str | None = None  # why a checkpoint found was not resumed
 
 
 LogFn = Callable[[int, dict], None]
@@ -140,6 +144,7 @@ class PPOTrainer:
         if reference is not None:
             reference.requires_grad_(False)
         reward_model.model.requires_grad_(False)
+        self.fingerprint = self._fingerprint(reward_models)
         self.policy_params = [p for p in policy.parameters() if p.requires_grad]
         self.value_params = (
             [p for p in value_model.parameters() if p.requires_grad] if value_model else []
@@ -515,6 +520,23 @@ class PPOTrainer:
         return self.latest_checkpoint()
 
     # -- checkpoints --------------------------------------------------------------------------
+    def _fingerprint(self, reward_models: list) -> str:
+        """A checkpoint is resumed only by the run that wrote it: the same settings, seed and
+        prompts, and the same starting policy, value model, reference and reward model(s)."""
+        members = getattr(self.rm, "members", [self.rm])
+        return stable_hash(
+            {
+                "settings": self.s.model_dump(mode="json"),
+                "seed": self.seed,
+                "prompts": stable_hash(self.prompts),
+                "models": [
+                    None if m is None else weights_signature(m)
+                    for m in (self.policy, self.value, self.reference, *reward_models)
+                ],
+                "reward_normalisation": [getattr(r, "normalisation", None) for r in members],
+            }
+        )
+
     def save_checkpoint(self) -> Path | None:
         if not self.checkpoint_dir:
             return None
@@ -544,6 +566,7 @@ class PPOTrainer:
                         "checks_since_best": self.checks_since_best,
                         "settings": self.s.model_dump(mode="json"),
                         "seed": self.seed,
+                        "fingerprint": self.fingerprint,
                     }
                 )
             )
@@ -553,13 +576,9 @@ class PPOTrainer:
         return latest_checkpoint(self.checkpoint_dir, "iter-")
 
     def load_checkpoint(self, path: Path) -> None:
-        self.policy.load_state_dict(
-            load_file(path / "policy.safetensors", device=str(self.device)), strict=False
-        )
+        load_weights(self.policy, path / "policy.safetensors", self.device)
         if self.value is not None:
-            self.value.load_state_dict(
-                load_file(path / "value.safetensors", device=str(self.device))
-            )
+            load_weights(self.value, path / "value.safetensors", self.device)
         blob = torch.load(path / "trainer.pt", weights_only=True)
         self.policy_opt.load_state_dict(blob["policy_opt"])
         if self.value_opt:
@@ -626,10 +645,12 @@ class PPOTrainer:
     def train(self, resume: bool = True) -> PPOResult:
         from tqdm.auto import tqdm
 
-        resumed_from = None
+        resumed_from, note = None, None
         if resume and (ckpt := self.latest_checkpoint()):
-            self.load_checkpoint(ckpt)
-            resumed_from = self.iteration
+            note = set_aside_if_foreign(ckpt, self.fingerprint)
+            if note is None:
+                self.load_checkpoint(ckpt)
+                resumed_from = self.iteration
         s = self.s
         bar = tqdm(
             total=s.iterations,
@@ -672,6 +693,7 @@ class PPOTrainer:
             history=self.history,
             selected_iteration=selected,
             stopped_early=stopped,
+            resume_note=note,
         )
 
 
