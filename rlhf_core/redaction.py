@@ -40,15 +40,32 @@ def redact(obj: Any) -> Any:
     return redact_url(obj) if isinstance(obj, str) else obj
 
 
+_SECRET_PARAM = re.compile(
+    r"(^|[-_.])(key|token|secret|password|passwd|pwd|signature|sig|credential|auth|sas)s?($|[-_.])"
+    r"|^x-amz-",
+    re.IGNORECASE,
+)
+"""Query parameters that carry credentials (api_key, access_token, X-Amz-Signature, sig, ...);
+others (api-version, region) are plain settings."""
+
+
+def carries_credentials(url: str) -> bool:
+    """A URL with user-info, or with a query parameter that names a credential."""
+    if not isinstance(url, str) or not _URL.match(url):
+        return False
+    parts = urlsplit(url)
+    names = [p.split("=", 1)[0] for p in parts.query.split("&") if p]
+    return "@" in parts.netloc or any(_SECRET_PARAM.search(n) for n in names)
+
+
 def credential_url_key(obj: Any, prefix: str = "") -> str | None:
-    """The dotted key of the first URL with user-info in a JSON-like object, else None."""
+    """The dotted key of the first URL carrying credentials in a JSON-like object, else None."""
     if isinstance(obj, dict):
         items = obj.items()
     elif isinstance(obj, (list, tuple)):
         items = ((str(i), v) for i, v in enumerate(obj))
     else:
-        has = isinstance(obj, str) and _URL.match(obj) and "@" in urlsplit(obj).netloc
-        return prefix.rstrip(".") if has else None
+        return prefix.rstrip(".") if carries_credentials(obj) else None
     for k, v in items:
         found = credential_url_key(v, f"{prefix}{k}.")
         if found:

@@ -74,7 +74,8 @@ def test_judge_key_variable_must_be_an_api_key(name):
 
 
 def test_logged_settings_carry_no_credentials(tmp_path):
-    """What the pipeline's MLflow run records of the settings: params and resolved_config.yaml."""
+    """What the pipeline's MLflow run records of the settings: params and resolved_config.yaml
+    (a query that names no credential is allowed in the config, and still stripped where logged)."""
     from tasks.tracking import start_pipeline_run
 
     canary = "canary-7f3e"
@@ -83,9 +84,9 @@ def test_logged_settings_carry_no_credentials(tmp_path):
             "run": {"work_dir": str(tmp_path / "w")},
             "tracking": {
                 "mlflow_tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
-                "prefect_api_url": f"https://prefect.example.com/api?key={canary}",
+                "prefect_api_url": f"https://prefect.example.com/api?tenant={canary}",
             },
-            "s3": {"endpoint_url": f"http://minio.local:9000/?sig={canary}"},
+            "s3": {"endpoint_url": f"http://minio.local:9000/?region={canary}"},
         }
     )
     ctx = start_pipeline_run(cfg, "redaction")
@@ -109,6 +110,9 @@ def test_config_errors_do_not_echo_credentials():
         "tracking.mlflow_tracking_uri=postgresql://mlflow:canary-5c@db.example.com/mlflow",
         "s3.endpoint_url=https://AKIA:canary-5c@s3.example.com",
         "tracking.prefect_api_url=https://u:canary-5c@prefect.example.com/api",
+        "labels.judge.base_url=https://judge.example.com/v1?api_key=canary-5c",
+        "s3.endpoint_url=https://s3.example.com/?X-Amz-Signature=canary-5c",
+        "labels.judge.base_url=https://judge.example.com/v1?api-version=2024&sig=canary-5c",
     ],
 )
 def test_no_credentials_in_the_config(setting):
@@ -119,3 +123,8 @@ def test_no_credentials_in_the_config(setting):
     msg = str(err.value)
     assert msg.startswith(setting.split("=")[0] + ": credentials do not belong in the config")
     assert "canary-5c" not in msg and "\n" not in msg
+
+
+def test_a_plain_query_setting_is_not_a_credential():
+    cfg = load_config(None, ["labels.judge.base_url=https://judge.example.com/v1?api-version=2024"])
+    assert cfg.labels.judge.base_url.endswith("?api-version=2024")
