@@ -1,5 +1,5 @@
 """`rlhf deploy`: the pipeline deployment (nightly schedule, one run at a time) and, when a prefix is
-watched, the data sensor and the trigger that starts a pipeline run for each new file."""
+watched, the data sensor that starts a pipeline run for each new file."""
 
 from __future__ import annotations
 
@@ -27,10 +27,9 @@ def ensure_work_pool(name: str) -> None:
 def deploy(cfg: PipelineConfig) -> dict:
     from prefect import flow
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
-    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
     from prefect.schedules import Cron
 
-    from flows.sensor import DATA_EVENT, prime
+    from rlhf_core.sensor import prime
 
     if not (cfg.tracking.prefect_api_url or os.environ.get("PREFECT_API_URL")):
         raise UserError(
@@ -47,16 +46,6 @@ def deploy(cfg: PipelineConfig) -> dict:
             f"cannot reach the Prefect server at {api} ({type(exc).__name__}); is `rlhf stack up` running?"
         ) from None
     source = str(PROJECT_ROOT)
-    triggers = []
-    if d.watch_prefix:
-        triggers.append(
-            DeploymentEventTrigger(
-                name="new preference data",
-                expect={DATA_EVENT},
-                match={"prefect.resource.id": "rlhf.data.*"},
-                parameters={"data_path": "{{ event.payload.uri }}"},
-            )
-        )
     pipeline = flow.from_source(source, PIPELINE_ENTRYPOINT)
     pipeline_id = pipeline.deploy(
         name=d.name,
@@ -67,7 +56,6 @@ def deploy(cfg: PipelineConfig) -> dict:
         concurrency_limit=ConcurrencyLimitConfig(
             limit=d.concurrency_limit, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
         ),
-        triggers=triggers,
         parameters={"config": cfg.model_dump(mode="json")},
         tags=["rlhf"],
         print_next_steps=False,
@@ -93,10 +81,15 @@ def deploy(cfg: PipelineConfig) -> dict:
             push=False,
             interval=d.sensor_interval_s,
             concurrency_limit=1,
-            parameters={"prefix": d.watch_prefix, "s3": cfg.s3.model_dump(mode="json")},
+            parameters={
+                "prefix": d.watch_prefix,
+                "s3": cfg.s3.model_dump(mode="json"),
+                "deployment": f"rlhf-pipeline/{d.name}",
+                "retries": d.run_retries,
+            },
             tags=["rlhf"],
             print_next_steps=False,
-            description=f"Emit {DATA_EVENT} for each new preference file under {d.watch_prefix}",
+            description=f"A pipeline run for each new preference file under {d.watch_prefix}",
         )
         out["sensor"] = {
             "id": str(sensor_id),

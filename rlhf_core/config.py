@@ -752,6 +752,8 @@ class DeployConfig(Section):
     """s3://bucket/prefix/: each new preference file there starts a run on it."""
     sensor_interval_s: int = Field(30, ge=5)
     """Seconds between looks at watch_prefix."""
+    run_retries: int = Field(2, ge=0)
+    """A run started for a new file that fails (or crashes) is started again this many times."""
 
     @model_validator(mode="after")
     def _prefix_is_s3(self) -> DeployConfig:
@@ -791,7 +793,8 @@ class PipelineConfig(Section):
     @model_validator(mode="after")
     def _no_credentials(self) -> PipelineConfig:
         """The settings are logged and are a Prefect flow parameter: a URL in them must not carry
-        user:password@ (MLflow, Prefect and S3 read theirs from the environment)."""
+        user:password@ or a credential in its query (?api_key=, ?sig=, ...); MLflow, Prefect and
+        S3 read theirs from the environment."""
         key = credential_url_key(self.model_dump(mode="json"))
         if key:
             raise UserError(

@@ -128,7 +128,7 @@ def s3_client(cfg: S3Config):
     )
 
 
-def _s3_error(uri: str, exc: Exception) -> UserError:
+def s3_error(uri: str, exc: Exception) -> UserError:
     code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
     if code in ("404", "NoSuchKey", "NotFound"):
         return UnusableInputError(f"{uri}: no such object")
@@ -144,7 +144,7 @@ def s3_fingerprint(uri: str, cfg: S3Config) -> str:
     try:
         head = s3_client(cfg).head_object(Bucket=bucket, Key=key)
     except (ClientError, BotoCoreError) as exc:
-        raise _s3_error(uri, exc) from None
+        raise s3_error(uri, exc) from None
     return hashlib.sha256(
         f"{uri}|{head.get('ETag')}|{head.get('ContentLength')}".encode()
     ).hexdigest()
@@ -165,7 +165,7 @@ def s3_download(uri: str, cache_dir: Path, cfg: S3Config) -> Path:
         s3_client(cfg).download_file(bucket, key, str(tmp))
         os.replace(tmp, target)
     except (ClientError, BotoCoreError) as exc:
-        raise _s3_error(uri, exc) from None
+        raise s3_error(uri, exc) from None
     finally:
         tmp.unlink(missing_ok=True)
     return target
@@ -206,10 +206,19 @@ def new_s3_objects(
     prefix_uri: str, cfg: S3Config, state: dict | None, lookback_s: float = 3600.0
 ) -> tuple[list[str], dict]:
     """Preference files under an S3 prefix that are new since `state` (what the previous call returned):
-    (their s3:// URIs, oldest first; the new state). An object is identified by key and ETag, so a file
-    uploaded again with other content counts as new. The state keeps the newest LastModified seen and
-    the objects modified within `lookback_s` before it: S3 dates a multipart upload by its start, so a
-    slow upload may appear after a newer one and still be caught; the state stays small."""
+    (their s3:// URIs, oldest first; the new state). See new_s3_files."""
+    new, state = new_s3_files(prefix_uri, cfg, state, lookback_s)
+    return [uri for uri, _ in new], state
+
+
+def new_s3_files(
+    prefix_uri: str, cfg: S3Config, state: dict | None, lookback_s: float = 3600.0
+) -> tuple[list[tuple[str, str]], dict]:
+    """(s3:// URI, identity) of each preference file under an S3 prefix that is new since `state`,
+    oldest first, and the new state. The identity is key and ETag, so a file uploaded again with
+    other content counts as new. The state keeps the newest LastModified seen and the objects
+    modified within `lookback_s` before it: S3 dates a multipart upload by its start, so a slow
+    upload may appear after a newer one and still be caught."""
     from datetime import datetime, timedelta
 
     from botocore.exceptions import BotoCoreError, ClientError
@@ -228,18 +237,18 @@ def new_s3_objects(
                     (obj["LastModified"], key, f"{key}#{obj.get('ETag', '').strip(chr(34))}")
                 )
     except (ClientError, BotoCoreError) as exc:
-        raise _s3_error(prefix_uri, exc) from None
+        raise s3_error(prefix_uri, exc) from None
     window = timedelta(seconds=lookback_s)
     since = datetime.fromisoformat(state["since"]) if state and state.get("since") else None
     recent = set(state.get("recent", [])) if state else set()
     new = sorted(
-        (t, k)
+        (t, k, ident)
         for t, k, ident in found
         if ident not in recent and (since is None or t >= since - window)
     )
     newest = max([t for t, _, _ in found] + ([since] if since else []), default=None)
     keep = sorted(ident for t, _, ident in found if newest is not None and t >= newest - window)
-    return [f"s3://{bucket}/{k}" for _, k in new], {
+    return [(f"s3://{bucket}/{k}", ident) for _, k, ident in new], {
         "since": newest.isoformat() if newest else None,
         "recent": keep,
     }

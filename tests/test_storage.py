@@ -1,8 +1,11 @@
 """S3 access: retries with backoff, then one clear line when the store is unreachable; the sensor's bookkeeping."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+
+from prefect import flow
 
 from rlhf_core.config import S3Config
 from rlhf_core.errors import UserError
@@ -127,3 +130,80 @@ def test_checkpoint_writers_never_share_a_staging_folder(tmp_path):
         (a / "w").write_text("a")
     assert (tmp_path / "step-00000005" / "w").read_text() == "a"
     assert [p.name for p in tmp_path.iterdir()] == ["step-00000005"]
+
+
+@flow(name="sensor-target")
+def sensor_target(data_path: str) -> None:
+    """What the sensor's runs would run (they stay scheduled: no worker here)."""
+
+
+def _flow_runs(deployment_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    runs, page = [], None
+    with get_client(sync_client=True) as client:
+        while page is None or len(page) == 200:  # the API's largest page
+            page = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+                limit=200,
+                offset=len(runs),
+            )
+            runs += page
+    return runs
+
+
+def test_the_sensor_starts_one_run_per_file_and_retries_failed_runs(prefect_harness, s3_env):
+    """500 files under the watched prefix (a state far beyond a Prefect Variable's 5,000
+    characters): one pipeline run each, on the real Prefect server and S3 store; looking again,
+    or after a crash between starting runs and saving the state, starts none twice; a failed run
+    is started again deploy.run_retries times, then left alone."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Failed
+
+    from flows.sensor import data_sensor
+    from rlhf_core import sensor
+
+    deployment_id = sensor_target.to_deployment(name="runs").apply()
+    prefix, cfg = "s3://prefs/burst/", S3Config(endpoint_url=s3_env.endpoint_url)
+    s3 = {"endpoint_url": s3_env.endpoint_url}
+    client = s3_env.client()
+    client.put_object(Bucket="prefs", Key="burst/old.jsonl", Body=b"{}\n")
+    assert sensor.prime(prefix, cfg) == 1  # there before deploying: no run
+    for i in range(500):
+        client.put_object(Bucket="prefs", Key=f"burst/f{i:03d}.jsonl", Body=f"{i}\n".encode())
+    run = dict(prefix=prefix, s3=s3, deployment="sensor-target/runs", retries=1)
+
+    before_save = sensor.load_state(prefix, cfg)
+    started = data_sensor(**run)
+    assert len(started) == 500 and len(set(started)) == 500
+    state = sensor.load_state(prefix, cfg)
+    assert len(json.dumps(state)) > 5000 and len(state["runs"]) == 500
+    assert data_sensor(**run) == []  # nothing new
+    sensor.save_state(prefix, cfg, before_save)  # as if the first look died before saving
+    assert len(data_sensor(**run)) == 500  # announced again...
+    runs = _flow_runs(deployment_id)
+    assert len(runs) == 500  # ...but no file has two runs
+    assert {r.parameters["data_path"] for r in runs} == {
+        f"s3://prefs/burst/f{i:03d}.jsonl" for i in range(500)
+    }
+
+    # one run fails, the others complete: only the failed one starts again, once (retries=1)
+    by_path = {r.parameters["data_path"]: r for r in runs}
+    failing = "s3://prefs/burst/f007.jsonl"
+    with get_client(sync_client=True) as c:
+        for path, r in by_path.items():
+            c.set_flow_run_state(r.id, Failed() if path == failing else Completed(), force=True)
+    assert data_sensor(**run) == [failing]
+    runs = _flow_runs(deployment_id)
+    retry = [
+        r for r in runs if r.parameters["data_path"] == failing and r.id != by_path[failing].id
+    ]
+    assert len(runs) == 501 and len(retry) == 1
+    assert list(sensor.load_state(prefix, cfg)["runs"]) == [
+        next(i for i in state["runs"] if state["runs"][i]["uri"] == failing)
+    ]
+    with get_client(sync_client=True) as c:
+        c.set_flow_run_state(retry[0].id, Failed(), force=True)
+    assert data_sensor(**run) == []  # no retries left: given up, and said so
+    assert len(_flow_runs(deployment_id)) == 501 and sensor.load_state(prefix, cfg)["runs"] == {}
