@@ -41,12 +41,12 @@ def redact(obj: Any) -> Any:
 
 
 _SECRET_PARAM = re.compile(
-    r"(^|[-_.])(key|token|secret|password|passwd|pwd|signature|sig|credential|auth|sas)s?($|[-_.])"
-    r"|^x-amz-",
+    r"key|token|secret|passw|pwd|signature|credential|^x-amz-|(^|[-_.])(sig|sas|auth|code)($|[-_.])",
     re.IGNORECASE,
 )
-"""Query parameters that carry credentials (api_key, access_token, X-Amz-Signature, sig, ...);
-others (api-version, region) are plain settings."""
+"""Query parameters that carry credentials (api_key, apiKey, accessToken, X-Amz-Signature, sig,
+...); others (api-version, region) are plain settings. A false alarm costs one line asking to move
+the URL into the environment; a miss would store a secret with every run."""
 
 
 def carries_credentials(url: str) -> bool:

@@ -8,9 +8,11 @@ time of that PID, so `down` never signals a recycled PID) and `down` stops exact
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -99,8 +101,6 @@ def load_credentials(path: Path) -> dict[str, str]:
 
 def basic_auth(user_colon_password: str) -> dict[str, str]:
     """The Authorization header of HTTP basic authentication."""
-    import base64
-
     return {"Authorization": "Basic " + base64.b64encode(user_colon_password.encode()).decode()}
 
 
@@ -148,8 +148,6 @@ class Stack:
     def credentials(self) -> dict[str, str]:
         """The servers' credentials, generated at the first `up` (a fresh MLflow user store goes
         with fresh credentials: MLflow creates its admin only in an empty store)."""
-        import secrets
-
         if not self.credentials_path.exists():
             self.root.mkdir(parents=True, exist_ok=True)
             (self.root / "data" / "mlflow-auth.db").unlink(missing_ok=True)
@@ -293,8 +291,6 @@ class Stack:
             f"admin_username = {creds['MLFLOW_TRACKING_USERNAME']}\n"
             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
         )
-        import secrets
-
         from rlhf_core.services import free_ports
 
         master, volume, filer, admin = free_ports(4, with_grpc=True, start=30000, stop=40000)

@@ -113,6 +113,8 @@ def test_config_errors_do_not_echo_credentials():
         "labels.judge.base_url=https://judge.example.com/v1?api_key=canary-5c",
         "s3.endpoint_url=https://s3.example.com/?X-Amz-Signature=canary-5c",
         "labels.judge.base_url=https://judge.example.com/v1?api-version=2024&sig=canary-5c",
+        "labels.judge.base_url=https://judge.example.com/v1?apiKey=canary-5c",
+        "s3.endpoint_url=https://s3.example.com/?accessToken=canary-5c",
     ],
 )
 def test_no_credentials_in_the_config(setting):

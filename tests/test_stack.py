@@ -272,27 +272,23 @@ def test_stack_deploy_and_a_data_arrival_run(tmp_path, monkeypatch):
         assert logged.returncode == 0, logged.stderr[-2000:]
         import boto3
 
-        s3c = boto3.client(
-            "s3",
-            endpoint_url=f"http://127.0.0.1:{s3}",
-            aws_access_key_id="stack-test",
-            aws_secret_access_key="stack-test-secret",
-            region_name="us-east-1",
-        )
+        def s3_client(secret: str):
+            return boto3.client(
+                "s3",
+                endpoint_url=f"http://127.0.0.1:{s3}",
+                aws_access_key_id="stack-test",
+                aws_secret_access_key=secret,
+                region_name="us-east-1",
+            )
+
+        s3c = s3_client("stack-test-secret")
         keys = [
             o["Key"]
             for o in s3c.list_objects_v2(Bucket="rlhf", Prefix="mlflow/").get("Contents", [])
         ]
         assert any(k.endswith("/artifacts/x.txt") for k in keys), keys
-        wrong_key = boto3.client(
-            "s3",
-            endpoint_url=f"http://127.0.0.1:{s3}",
-            aws_access_key_id="stack-test",
-            aws_secret_access_key="not-the-secret",
-            region_name="us-east-1",
-        )
         with pytest.raises(Exception, match="SignatureDoesNotMatch|AccessDenied|Forbidden"):
-            wrong_key.list_objects_v2(Bucket="rlhf")
+            s3_client("not-the-secret").list_objects_v2(Bucket="rlhf")
 
         # deploy; a preference file lands under the watched prefix; the sensor's event starts a pipeline run for it
         # on the worker, which completes against the stack's servers
