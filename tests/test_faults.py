@@ -65,8 +65,9 @@ KILLS = [
 ]
 
 
-def start(config: Path, work: Path) -> subprocess.Popen:
+def start(config: Path, work: Path, extra_env: dict | None = None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(extra_env or {})
     return subprocess.Popen(
         [RLHF, "run", "--config", str(config), "--set", f"run.work_dir={work}"],
         stdout=subprocess.PIPE,
