@@ -49,11 +49,12 @@ def data_sensor(
         )
         return str(run.id)
 
-    def run_state(run_id: str) -> str:
-        with get_client(sync_client=True) as client:
-            run = client.read_flow_run(UUID(run_id))
-        return run.state.type.value if run.state else "PENDING"
+    with get_client(sync_client=True) as client:  # one connection for every run looked up
 
-    started, state = sensor.tick(prefix, cfg, state, start, run_state, retries, logger.info)
+        def run_state(run_id: str) -> str:
+            run = client.read_flow_run(UUID(run_id))
+            return run.state.type.value if run.state else "PENDING"
+
+        started, state = sensor.tick(prefix, cfg, state, start, run_state, retries, logger.info)
     sensor.save_state(prefix, cfg, state)
     return started

@@ -144,7 +144,8 @@ class PPOTrainer:
         if reference is not None:
             reference.requires_grad_(False)
         reward_model.model.requires_grad_(False)
-        self.fingerprint = self._fingerprint(reward_models)
+        # of the starting weights, so taken before any update; only checkpoints need it
+        self.fingerprint = self._fingerprint(reward_models) if checkpoint_dir else None
         self.policy_params = [p for p in policy.parameters() if p.requires_grad]
         self.value_params = (
             [p for p in value_model.parameters() if p.requires_grad] if value_model else []
