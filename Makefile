@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test bench clean browser
+.PHONY: install run test faults bench clean browser
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,10 @@ run: install
 
 test: install browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fault-injection suite alone (kill -9 in every stage, the S3 result store stopped; ~6 min).
+faults: install
+	$(BIN)/python -m pytest tests/test_faults.py $(PYTEST_ARGS)
 
 # The browser smoke test needs headless Chromium (Debian's package); installed when we can (root with apt).
 browser:

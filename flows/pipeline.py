@@ -3,7 +3,7 @@ what it is given (see tasks/stage.py) and returns a typed result the next stages
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Failed, State
 
@@ -14,7 +14,12 @@ from rlhf_core.storage import work_dir_lock
 from tasks import data, evaluate, labels, models, ppo, registry, reward
 from tasks.results import DemoData, Splits
 from tasks.stage import StageFailed, quiet_clean_failures
-from tasks.tracking import TrackingContext, finish_pipeline_run, start_pipeline_run
+from tasks.tracking import (
+    TrackingContext,
+    close_abandoned_runs,
+    finish_pipeline_run,
+    start_pipeline_run,
+)
 
 
 def versioned_splits(
@@ -162,6 +167,10 @@ def rlhf_pipeline(config: dict, data_path: str | None = None) -> dict | State:
 
 def tracked_run(cfg: PipelineConfig, flow_name: str) -> dict | State:
     """The stages inside the pipeline's MLflow parent run, closed as FINISHED or FAILED."""
+    if closed := close_abandoned_runs(cfg):
+        get_run_logger().warning(
+            f"{closed} MLflow run(s) left RUNNING by a killed run on this work dir: marked KILLED"
+        )
     t = start_pipeline_run(
         cfg,
         run_name=f"{cfg.run.name}-{flow_name}",

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +25,17 @@ from typing import Any, Literal, TypeVar
 
 import mlflow
 from prefect import get_run_logger, task
+from prefect.context import TaskRunContext
 from prefect.filesystems import LocalFileSystem
 from prefect.serializers import Serializer
 from prefect.states import Failed, State
+from prefect.transactions import get_transaction
 from pydantic import BaseModel, ConfigDict
 
 from rlhf_core.config import PROJECT_ROOT, S3Config, Section, stable_hash
 from rlhf_core.errors import UserError
-from rlhf_core.storage import source_fingerprint
+from rlhf_core.redaction import redact_url
+from rlhf_core.storage import s3_client, source_fingerprint
 from tasks.tracking import TrackingContext, log_cached_stage, stage_run
 
 
@@ -290,8 +294,13 @@ def stage(
             out = Path(tracking.work_dir) / "stages" / (folder or name) / key
             try:
                 with stage_run(tracking, name, key) as mlflow_run:
-                    return fn(StageContext(name, key, out, tracking, mlflow_run), **inputs)
+                    result = fn(StageContext(name, key, out, tracking, mlflow_run), **inputs)
+                    store_result(result, tracking.result_storage)
+                    return result
             except UserError as exc:  # a user's mistake: one line, no traceback
+                # Prefect would store the returned state's empty result under the stage's key,
+                # and the next run would take it for a cached result
+                get_transaction().write_on_commit = False
                 return Failed(message=str(exc))
 
         @functools.wraps(fn)
@@ -312,8 +321,58 @@ def stage(
     return declare
 
 
+# Seconds between tries to store a finished stage's result: a store that restarts is back in
+# well under a minute, and a stage's work is worth that wait.
+RESULT_WRITE_WAITS = (2.0, 5.0, 10.0, 20.0)
+
+
+def store_result(result: StageResult, storage: str) -> None:
+    """Write a finished stage's result to the result store now, retried, and fail the stage with
+    one line if it cannot. Left to Prefect, a failed write is a logged traceback and the run goes
+    on with the stage missing from the cache, to be redone by the next run. (Prefect writes the
+    same record again when the task's transaction commits: an idempotent rewrite of a small JSON.)"""
+    store = TaskRunContext.get().result_store
+    for wait in (*RESULT_WRITE_WAITS, None):
+        try:
+            store.write(obj=result, key=result.key)
+            return
+        except Exception as exc:  # noqa: BLE001 - any storage backend, any failure
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            if wait is None:
+                raise UserError(
+                    f"{result.stage}: finished, but its result could not be stored in "
+                    f"{redact_url(storage)} ({why}); its outputs are in {result.out_dir}. "
+                    "Bring the store back and run again: stages stored before it are not redone"
+                ) from None
+            get_run_logger().warning(
+                f"{result.stage}: storing the result failed ({why}); again in {wait:g} s"
+            )
+            time.sleep(wait)
+
+
+def check_result_store(storage: str, s3_endpoint: str | None) -> None:
+    """A stage whose cache cannot be read would be recomputed (Prefect takes an unreadable cache
+    for a miss), and then could not be stored: fail before the work, with one line."""
+    if not storage.startswith("s3://"):
+        return
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket = storage.removeprefix("s3://").split("/")[0]
+    try:
+        s3_client(S3Config(endpoint_url=s3_endpoint)).head_bucket(Bucket=bucket)
+    except (ClientError, BotoCoreError) as exc:
+        raise UserError(
+            f"result store {redact_url(storage)} is unreachable "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0]}); bring it back and run again"
+        ) from None
+
+
 def _run_cached(run, name: str, key: str, tracking: TrackingContext, inputs: dict) -> StageResult:
     """Run a stage task (served from cache when its key matches), and keep MLflow complete."""
+    try:
+        check_result_store(tracking.result_storage, tracking.s3_endpoint)
+    except UserError as exc:
+        raise StageFailed.because(f"{name}: {exc}") from None
     run = run.with_options(
         result_storage=result_storage_block(tracking.result_storage, tracking.s3_endpoint)
     )

@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -95,9 +96,42 @@ def _flat_params(obj: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def work_dir_tag(cfg: PipelineConfig) -> str:
+    return f"{socket.gethostname()}:{Path(cfg.work_dir).resolve()}"
+
+
+def close_abandoned_runs(cfg: PipelineConfig) -> int:
+    """Runs of this work dir still RUNNING were left by a run killed before it could close them:
+    the caller holds the work dir's lock, so no live run owns them. Mark them KILLED, with their
+    stage runs, so that MLflow's run list tells the truth. Returns how many were closed."""
+    _quiet_mlflow_db_logs()
+    client = MlflowClient(cfg.mlflow_tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return 0
+    todo = client.search_runs(
+        experiments,
+        f"tags.`rlhf.work_dir` = '{work_dir_tag(cfg)}' and attributes.status = 'RUNNING'",
+        max_results=1000,
+    )
+    closed = 0
+    while todo:
+        run = todo.pop()
+        client.set_tag(run.info.run_id, "rlhf.abandoned", "closed by the next run on its work dir")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        closed += 1
+        todo += client.search_runs(
+            [run.info.experiment_id],
+            f"tags.`mlflow.parentRunId` = '{run.info.run_id}' and attributes.status = 'RUNNING'",
+            max_results=1000,
+        )
+    return closed
+
+
 def start_pipeline_run(
     cfg: PipelineConfig, run_name: str, tags: dict[str, str] | None = None
 ) -> TrackingContext:
+    """The pipeline's MLflow parent run. Call it holding the work dir's lock (work_dir_lock)."""
     _quiet_mlflow_db_logs()
     mlflow.set_tracking_uri(cfg.mlflow_tracking_uri)
     client = MlflowClient()
@@ -117,6 +151,7 @@ def start_pipeline_run(
             "rlhf.config_hash": config_hash,
             "rlhf.git_commit": git_commit(),
             "rlhf.kind": "pipeline",
+            "rlhf.work_dir": work_dir_tag(cfg),
             **(tags or {}),
         },
     )

@@ -1,10 +1,11 @@
 """Fault injection on the whole pipeline: `kill -9` of `rlhf run` (the process group: the CLI,
 Prefect's ephemeral server, everything) during SFT, reward training, PPO and evaluation, one after
 the other on one work dir; the run that finally completes must end with exactly the metrics of an
-uninterrupted run of the same seed."""
+uninterrupted run of the same seed. And the S3 result store stopped in the middle of a run."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -77,8 +78,12 @@ def start(config: Path, work: Path, extra_env: dict | None = None) -> subprocess
     )
 
 
+def mlflow_client(work: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+
+
 def final_metrics(work: Path) -> dict:
-    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    client = mlflow_client(work)
     exp = client.get_experiment_by_name("faults")
     runs = client.search_runs(
         [exp.experiment_id],
@@ -118,3 +123,84 @@ def test_kill_9_in_every_stage_then_the_same_result(tmp_path):
     assert got.keys() == expected.keys()
     differ = {k: (expected[k], got[k]) for k in expected if expected[k] != got[k]}
     assert not differ, differ
+
+    # the killed runs' MLflow runs (pipeline and stage) are closed as KILLED by the next run
+    runs = mlflow_client(work).search_runs(
+        [mlflow_client(work).get_experiment_by_name("faults").experiment_id]
+    )
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    killed = [r for r in runs if r.info.status == "KILLED"]
+    assert sum(r.data.tags.get("rlhf.kind") == "pipeline" for r in killed) == len(KILLS)
+    assert {r.data.tags.get("rlhf.stage") for r in killed} >= {"sft", "reward-train", "ppo"}
+
+
+def test_result_store_stopped_mid_run(tmp_path):
+    """SeaweedFS (the S3 result store) stopped during SFT: the run stops with one line naming the
+    store, what was stored is whole, and after a restart the rerun does not redo the stored stages."""
+    from rlhf_core.services import SeaweedS3
+
+    store = SeaweedS3(tmp_path / "s3", "rlhf-test", "rlhf-test-secret", buckets=["results"]).start()
+    env = {
+        "AWS_ACCESS_KEY_ID": store.access_key,
+        "AWS_SECRET_ACCESS_KEY": store.secret_key,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "RLHF_S3_ENDPOINT_URL": store.endpoint_url,
+    }
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            TINY | {"tracking": {**TINY["tracking"], "result_storage": "s3://results/prefect"}}
+        )
+    )
+    work = tmp_path / "work"
+    try:
+        run = start(config, work, env)
+        deadline = time.monotonic() + 900
+        while not any(work.glob("stages/sft/*.checkpoints/step-*")):
+            assert run.poll() is None, run.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no SFT checkpoint after 900 s"
+            time.sleep(0.05)
+        store.stop()
+        out = run.communicate(timeout=900)[0].decode()
+        assert run.returncode != 0, out[-3000:]
+        assert "Traceback" not in out, out[-5000:]
+        errors = [line for line in out.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and errors[0].startswith(
+            "error: sft: finished, but its result could not be stored in s3://results/prefect ("
+        ), out[-3000:]
+
+        store.start()
+        stored = [
+            o["Key"] for o in store.client().list_objects_v2(Bucket="results").get("Contents", [])
+        ]
+        assert stored
+        for key in stored:  # nothing half-written: every stored result is a whole record
+            body = store.client().get_object(Bucket="results", Key=key)["Body"].read()
+            assert json.loads(body).keys() == {"metadata", "result"}
+        rerun = start(config, work, env)
+        out = rerun.communicate(timeout=900)[0].decode()
+        assert rerun.returncode == 0, out[-3000:]
+    finally:
+        store.stop()
+    client = mlflow_client(work)
+    runs = client.search_runs([client.get_experiment_by_name("faults").experiment_id])
+    finished = [
+        r
+        for r in runs
+        if r.data.tags.get("rlhf.kind") == "pipeline" and r.info.status == "FINISHED"
+    ]
+    assert len(finished) == 1
+    children = {
+        r.data.tags["rlhf.stage"]: r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == finished[0].info.run_id
+    }
+    for name in (
+        "demo-data",
+        "ingest",
+        "validate",
+        "split",
+        "init-policy",
+    ):  # served from the store, not redone
+        assert "rlhf.cached_from_run" in children[name].data.tags, name
+    assert "rlhf.cached_from_run" not in children["sft"].data.tags

@@ -266,6 +266,8 @@ def test_bad_model_path_fails_with_one_line(prefect_harness, tmp_path):
     )
     state = run_flow(cfg)
     assert state.is_failed() and "no such model folder" in state.message
+    again = run_flow(cfg)  # a failure is not a cached result: the same key fails the same way
+    assert again.is_failed() and again.message == state.message
 
 
 def test_label_stage_rlaif(prefect_harness, tmp_path):
