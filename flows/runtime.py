@@ -26,7 +26,12 @@ def configure_environment(cfg: PipelineConfig) -> None:
     env.setdefault(
         "PREFECT_RESULTS_DEFAULT_SERIALIZER", "json"
     )  # never pickle (see tasks/stage.py)
-    env.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", cfg.result_storage)
+    # results of tasks that are not stages (the flow's own summary); never an s3:// string, which
+    # Prefect would take for a relative folder "s3:" in the current directory
+    local = cfg.result_storage
+    if local.startswith("s3://"):
+        local = str(cfg.work_dir / "results")
+    env.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", local)
     env.setdefault("MLFLOW_TRACKING_URI", cfg.mlflow_tracking_uri)
     env.setdefault("HF_HUB_OFFLINE", "1")  # offline by default; users who are online can unset it
     env.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -74,6 +74,7 @@ def start(config: Path, work: Path, extra_env: dict | None = None) -> subprocess
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env=env,
+        cwd=work.parent,
         start_new_session=True,  # its process group: the CLI and whatever it started
     )
 
@@ -180,6 +181,7 @@ def test_result_store_stopped_mid_run(tmp_path):
         rerun = start(config, work, env)
         out = rerun.communicate(timeout=900)[0].decode()
         assert rerun.returncode == 0, out[-3000:]
+        assert not (tmp_path / "s3:").exists()  # an s3:// URI taken for a local folder
     finally:
         store.stop()
     client = mlflow_client(work)
