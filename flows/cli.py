@@ -107,6 +107,14 @@ def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
         table.add_row(
             "PPO reward", f"{p['score_start']:+.3f} -> {p['score_end']:+.3f} (KL {p['kl_end']:.2f})"
         )
+    if "dpo" in result:
+        d = result["dpo"]
+        table.add_row("tuned policy", result["tuned_policy"])
+        table.add_row(
+            "DPO validation",
+            f"loss {d.get('best_eval_loss', float('nan')):.4f}, implicit-reward accuracy "
+            f"{d.get('best_eval_rewards_accuracy', float('nan')):.1%}",
+        )
     if "evaluation" in result:
         e = result["evaluation"]
         table.add_row(

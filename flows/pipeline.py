@@ -11,7 +11,7 @@ from rlhf_core.config import PipelineConfig, SourceConfig
 from rlhf_core.errors import UserError
 from rlhf_core.reward.evaluate import check_gate
 from rlhf_core.storage import work_dir_lock
-from tasks import data, evaluate, labels, models, ppo, registry, reward
+from tasks import data, dpo, evaluate, labels, models, ppo, registry, reward
 from tasks.results import DemoData, Splits
 from tasks.stage import StageFailed, quiet_clean_failures
 from tasks.tracking import (
@@ -73,6 +73,34 @@ def enabled(cfg: PipelineConfig, stage: str, section: str | None = None) -> bool
     return cfg.run.runs(stage) and getattr(cfg, section or stage).enabled
 
 
+def optimise_policy(
+    cfg: PipelineConfig, t: TrackingContext, reference, pairs, reward_model, splits
+):
+    """run.method: PPO against the gated reward model, or DPO on the labelled pairs (the reward
+    model then serves the evaluation only)."""
+    if cfg.run.method == "dpo":
+        return dpo.dpo(
+            t,
+            reference=reference,
+            pairs=pairs,
+            splits=splits,
+            dpo=cfg.dpo,
+            model=cfg.model,
+            seed=cfg.run.seed,
+        )
+    return ppo.ppo(
+        t,
+        reference=reference,
+        reward_model=reward_model,
+        splits=splits,
+        ppo=cfg.ppo,
+        model=cfg.model,
+        judge=cfg.evaluation_judge,
+        evaluate=cfg.evaluate,
+        seed=cfg.run.seed,
+    )
+
+
 def stages(cfg: PipelineConfig, t: TrackingContext) -> dict:
     """The stages in pipeline order; each hands its typed result to the next. Returns the run's
     summary (paths and metrics) after the last stage the config asks for."""
@@ -108,21 +136,11 @@ def stages(cfg: PipelineConfig, t: TrackingContext) -> dict:
     )
     out |= {"reward_model": reward_model.model_dir, "reward": reward_eval.metrics}
     reward_gate(cfg, t, reward_eval)
-    if not enabled(cfg, "ppo"):
+    if not enabled(cfg, "ppo", cfg.run.method):
         return out
 
-    tuned = ppo.ppo(
-        t,
-        reference=reference,
-        reward_model=reward_model,
-        splits=splits,
-        ppo=cfg.ppo,
-        model=model,
-        judge=cfg.evaluation_judge,
-        evaluate=cfg.evaluate,
-        seed=seed,
-    )
-    out |= {"tuned_policy": tuned.model_dir, "ppo": tuned.metrics}
+    tuned = optimise_policy(cfg, t, reference, pairs, reward_model, splits)
+    out |= {"tuned_policy": tuned.model_dir, cfg.run.method: tuned.metrics}
     if not enabled(cfg, "evaluate"):
         return out
 

@@ -52,7 +52,12 @@ class RunConfig(Section):
     work_dir: str = ".rlhf"
     """Where stage outputs, caches and the embedded databases live (relative: to the current directory)."""
     until: Literal["split", "sft", "label", "reward", "ppo", "evaluate"] | None = None
-    """Stop after this stage; null runs the whole pipeline."""
+    """Stop after this stage; null runs the whole pipeline ('ppo' stands for the policy
+    optimisation of whichever method runs)."""
+    method: Literal["ppo", "dpo"] = "ppo"
+    """How the policy is optimised: ppo (reward model + PPO, the `ppo` section) or dpo (directly
+    on the labelled pairs, the `dpo` section). The data, labels, reward model (for evaluation),
+    evaluation and registry are the same for every method."""
 
     def runs(self, stage: str) -> bool:
         return self.until is None or STAGES.index(stage) <= STAGES.index(self.until)
@@ -591,6 +596,35 @@ class PPOConfig(Section):
         return self
 
 
+class DPOConfig(LoopConfig):
+    """Direct preference optimisation (Rafailov et al. 2023) of the reference policy on the labelled
+    training pairs: no reward model or value model in the loop (rlhf_core/dpo)."""
+
+    beta: float = Field(0.1, gt=0)
+    """Strength of the pull towards the reference (the implicit KL coefficient)."""
+    loss: Literal["sigmoid", "ipo", "soft"] = "soft"
+    """sigmoid: DPO; ipo: IPO on per-token mean log-ratios; soft: DPO on the AI labels' soft
+    p_chosen (conservative DPO; a hard label makes it DPO)."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training pairs (max_steps wins when set)."""
+    lr: float = Field(1e-5, gt=0)
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay on matrices."""
+    batch_size: int = Field(16, ge=1)
+    """Pairs per micro-batch (each pair is two sequences)."""
+    max_length: int = Field(256, ge=8)
+    """Tokens of prompt + the longer response; longer pairs keep the prompt's end."""
+    eval_every: int = Field(25, ge=1)
+    """Steps between evaluations on the validation pairs."""
+    checkpoint_every: int = Field(25, ge=1)
+    """Steps between resumable checkpoints."""
+    max_eval_pairs: int = Field(256, ge=1)
+    """Validation pairs scored at each evaluation."""
+    lora: LoraSection = Field(default_factory=LoraSection)
+    """LoRA on the policy; its reference is then the adapter switched off."""
+
+
 class SafetyConfig(Section):
     """The safety check: harmful prompts, each completion placed by the judge between two anchors."""
 
@@ -780,7 +814,9 @@ class PipelineConfig(Section):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     """The reward model and its gate."""
     ppo: PPOConfig = Field(default_factory=PPOConfig)
-    """Policy optimisation with PPO."""
+    """Policy optimisation with PPO (run.method: ppo)."""
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    """Policy optimisation with DPO (run.method: dpo)."""
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     """Tuned vs. reference on held-out prompts."""
     registry: RegistryConfig = Field(default_factory=RegistryConfig)

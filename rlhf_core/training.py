@@ -303,6 +303,10 @@ class TrainLoop:
     def evaluate(self) -> dict[str, float]:
         raise NotImplementedError
 
+    def window_metrics(self) -> dict[str, float]:
+        """Means of the subclass's own training statistics since the last log line (then reset)."""
+        return {}
+
     def data_digest(self) -> str:
         """What the training examples are (subclasses: their token ids and labels)."""
         return stable_hash(self.lengths)
@@ -476,6 +480,7 @@ class TrainLoop:
                         "grad_norm": float(grad_norm),
                         f"{self.unit}_per_s": window_units / max(1e-9, now - window_t),
                         "epoch": st["epoch"] + st["batch_in_epoch"] / len(batches),
+                        **self.window_metrics(),
                     }
                     bar.set_postfix(
                         loss=f"{metrics['train_loss']:.3f}",

@@ -131,6 +131,12 @@ def register_reward_model(
     return str(version.version)
 
 
+METHODS = {
+    "ppo": "PPO against a reward model",
+    "dpo": "DPO on the labelled preference pairs",
+}
+
+
 def register_policy(
     client: MlflowClient,
     tracking: TrackingContext,
@@ -154,8 +160,9 @@ def register_policy(
     )
     m = evaluated.metrics
     card = ModelCard(
-        f"---\nlibrary_name: transformers\ntags: [rlhf, ppo]\n---\n# {name}\n\nPolicy tuned with PPO against a "
-        f"reward model on dataset version `{dataset_version}` (config `{tracking.config_hash}`). Held-out win rate "
+        f"---\nlibrary_name: transformers\ntags: [rlhf, {tuned.method}]\n---\n# {name}\n\n"
+        f"Policy tuned with {METHODS[tuned.method]} on dataset version `{dataset_version}` "
+        f"(config `{tracking.config_hash}`). Held-out win rate "
         f"vs. its reference: {m['eval_win_rate']:.3f}; KL per response {m['eval_kl_per_response']:.2f}.\n"
     )
     info = mlflow.transformers.log_model(

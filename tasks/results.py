@@ -53,6 +53,7 @@ class RewardEvaluation(StageResult):
 
 
 class Tuned(StageResult):
+    method: str = "ppo"  # run.method that made it
     model_dir: str
     model_uri: str
     history_file: str

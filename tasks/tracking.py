@@ -151,6 +151,7 @@ def start_pipeline_run(
             "rlhf.config_hash": config_hash,
             "rlhf.git_commit": git_commit(),
             "rlhf.kind": "pipeline",
+            "rlhf.method": cfg.run.method,
             "rlhf.work_dir": work_dir_tag(cfg),
             **(tags or {}),
         },

@@ -175,6 +175,39 @@ def ppo_job(
     save_file({k: v.contiguous().clone() for k, v in weights.items()}, out_file)
 
 
+def dpo_job(
+    model_dir: str, train_file: str, val_file: str, checkpoint_dir: str, out_file: str
+) -> None:
+    """A complete DPO run used by the resume test (run in a subprocess that may be killed)."""
+    from safetensors.torch import save_file
+
+    from rlhf_core.config import DPOConfig, ModelConfig
+    from rlhf_core.dpo.trainer import build_dpo_trainer
+    from rlhf_core.training import cpu_copy, untie
+
+    settings = DPOConfig(
+        max_steps=24,
+        batch_size=4,
+        lr=5e-4,
+        eval_every=6,
+        checkpoint_every=3,
+        log_every=3,
+        max_length=96,
+        early_stopping_patience=None,
+    )
+    trainer, _ = build_dpo_trainer(
+        model_dir,
+        train_file,
+        val_file,
+        ModelConfig(),
+        settings,
+        checkpoint_dir=Path(checkpoint_dir),
+        progress=False,
+    )
+    trainer.train()
+    save_file(untie(cpu_copy(trainer.model)), out_file)
+
+
 def assert_kill_and_resume_is_exact(job: str, args: list, tmp_path: Path, marker: str) -> None:
     """Run `tests.helpers.<job>(*args, checkpoint_dir, out_file)` straight through; run it again, SIGKILL it
     once the checkpoint `marker` exists, start it once more; both must end with identical weights."""

@@ -310,8 +310,8 @@ def test_label_stage_rlaif(prefect_harness, tmp_path):
     assert set(pd.read_parquet(again.result()["train_file"])["label_source"]) == {"human"}
 
 
-def test_reward_gate_ppo_evaluation_and_registry(prefect_harness, tmp_path):
-    """The whole pipeline on the tiny demo: reward gate, PPO, evaluation, registry; then re-runs."""
+def whole_pipeline_cfg(tmp_path: Path) -> PipelineConfig:
+    """The whole pipeline on the tiny demo, every stage cut short."""
     cfg = make_cfg(tmp_path, until=None)
     cfg = cfg.model_copy(
         update={
@@ -349,6 +349,12 @@ def test_reward_gate_ppo_evaluation_and_registry(prefect_harness, tmp_path):
             ),
         }
     )
+    return cfg
+
+
+def test_reward_gate_ppo_evaluation_and_registry(prefect_harness, tmp_path):
+    """The whole pipeline on the tiny demo: reward gate, PPO, evaluation, registry; then re-runs."""
+    cfg = whole_pipeline_cfg(tmp_path)
     state = run_flow(cfg)
     assert state.is_completed(), state.message
     result = state.result()
@@ -593,3 +599,48 @@ def test_canary_secrets_appear_nowhere(prefect_harness, tmp_path, monkeypatch):
     assert len(files) > 20
     leaks = [(str(p), n.decode()) for p in files for n in needles if n in p.read_bytes()]
     assert not leaks
+
+
+def test_dpo_method_through_the_registry(prefect_harness, tmp_path):
+    """run.method=dpo: the same data, labels, evaluation and registry; DPO instead of PPO, and the
+    same eval_* metrics on the parent run as a PPO run has."""
+    cfg = whole_pipeline_cfg(tmp_path)
+    cfg = cfg.model_copy(
+        update={
+            "run": cfg.run.model_copy(update={"method": "dpo"}),
+            "dpo": cfg.dpo.model_validate(
+                {"max_steps": 8, "batch_size": 8, "lr": 5e-4, "eval_every": 4, "max_length": 96}
+            ),
+        }
+    )
+    state = run_flow(cfg)
+    assert state.is_completed(), state.message
+    result = state.result()
+    client = MlflowClient(cfg.mlflow_tracking_uri)
+    parent = client.get_run(result["mlflow_run_id"])
+    assert parent.data.tags["rlhf.method"] == "dpo" and parent.data.params["run.method"] == "dpo"
+    stages = stage_runs(client, parent.info.run_id)
+    assert "dpo" in stages and "ppo" not in stages
+    dpo = stages["dpo"]
+    assert [
+        m.step for m in client.get_metric_history(dpo.info.run_id, "eval_rewards_accuracy")
+    ] == [
+        4,
+        8,
+    ]
+    assert {"rewards_accuracy", "rewards_margin", "logps_chosen", "logps_rejected"} <= set(
+        dpo.data.metrics
+    )
+    assert result["dpo"]["best_eval_loss"] > 0 and result["dpo"]["best_step"] in (4.0, 8.0)
+    assert {
+        "eval_win_rate",
+        "eval_win_rate_ci_low",
+        "eval_score_gain",
+        "eval_kl_per_response",
+        "eval_unsafe_rate_tuned",
+    } <= set(parent.data.metrics)
+    assert result["registry"]["version"] == "1"
+    card = client.get_model_version("rlhf-policy", "1")
+    assert card.tags["rlhf.eval_win_rate"]
+    # the reference log-probabilities were computed once and cached by content
+    assert len(list((cfg.work_dir / "cache" / "dpo-reference").glob("*.safetensors"))) == 2

@@ -142,11 +142,16 @@ def write_plots(
     if report.get("best_of_n"):
         tuned = {"kl": report["kl"]["per_response"], **report["win_rate"]}
         paths.append(best_of_n_plot(report["best_of_n"], tuned, out_dir / "best_of_n.png"))
-    if history:
+    if history and any("kl" in h for h in history):  # PPO: by iteration
         paths.append(
             curves_plot(
                 history, ["score", "kl", "entropy"], out_dir / "training_curves.png", "PPO training"
             )
+        )
+    elif history:  # DPO: by optimiser step
+        keys = ["train_loss", "rewards_accuracy", "rewards_margin", "eval_rewards_accuracy"]
+        paths.append(
+            curves_plot(history, keys, out_dir / "training_curves.png", "DPO training", x="step")
         )
     return paths
 
