@@ -199,3 +199,15 @@ def test_kill_and_resume_is_exact(tmp_path, tiny_gpt2):
 
     train, val = _pairs_file(tmp_path, 48), _pairs_file(tmp_path, 16)
     assert_kill_and_resume_is_exact("dpo_job", [tiny_gpt2, train, val], tmp_path, "step-00000009")
+
+
+def test_log_ratios_start_at_zero_in_the_training_precision(tmp_path, tiny_gpt2):
+    """The reference log-probabilities come from the kernels and precision training runs in
+    (fused GELU, bf16 autocast where the machine has bf16 units): the first loss is exactly log 2."""
+    from rlhf_core.dpo.trainer import build_dpo_trainer
+
+    train, val = _pairs_file(tmp_path, 16), _pairs_file(tmp_path, 8)
+    trainer, _ = build_dpo_trainer(
+        str(tiny_gpt2), train, val, ModelConfig(), _settings(mixed_precision="auto"), progress=False
+    )
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)

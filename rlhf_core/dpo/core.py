@@ -36,8 +36,14 @@ def sequence_logps(
     logits at t - 1."""
     targets = input_ids[:, 1:]
     mask = response_mask[:, 1:].to(torch.float32)
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    rows = []
+    for row_logits, row_targets in zip(logits[:, :-1], targets):
+        # log p = logit - logsumexp(logits), one row at a time: never a float32 copy of the whole
+        # batch's (B, T, V) logits (0.6 GB for 32 rows of 100 tokens over SmolLM2's 49k tokens)
+        row = row_logits.float()
+        picked = row.gather(-1, row_targets.unsqueeze(-1)).squeeze(-1)
+        rows.append(picked - torch.logsumexp(row, dim=-1))
+    token_logp = torch.stack(rows)
     return (token_logp * mask).sum(-1), mask.sum(-1)
 
 

@@ -18,6 +18,7 @@ import torch
 from rlhf_core.config import DPOConfig
 from rlhf_core.dpo.core import dpo_loss, sequence_logps
 from rlhf_core.models.chat import ChatFormat
+from rlhf_core.models.fused import fuse_activations
 from rlhf_core.sft import EncodeStats
 from rlhf_core.training import (
     LogFn,
@@ -43,7 +44,8 @@ def encode_pairs(
     df: pd.DataFrame, fmt: ChatFormat, max_length: int
 ) -> tuple[list[PairExample], EncodeStats]:
     """Labelled pairs (unlabelled ones say nothing) as token ids. An over-long pair keeps the end of
-    its prompt and the start of both responses; a pair with nothing of a response left is dropped."""
+    its prompt (at most max_length - max_length // 2 tokens of it go) and the start of both
+    responses."""
     if "label_source" in df:
         df = df[df["label_source"] != "none"]
     p = df["p_chosen"].to_numpy(float) if "p_chosen" in df else np.ones(len(df))
@@ -81,7 +83,9 @@ def collate_pairs(batch: Sequence[PairExample], pad_id: int) -> dict[str, torch.
 
 def pair_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, 2) summed response log-probs [chosen, rejected] and (B, 2) response lengths."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).logits
     logps, n = sequence_logps(logits, batch["input_ids"], batch["response_mask"])
     return torch.stack(logps.chunk(2), dim=1), torch.stack(n.chunk(2), dim=1)
 
@@ -280,6 +284,8 @@ def build_dpo_trainer(
     )
     reference_weights = weights_signature(loaded.model)  # before LoRA adds its own weights
     policy = add_lora(loaded.model, cfg.lora) if cfg.lora.enabled else loaded.model
+    # the kernels training will run (TrainLoop fuses them too): the log-ratios start at 0
+    fuse_activations(policy)
     fmt = ChatFormat(loaded.tokenizer, use_chat_template=model_cfg.use_chat_template)
     train, stats = encode_pairs(pd.read_parquet(train_file), fmt, cfg.max_length)
     val, _ = encode_pairs(pd.read_parquet(val_file), fmt, cfg.max_length)
