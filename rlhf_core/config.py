@@ -621,6 +621,9 @@ class DPOConfig(LoopConfig):
     """Steps between resumable checkpoints."""
     max_eval_pairs: int = Field(256, ge=1)
     """Validation pairs scored at each evaluation."""
+    label_sources: list[Literal["human", "ai"]] = Field(["human", "ai"], min_length=1)
+    """Train on the pairs whose label came from these: human (the data's own labels) and ai (the
+    label stage's judge; in labels.mode generate, the judged pairs of the policy's own answers)."""
     lora: LoraSection = Field(default_factory=LoraSection)
     """LoRA on the policy; its reference is then the adapter switched off."""
 

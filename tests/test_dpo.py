@@ -211,3 +211,26 @@ def test_log_ratios_start_at_zero_in_the_training_precision(tmp_path, tiny_gpt2)
         str(tiny_gpt2), train, val, ModelConfig(), _settings(mixed_precision="auto"), progress=False
     )
     assert trainer.evaluate()["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_label_sources_choose_the_pairs(tmp_path, tiny_gpt2):
+    from rlhf_core.dpo.trainer import build_dpo_trainer
+
+    df = pd.read_parquet(_pairs_file(tmp_path, 24))
+    df.loc[:9, "label_source"] = "human"
+    df.loc[10:11, "label_source"] = "none"  # unlabelled: never trained on
+    mixed = tmp_path / "mixed.parquet"
+    df.to_parquet(mixed)
+    val = _pairs_file(tmp_path, 8)
+    sizes = {}
+    for sources in (["human", "ai"], ["ai"], ["human"]):
+        trainer, _ = build_dpo_trainer(
+            str(tiny_gpt2),
+            str(mixed),
+            val,
+            ModelConfig(),
+            _settings(label_sources=sources),
+            progress=False,
+        )
+        sizes[tuple(sources)] = len(trainer.train_set)
+    assert sizes == {("human", "ai"): 22, ("ai",): 12, ("human",): 10}

@@ -287,7 +287,10 @@ def build_dpo_trainer(
     # the kernels training will run (TrainLoop fuses them too): the log-ratios start at 0
     fuse_activations(policy)
     fmt = ChatFormat(loaded.tokenizer, use_chat_template=model_cfg.use_chat_template)
-    train, stats = encode_pairs(pd.read_parquet(train_file), fmt, cfg.max_length)
+    pairs = pd.read_parquet(train_file)
+    if "label_source" in pairs:
+        pairs = pairs[pairs["label_source"].isin(cfg.label_sources)]
+    train, stats = encode_pairs(pairs, fmt, cfg.max_length)
     val, _ = encode_pairs(pd.read_parquet(val_file), fmt, cfg.max_length)
     val = val[: cfg.max_eval_pairs]
     pad = loaded.tokenizer.pad_token_id
