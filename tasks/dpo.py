@@ -65,6 +65,8 @@ def dpo(
             "truncated_pairs": stats.truncated,
         }
     )
+    for file in trainer.reference_files:
+        mlflow.log_artifact(str(file), "reference_logps")
     result = trainer.train()
     if result.resume_note:
         logger.warning(f"dpo: {result.resume_note}")

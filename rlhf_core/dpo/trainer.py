@@ -300,6 +300,8 @@ def build_dpo_trainer(
     def amp():
         return autocast_for(cfg.mixed_precision, device)
 
+    reference_files: list[Path] = []
+
     def refs(examples: list[PairExample]) -> torch.Tensor:
         key = stable_hash(
             [
@@ -310,6 +312,8 @@ def build_dpo_trainer(
             ]
         )
         file = reference_cache / f"{key}.safetensors" if reference_cache else None
+        if file is not None:
+            reference_files.append(file)
         if file is not None and file.exists():
             return load_file(file)["logps"]
         logps = reference_logps(policy, examples, pad, cfg.batch_size, amp)
@@ -334,4 +338,5 @@ def build_dpo_trainer(
         progress=progress,
     )
     trainer.fmt, trainer.tokenizer = fmt, loaded.tokenizer
+    trainer.reference_files = reference_files  # [train, val] in the cache, when there is one
     return trainer, stats
