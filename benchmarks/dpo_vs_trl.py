@@ -251,7 +251,7 @@ def run_ours(model_dir: str, examples, args, mode: str) -> tuple[dict, dict]:
     counts = [pair_counts(examples, b) for b in order]
     assert result.steps == len(stamps) == len(counts), (result.steps, len(stamps), len(counts))
     # cross-check of the replayed order: our loop's own count of pairs trained on
-    assert result.train_pairs == sum(c[0] for c in counts), (result.train_pairs, counts)
+    assert result.train_units == sum(c[0] for c in counts), (result.train_units, counts)
     out = summarise("ours", stamps, counts, losses, args.warmup_steps, ref_s, train_s)
     autocast = autocast_dtype(settings.mixed_precision, device)
     out.update(

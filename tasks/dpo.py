@@ -82,8 +82,8 @@ def dpo(
     shutil.rmtree(ctx.checkpoints, ignore_errors=True)
     metrics = {
         "steps": float(result.steps),
-        "train_pairs": float(result.train_pairs),
-        "pairs_per_s": result.pairs_per_s,
+        "train_pairs": float(result.train_units),
+        "pairs_per_s": result.units_per_s,
         "stopped_early": float(result.stopped_early),
     }
     evals = [h for h in result.history if "eval_loss" in h]
@@ -93,7 +93,7 @@ def dpo(
         metrics["best_step"] = float(best["step"])
     mlflow.log_metrics(metrics)
     logger.info(
-        f"dpo: {result.steps} steps, {result.pairs_per_s:.1f} pairs/s"
+        f"dpo: {result.steps} steps, {result.units_per_s:.1f} pairs/s"
         + (
             f"; kept step {best['step']}: validation loss {best['eval_loss']:.4f}, "
             f"implicit-reward accuracy {best['eval_rewards_accuracy']:.3f}"

@@ -121,20 +121,6 @@ def reference_logps(
     return out
 
 
-@dataclass
-class DPOResult:
-    steps: int
-    epochs_done: float
-    best_eval_loss: float | None
-    final_eval: dict
-    stopped_early: bool
-    resumed_from_step: int | None
-    train_pairs: int
-    pairs_per_s: float
-    history: list
-    resume_note: str | None = None
-
-
 class DPOTrainer(TrainLoop):
     desc, unit, best_metric, higher_is_better = "dpo", "pairs", "eval_loss", False
 
@@ -237,20 +223,8 @@ class DPOTrainer(TrainLoop):
         n = len(self.val_set)
         return {k: v / n for k, v in totals.items()}
 
-    def train(self, resume: bool = True) -> DPOResult:
-        r: LoopResult = super().train(resume=resume, has_eval=bool(self.val_set))
-        return DPOResult(
-            steps=r.steps,
-            epochs_done=r.epochs_done,
-            best_eval_loss=r.best_metric,
-            final_eval=r.final_eval,
-            stopped_early=r.stopped_early,
-            resumed_from_step=r.resumed_from_step,
-            train_pairs=r.train_units,
-            pairs_per_s=r.units_per_s,
-            history=r.history,
-            resume_note=r.resume_note,
-        )
+    def train(self, resume: bool = True) -> LoopResult:
+        return super().train(resume=resume, has_eval=bool(self.val_set))
 
 
 def build_dpo_trainer(
