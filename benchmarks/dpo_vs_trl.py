@@ -109,7 +109,7 @@ import torch  # noqa: E402
 
 from rlhf_core.config import DPOConfig  # noqa: E402
 from rlhf_core.data.demo import generate_demo_pairs  # noqa: E402
-from rlhf_core.dpo.trainer import (  # noqa: E402
+from rlhf_core.dpo.learner import (  # noqa: E402
     DPOTrainer,
     collate_pairs,
     encode_pairs,

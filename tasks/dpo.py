@@ -9,7 +9,7 @@ import mlflow
 from prefect import get_run_logger
 
 from rlhf_core.config import DPOConfig, ModelConfig
-from rlhf_core.dpo.trainer import build_dpo_trainer
+from rlhf_core.dpo.learner import build_dpo_trainer
 from rlhf_core.models.loading import save_model
 from rlhf_core.plots import curves_plot
 from rlhf_core.storage import atomic_dir

@@ -182,7 +182,7 @@ def dpo_job(
     from safetensors.torch import save_file
 
     from rlhf_core.config import DPOConfig, ModelConfig
-    from rlhf_core.dpo.trainer import build_dpo_trainer
+    from rlhf_core.dpo.learner import build_dpo_trainer
     from rlhf_core.training import cpu_copy, untie
 
     settings = DPOConfig(

@@ -131,7 +131,7 @@ def _settings(**kw) -> DPOConfig:
 
 
 def test_training_prefers_chosen_and_caches_reference_logps(tmp_path, tiny_gpt2):
-    from rlhf_core.dpo.trainer import build_dpo_trainer
+    from rlhf_core.dpo.learner import build_dpo_trainer
 
     train, val = _pairs_file(tmp_path, 48), _pairs_file(tmp_path, 16)
     cache = tmp_path / "ref-cache"
@@ -173,7 +173,7 @@ def test_training_prefers_chosen_and_caches_reference_logps(tmp_path, tiny_gpt2)
 
 
 def test_lora_reference_is_the_adapter_switched_off(tmp_path, tiny_gpt2):
-    from rlhf_core.dpo.trainer import build_dpo_trainer
+    from rlhf_core.dpo.learner import build_dpo_trainer
 
     train, val = _pairs_file(tmp_path, 16), _pairs_file(tmp_path, 8)
     full, _ = build_dpo_trainer(
@@ -204,7 +204,7 @@ def test_kill_and_resume_is_exact(tmp_path, tiny_gpt2):
 def test_log_ratios_start_at_zero_in_the_training_precision(tmp_path, tiny_gpt2):
     """The reference log-probabilities come from the kernels and precision training runs in
     (fused GELU, bf16 autocast where the machine has bf16 units): the first loss is exactly log 2."""
-    from rlhf_core.dpo.trainer import build_dpo_trainer
+    from rlhf_core.dpo.learner import build_dpo_trainer
 
     train, val = _pairs_file(tmp_path, 16), _pairs_file(tmp_path, 8)
     trainer, _ = build_dpo_trainer(
@@ -214,7 +214,7 @@ def test_log_ratios_start_at_zero_in_the_training_precision(tmp_path, tiny_gpt2)
 
 
 def test_label_sources_choose_the_pairs(tmp_path, tiny_gpt2):
-    from rlhf_core.dpo.trainer import build_dpo_trainer
+    from rlhf_core.dpo.learner import build_dpo_trainer
 
     df = pd.read_parquet(_pairs_file(tmp_path, 24))
     df.loc[:9, "label_source"] = "human"

@@ -639,9 +639,8 @@ def test_dpo_method_through_the_registry(prefect_harness, tmp_path):
         "eval_kl_per_response",
         "eval_unsafe_rate_tuned",
     } <= set(parent.data.metrics)
-    assert result["registry"]["version"] == "1"
-    card = client.get_model_version("rlhf-policy", "1")
-    assert card.tags["rlhf.eval_win_rate"]
+    version = client.get_model_version("rlhf-policy", result["registry"]["version"])
+    assert version.run_id and version.tags["rlhf.eval_win_rate"]
     # the reference log-probabilities were computed once, cached by content, and logged
     assert len(list((cfg.work_dir / "cache" / "dpo-reference").glob("*.safetensors"))) == 2
     assert len(client.list_artifacts(dpo.info.run_id, "reference_logps")) == 2
