@@ -329,12 +329,13 @@ RESULT_WRITE_WAITS = (2.0, 5.0, 10.0, 20.0)
 def store_result(result: StageResult, storage: str) -> None:
     """Write a finished stage's result to the result store now, retried, and fail the stage with
     one line if it cannot. Left to Prefect, a failed write is a logged traceback and the run goes
-    on with the stage missing from the cache, to be redone by the next run. (Prefect writes the
-    same record again when the task's transaction commits: an idempotent rewrite of a small JSON.)"""
+    on with the stage missing from the cache, to be redone by the next run. The record written
+    here is the cache entry, so the task's transaction does not write it again."""
     store = TaskRunContext.get().result_store
     for wait in (*RESULT_WRITE_WAITS, None):
         try:
             store.write(obj=result, key=result.key)
+            get_transaction().write_on_commit = False
             return
         except Exception as exc:  # noqa: BLE001 - any storage backend, any failure
             why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
