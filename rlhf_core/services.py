@@ -48,6 +48,45 @@ def weed_binary() -> str:
     return path
 
 
+# `weed mini` sizes volumes from the free disk at its first start (up to 1 GiB each) and allows
+# free/size of them; on a busy disk that is a handful, and once they are taken every PutObject
+# fails with InternalError. Small fixed-size volumes keep writes possible until the disk is full.
+VOLUME_SIZE_MB = 64
+MAX_VOLUMES = 200
+
+
+def weed_mini_command(
+    data_dir: Path,
+    host: str,
+    s3: int,
+    master: int,
+    volume: int,
+    filer: int,
+    admin: int,
+    buckets: list[str],
+) -> list[str]:
+    """The one `weed mini` command line: the test fixture and `rlhf stack` both start this."""
+    cmd = [
+        weed_binary(),
+        "mini",
+        f"-dir={data_dir}",
+        f"-ip={host}",
+        f"-ip.bind={host}",
+        f"-s3.port={s3}",
+        f"-master.port={master}",
+        f"-master.volumeSizeLimitMB={VOLUME_SIZE_MB}",
+        f"-volume.port={volume}",
+        f"-volume.max={MAX_VOLUMES}",
+        f"-filer.port={filer}",
+        f"-admin.port={admin}",
+        "-admin.ui=false",
+        "-webdav=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+    ]
+    return cmd + ([f"-bucket={','.join(buckets)}"] if buckets else [])
+
+
 @dataclass
 class SeaweedS3:
     """`weed mini` (master, volume, filer and S3 in one process) on loopback ports."""
@@ -69,24 +108,9 @@ class SeaweedS3:
         s3, master, volume, filer, admin = free_ports(5, with_grpc=True)
         self.s3_port = self.s3_port or s3
         self.log_path = self.log_path or self.data_dir / "weed.log"
-        cmd = [
-            weed_binary(),
-            "mini",
-            f"-dir={self.data_dir}",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
-            f"-s3.port={self.s3_port}",
-            f"-master.port={master}",
-            f"-volume.port={volume}",
-            f"-filer.port={filer}",
-            f"-admin.port={admin}",
-            "-admin.ui=false",
-            "-webdav=false",
-            "-s3.port.iceberg=0",
-            "-s3.port.lance=0",
-        ]
-        if self.buckets:
-            cmd.append(f"-bucket={','.join(self.buckets)}")
+        cmd = weed_mini_command(
+            self.data_dir, "127.0.0.1", self.s3_port, master, volume, filer, admin, self.buckets
+        )
         env = {
             **os.environ,
             "AWS_ACCESS_KEY_ID": self.access_key,

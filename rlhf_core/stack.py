@@ -25,7 +25,7 @@ from pathlib import Path
 
 from rlhf_core.config import STACK_HOST, StackConfig
 from rlhf_core.errors import UserError
-from rlhf_core.services import port_is_free, weed_binary
+from rlhf_core.services import port_is_free, weed_mini_command
 
 HOST = STACK_HOST
 STATE_FILE = "stack.json"
@@ -297,23 +297,9 @@ class Stack:
         launched = time.time() - 1.0
         return {
             "s3": (
-                [
-                    weed_binary(),
-                    "mini",
-                    f"-dir={data / 'seaweedfs'}",
-                    f"-ip={HOST}",
-                    f"-ip.bind={HOST}",
-                    f"-s3.port={s.s3_port}",
-                    f"-master.port={master}",
-                    f"-volume.port={volume}",
-                    f"-filer.port={filer}",
-                    f"-admin.port={admin}",
-                    "-admin.ui=false",
-                    "-webdav=false",
-                    "-s3.port.iceberg=0",
-                    "-s3.port.lance=0",
-                    f"-bucket={s.bucket}",
-                ],
+                weed_mini_command(
+                    data / "seaweedfs", HOST, s.s3_port, master, volume, filer, admin, [s.bucket]
+                ),
                 s3_env,
                 lambda: self._s3_health()[0],
             ),
