@@ -3,7 +3,7 @@ what matters: held-out judged win rate over the reference (95% interval), KL per
 the promotion decision and the wall time per stage.
 
     python benchmarks/alignment_seeds.py --seeds 0 1 2 --json
-    python benchmarks/alignment_seeds.py --seeds 0 --config configs/default.yaml --set ppo.iterations=30
+    python benchmarks/alignment_seeds.py --seeds 0 --config configs/default.yaml --set rloo.iterations=30
 
 Runs are sequential (a second busy process slows PyTorch's threads several-fold on 2 cores).
 """
@@ -52,7 +52,7 @@ def run_seed(seed: int, work_dir: Path, config: str | None, sets: list[str]) -> 
 
 
 def read_run(work_dir: Path) -> dict:
-    """The parent run's headline metrics, the PPO stage's checkpoint choice, minutes per stage."""
+    """The parent run's headline metrics, the on-policy stage's checkpoint choice, minutes per stage."""
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{work_dir / 'mlflow.db'}")
@@ -71,10 +71,10 @@ def read_run(work_dir: Path) -> dict:
             name = child.data.tags.get("rlhf.stage", child.info.run_name)
             if child.info.end_time:
                 stages[name] = round((child.info.end_time - child.info.start_time) / 60000, 2)
-            if name == "ppo":
+            if name in ("ppo", "rloo", "grpo"):
                 for k in ("selected_iteration", "val_win_rate_best", "iterations_run"):
                     if k in child.data.metrics:
-                        out[f"ppo_{k}"] = child.data.metrics[k]
+                        out[f"policy_{k}"] = child.data.metrics[k]
     out["stage_minutes"] = stages
     out["promotion"] = parent.data.tags.get("rlhf.promotion")
     return out

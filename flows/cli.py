@@ -101,12 +101,14 @@ def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
             "reward test accuracy",
             f"{r['test_accuracy']:.1%} (AUC {r['test_auc']:.3f}, ECE {r['test_ece']:.3f})",
         )
-    if "ppo" in result:
-        p = result["ppo"]
-        table.add_row("tuned policy", result["tuned_policy"])
-        table.add_row(
-            "PPO reward", f"{p['score_start']:+.3f} -> {p['score_end']:+.3f} (KL {p['kl_end']:.2f})"
-        )
+    for method in ("ppo", "rloo", "grpo"):
+        if method in result:
+            p = result[method]
+            table.add_row("tuned policy", result["tuned_policy"])
+            table.add_row(
+                f"{method.upper()} reward",
+                f"{p['score_start']:+.3f} -> {p['score_end']:+.3f} (KL {p['kl_end']:.2f})",
+            )
     if "dpo" in result:
         d = result["dpo"]
         table.add_row("tuned policy", result["tuned_policy"])

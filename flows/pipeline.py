@@ -76,9 +76,10 @@ def enabled(cfg: PipelineConfig, stage: str, section: str | None = None) -> bool
 def optimise_policy(
     cfg: PipelineConfig, t: TrackingContext, reference, pairs, reward_model, splits
 ):
-    """run.method: PPO against the gated reward model, or DPO on the labelled pairs (the reward
-    model then serves the evaluation only)."""
-    if cfg.run.method == "dpo":
+    """run.method: DPO on the labelled pairs (the reward model then serves the evaluation only),
+    or an on-policy method (PPO, RLOO, GRPO) against the gated reward model."""
+    method = cfg.run.method
+    if method == "dpo":
         return dpo.dpo(
             t,
             reference=reference,
@@ -88,12 +89,12 @@ def optimise_policy(
             model=cfg.model,
             seed=cfg.run.seed,
         )
-    return ppo.ppo(
+    return getattr(ppo, method)(
         t,
         reference=reference,
         reward_model=reward_model,
         splits=splits,
-        ppo=cfg.ppo,
+        settings=getattr(cfg, method),
         model=cfg.model,
         judge=cfg.evaluation_judge,
         evaluate=cfg.evaluate,
@@ -151,8 +152,7 @@ def stages(cfg: PipelineConfig, t: TrackingContext) -> dict:
         reward_model=reward_model,
         splits=splits,
         demo=demo,
-        evaluate=cfg.evaluate,
-        ppo=cfg.ppo,
+        evaluate=cfg.evaluation,
         judge=cfg.evaluation_judge,
         model=model,
         seed=seed,
@@ -168,7 +168,7 @@ def stages(cfg: PipelineConfig, t: TrackingContext) -> dict:
 @flow(name="rlhf-pipeline", log_prints=True)
 def rlhf_pipeline(config: dict, data_path: str | None = None) -> dict | State:
     """Preference data -> versioned splits -> SFT reference policy -> AI labels -> reward model + gate
-    -> PPO -> evaluation -> registry (champion only through the promotion gate)."""
+    -> policy optimisation (run.method) -> evaluation -> registry (champion only through the promotion gate)."""
     quiet_clean_failures()
     cfg = PipelineConfig.model_validate(config)
     if data_path:

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -54,10 +54,11 @@ class RunConfig(Section):
     until: Literal["split", "sft", "label", "reward", "ppo", "evaluate"] | None = None
     """Stop after this stage; null runs the whole pipeline ('ppo' stands for the policy
     optimisation of whichever method runs)."""
-    method: Literal["ppo", "dpo"] = "ppo"
-    """How the policy is optimised: ppo (reward model + PPO, the `ppo` section) or dpo (directly
-    on the labelled pairs, the `dpo` section). The data, labels, reward model (for evaluation),
-    evaluation and registry are the same for every method."""
+    method: Literal["ppo", "dpo", "rloo", "grpo"] = "ppo"
+    """How the policy is optimised, each method with its own section: ppo (reward model, value
+    model and GAE), rloo and grpo (reward model, k answers per prompt, no value model), dpo
+    (directly on the labelled pairs). The data, labels, reward model (for evaluation), evaluation
+    and registry are the same for every method."""
 
     def runs(self, stage: str) -> bool:
         return self.until is None or STAGES.index(stage) <= STAGES.index(self.until)
@@ -463,8 +464,12 @@ class RewardConfig(LoopConfig):
     """Thresholds the reward model must meet before PPO starts."""
 
 
-class PPOConfig(Section):
-    """PPO with a per-token KL penalty against the frozen SFT reference policy."""
+class PolicyGradientConfig(Section):
+    """What the on-policy methods share (PPO, RLOO, GRPO): rollouts from the policy, scores from
+    the gated reward model, clipped updates, judged checks, checkpoints. Each method's section
+    adds its own settings; the trainer is rlhf_core/ppo/trainer.py."""
+
+    advantage: ClassVar[str]  # how the method turns scores into advantages (the trainer's switch)
 
     enabled: bool = True
     """Run this stage."""
@@ -492,43 +497,21 @@ class PPOConfig(Section):
     """Nucleus sampling threshold of rollouts."""
     lr: float = Field(3e-5, gt=0)
     """Policy learning rate (AdamW)."""
-    value_lr: float | None = Field(None, gt=0)
-    """Value-model learning rate; null: lr."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay of policy and value model."""
     beta: float = Field(0.05, ge=0)
-    """KL coefficient (the initial value when adaptive)."""
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    """Per-token KL estimator in the reward."""
-    adaptive_kl: bool = False
-    """Steer beta so that the KL approaches target_kl."""
-    target_kl: float = Field(6.0, gt=0)
-    """Per-sequence KL the adaptive controller steers to."""
-    kl_horizon: int = Field(10000, ge=1)
-    """Adaptive controller horizon, in episodes."""
+    """KL coefficient: PPO and RLOO subtract beta * KL from the reward (the initial value when
+    adaptive); GRPO adds beta * KL (k3) to the loss."""
     kl_hard_limit: float | None = Field(30.0, gt=0)
     """Stop, keeping the last good checkpoint, above this mean per-sequence KL; null: never."""
-    advantage: Literal["gae", "rloo"] = "gae"
-    """gae: a value model and GAE over per-token rewards (PPO); rloo: samples_per_prompt answers per
-    prompt, each one's baseline the mean sequence reward of the others (RLOO), no value model."""
     samples_per_prompt: int = Field(1, ge=1)
-    """Answers per prompt in a batch (batch_size / samples_per_prompt prompts); rloo needs >= 2."""
-    gamma: float = Field(1.0, ge=0, le=1)
-    """Discount."""
-    lam: float = Field(0.95, ge=0, le=1)
-    """GAE lambda."""
+    """Answers per prompt in a batch (batch_size / samples_per_prompt prompts)."""
     cliprange: float = Field(0.2, gt=0)
     """Policy ratio clip."""
-    cliprange_value: float = Field(0.2, gt=0)
-    """Value clip around the rollout values."""
-    vf_coef: float = Field(0.1, ge=0)
-    """Value loss coefficient."""
     entropy_coef: float = Field(0.0, ge=0)
     """Entropy bonus coefficient."""
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient clipping norm."""
-    whiten_advantages: bool = True
-    """Normalise advantages over the batch."""
     normalise_reward: bool = True
     """Normalise scores with the reward model's stored statistics."""
     reward_clip: float | None = Field(None, gt=0)
@@ -542,9 +525,6 @@ class PPOConfig(Section):
     mixed_precision: MixedPrecision = "auto"
     """auto: bf16 autocast where the hardware has bf16 units (a GPU with bf16, a CPU with AMX);
     bf16: always; no: fp32."""
-    value_model: Literal["auto", "reward", "policy", "shared"] = "auto"
-    """auto: a copy of the reward model when it reads the policy's tokens, else a critic from the
-    reference policy; shared: a value head on the policy."""
     fuse_activations: bool = True
     """GPT-2's seven-op tanh-GELU as PyTorch's one fused kernel (same function, faster)."""
     compile_generation: bool = False
@@ -577,7 +557,7 @@ class PPOConfig(Section):
     """Rows per sample table."""
 
     @model_validator(mode="after")
-    def _batches_divide(self) -> PPOConfig:
+    def _batches_divide(self) -> PolicyGradientConfig:
         if self.batch_size % self.mini_batch_size or self.mini_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size "
@@ -591,9 +571,71 @@ class PPOConfig(Section):
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be a multiple of samples_per_prompt ({k})"
             )
-        if self.advantage == "rloo" and k < 2:
-            raise ValueError("advantage 'rloo' needs samples_per_prompt >= 2")
         return self
+
+
+class KLPenaltyConfig(PolicyGradientConfig):
+    """A per-token KL penalty in the reward (PPO, RLOO), fixed or adaptive."""
+
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """Per-token KL estimator in the reward."""
+    adaptive_kl: bool = False
+    """Steer beta so that the KL approaches target_kl."""
+    target_kl: float = Field(6.0, gt=0)
+    """Per-sequence KL the adaptive controller steers to."""
+    kl_horizon: int = Field(10000, ge=1)
+    """Adaptive controller horizon, in episodes."""
+    whiten_advantages: bool = True
+    """Normalise advantages over the batch."""
+
+
+class PPOConfig(KLPenaltyConfig):
+    """PPO with a per-token KL penalty against the frozen reference policy, a value model and GAE
+    (run.method: ppo)."""
+
+    advantage: ClassVar[str] = "gae"
+
+    value_lr: float | None = Field(None, gt=0)
+    """Value-model learning rate; null: lr."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    """Discount."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE lambda."""
+    cliprange_value: float = Field(0.2, gt=0)
+    """Value clip around the rollout values."""
+    vf_coef: float = Field(0.1, ge=0)
+    """Value loss coefficient."""
+    value_model: Literal["auto", "reward", "policy", "shared"] = "auto"
+    """auto: a copy of the reward model when it reads the policy's tokens, else a critic from the
+    reference policy; shared: a value head on the policy."""
+
+
+class RLOOConfig(KLPenaltyConfig):
+    """RLOO (Ahmadian et al. 2024) on the PPO engine (run.method: rloo): samples_per_prompt answers
+    per prompt, each one's baseline the mean KL-penalised reward of the others; no value model."""
+
+    advantage: ClassVar[str] = "rloo"
+
+    samples_per_prompt: int = Field(4, ge=2)
+    """Answers per prompt: each answer's baseline is the others' mean reward."""
+
+
+class GRPOConfig(PolicyGradientConfig):
+    """GRPO (Shao et al. 2024) on the PPO engine (run.method: grpo): samples_per_prompt answers per
+    prompt, advantages (score - group mean) / group std, and KL to the reference as a k3 loss
+    term instead of a reward penalty; no value model."""
+
+    advantage: ClassVar[str] = "grpo"
+
+    samples_per_prompt: int = Field(4, ge=2)
+    """Answers per prompt (the group)."""
+    beta: float = Field(0.04, ge=0)
+    """Coefficient of the k3 KL(policy || reference) term in the loss (DeepSeekMath's 0.04)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide advantages by the group's score std, the batch's, or nothing (Dr. GRPO)."""
+    loss_type: Literal["dapo", "grpo"] = "dapo"
+    """dapo: token losses summed over the optimiser step's batch and divided by its token count
+    (TRL's default); grpo: each answer's mean token loss, averaged over answers."""
 
 
 class DPOConfig(LoopConfig):
@@ -654,13 +696,13 @@ class EvaluateConfig(Section):
     max_prompts: int = Field(200, ge=1)
     """Held-out prompts used at most."""
     max_new_tokens: int | None = Field(None, ge=1)
-    """Response length; null: ppo.max_new_tokens."""
+    """Response length; null: the method section's (ppo, rloo or grpo; ppo for dpo)."""
     max_prompt_tokens: int | None = Field(None, ge=1)
-    """Longer prompts keep their end; null: ppo.max_prompt_tokens."""
+    """Longer prompts keep their end; null: the method section's."""
     temperature: float | None = Field(None, gt=0)
-    """Sampling temperature; null: ppo.temperature."""
+    """Sampling temperature; null: the method section's."""
     top_p: float | None = Field(None, gt=0, le=1)
-    """Nucleus threshold; null: ppo.top_p."""
+    """Nucleus threshold; null: the method section's."""
     batch_size: int = Field(64, ge=1)
     """Prompts per generation batch."""
     judge_batch_size: int = Field(64, ge=1)
@@ -690,8 +732,8 @@ class EvaluateConfig(Section):
     """The judge of the win rate and the safety check; null: the label stage's judge (set one
     that training never saw to evaluate independently)."""
 
-    def sampling_from(self, ppo: PPOConfig) -> EvaluateConfig:
-        """This section with the sampling settings it leaves open taken from PPO's."""
+    def sampling_from(self, ppo: PolicyGradientConfig) -> EvaluateConfig:
+        """This section with the sampling settings it leaves open taken from the policy method's."""
         keys = ("max_new_tokens", "max_prompt_tokens", "temperature", "top_p")
         return self.model_copy(
             update={k: getattr(ppo, k) for k in keys if getattr(self, k) is None}
@@ -818,6 +860,10 @@ class PipelineConfig(Section):
     """The reward model and its gate."""
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     """Policy optimisation with PPO (run.method: ppo)."""
+    rloo: RLOOConfig = Field(default_factory=RLOOConfig)
+    """Policy optimisation with RLOO (run.method: rloo)."""
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    """Policy optimisation with GRPO (run.method: grpo)."""
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     """Policy optimisation with DPO (run.method: dpo)."""
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
@@ -845,6 +891,13 @@ class PipelineConfig(Section):
         return self
 
     # -- derived settings -----------------------------------------------------------------
+    @property
+    def evaluation(self) -> EvaluateConfig:
+        """The evaluate section with the sampling keys it leaves open taken from run.method's
+        section (PPO's for DPO, which samples nothing while it trains)."""
+        method = self.run.method
+        return self.evaluate.sampling_from(getattr(self, method if method != "dpo" else "ppo"))
+
     @property
     def evaluation_judge(self) -> JudgeConfig:
         """The judge evaluation uses: evaluate.judge, else the label stage's."""

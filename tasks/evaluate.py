@@ -10,7 +10,7 @@ import mlflow
 import pandas as pd
 from prefect import get_run_logger
 
-from rlhf_core.config import EvaluateConfig, JudgeConfig, ModelConfig, PPOConfig
+from rlhf_core.config import EvaluateConfig, JudgeConfig, ModelConfig
 from rlhf_core.evaluation.compare import (
     build_evaluator,
     evaluate_tuned,
@@ -51,7 +51,6 @@ def evaluate_policy(
     splits: Splits,
     demo: DemoData | None,
     evaluate: EvaluateConfig,
-    ppo: PPOConfig,
     judge: JudgeConfig,
     model: ModelConfig,
     seed: int,
@@ -69,12 +68,11 @@ def evaluate_policy(
     )
     prompts = heldout_prompts(evaluate, prompts_file)
     harmful, harmful_source = safety_prompts(evaluate, demo_heldout_file)
-    settings = evaluate.sampling_from(ppo)
     evaluator = build_evaluator(
         reward_dir,
         judge,
         prompts,
-        settings,
+        evaluate,  # its open sampling keys filled in from the method's section (cfg.evaluation)
         seed=seed,
         safety=harmful,
         perplexity=perplexity_pairs(splits.val, evaluate.perplexity_examples),
@@ -93,7 +91,7 @@ def evaluate_policy(
             "n_safety_prompts": len(harmful),
             "judge": evaluator.judge.label_version,
             **{
-                f"sampling_{k}": getattr(settings, k)
+                f"sampling_{k}": getattr(evaluate, k)
                 for k in ("max_new_tokens", "temperature", "top_p")
             },
             "sampling_seed": seed,
@@ -106,7 +104,7 @@ def evaluate_policy(
         "prompts_source": evaluate.prompts or prompts_file,
         "safety_source": harmful_source,
         "judge": evaluator.judge.label_version,
-        "sampling": {**settings.model_dump(include=set(SAMPLING)), "seed": seed},
+        "sampling": {**evaluate.model_dump(include=set(SAMPLING)), "seed": seed},
     }
     history = (
         json.loads(Path(tuned.history_file).read_text())

@@ -1,4 +1,5 @@
-"""The PPO stage: tune the reference policy against the gated reward model with a KL penalty."""
+"""The on-policy stages, one per method (ppo, rloo, grpo): tune the reference policy against the
+gated reward model, kept near the reference by a KL term."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import mlflow
 import pandas as pd
 from prefect import get_run_logger
 
-from rlhf_core.config import EvaluateConfig, JudgeConfig, ModelConfig, PPOConfig
+from rlhf_core.config import EvaluateConfig, JudgeConfig, ModelConfig, PolicyGradientConfig
 from rlhf_core.models.loading import save_model
 from rlhf_core.plots import curves_plot, gold_proxy_plot
 from rlhf_core.ppo.build import build_ppo_trainer
@@ -29,40 +30,38 @@ CURVES = [
 ]
 
 
-@stage(
-    "ppo",
-    code=JUDGE_CODE,
-    # the judged checks sample and judge as the final evaluation does; nothing else of it matters
-    ignore={
-        "evaluate": {
-            "enabled",
-            "prompts",
-            "max_prompts",
-            "perplexity_examples",
-            "perplexity_max_length",
-            "n_samples",
-            "best_of_n",
-            "best_of_n_prompts",
-            "device",
-            "safety",
-            "judge",
-        }
-    },
-)
-def ppo(
+TITLES = {"ppo": "PPO", "rloo": "RLOO", "grpo": "GRPO"}
+# the judged checks sample and judge as the final evaluation does; nothing else of it matters
+EVALUATE_UNREAD = {
+    "enabled",
+    "prompts",
+    "max_prompts",
+    "perplexity_examples",
+    "perplexity_max_length",
+    "n_samples",
+    "best_of_n",
+    "best_of_n_prompts",
+    "device",
+    "safety",
+    "judge",
+}
+
+
+def optimise(
     ctx: StageContext,
     reference: Policy,
     reward_model: RewardModel,
     splits: Splits,
-    ppo: PPOConfig,
+    settings: PolicyGradientConfig,
     model: ModelConfig,
     judge: JudgeConfig,
     evaluate: EvaluateConfig,
     seed: int,
 ) -> Tuned:
-    """PPO with a per-token KL penalty against the frozen reference, scored by the gated reward model;
-    the evaluation judge checks it on validation prompts and picks the checkpoint (ppo.select)."""
-    out, checkpoints, logger, ppo_cfg = ctx.out_dir, ctx.checkpoints, get_run_logger(), ppo
+    """The reference policy tuned against the gated reward model with the section's method; the
+    evaluation judge checks it on validation prompts and picks the checkpoint (select)."""
+    method = ctx.name
+    out, checkpoints, logger = ctx.out_dir, ctx.checkpoints, get_run_logger()
     policy_dir, reward_dir = reference.model_dir, reward_model.model_dir
     prompts = pd.read_parquet(splits.train, columns=["prompt"])["prompt"].drop_duplicates().tolist()
     val_prompts = pd.read_parquet(splits.val, columns=["prompt"])["prompt"].drop_duplicates()
@@ -70,18 +69,18 @@ def ppo(
     def log_samples(
         iteration: int, rows: list[dict]
     ) -> None:  # log_table appends to an existing table file
-        mlflow.log_table(pd.DataFrame(rows), artifact_file="samples/ppo_samples.json")
+        mlflow.log_table(pd.DataFrame(rows), artifact_file=f"samples/{method}_samples.json")
 
     trainer = build_ppo_trainer(
         policy_dir,
         reward_dir,
         prompts,
-        ppo_cfg,
+        settings,
         model,
         seed,
         checkpoint_dir=checkpoints,
         on_log=metrics_logger(
-            "ppo iteration",
+            f"{method} iteration",
             (
                 "score",
                 "kl",
@@ -91,8 +90,8 @@ def ppo(
                 "val_win_rate",
                 "val_kl",
             ),
-            ppo_cfg.iterations,
-            every=max(1, ppo_cfg.iterations // 20),
+            settings.iterations,
+            every=max(1, settings.iterations // 20),
         ),
         on_samples=log_samples,
         judge=judge,
@@ -107,19 +106,19 @@ def ppo(
             "value_model": type(trainer.value).__name__ if trainer.value is not None else "none",
             "reward_reads_policy_tokens": trainer.rm_reads_policy_tokens,
             "monitor_prompts": len(trainer.monitor.ev.prompts) if trainer.monitor else 0,
-            **{k: v for k, v in ppo_cfg.model_dump().items() if not isinstance(v, dict)},
+            **{k: v for k, v in settings.model_dump().items() if not isinstance(v, dict)},
         }
     )
     result = trainer.train()
     if result.resume_note:
-        logger.warning(f"ppo: {result.resume_note}")
+        logger.warning(f"{method}: {result.resume_note}")
     if result.resumed_from:
-        logger.info(f"ppo: resumed from iteration {result.resumed_from}")
+        logger.info(f"{method}: resumed from iteration {result.resumed_from}")
     policy = trainer.policy
     with atomic_dir(out) as staging:
         save_model(policy, trainer.tokenizer, staging / "model")
         (staging / "history.json").write_text(json.dumps(result.history, indent=2))
-        curves_plot(result.history, CURVES, staging / "training_curves.png", "PPO")
+        curves_plot(result.history, CURVES, staging / "training_curves.png", TITLES[method])
         checks = [h for h in result.history if "val_win_rate" in h]
         if checks:
             gold_proxy_plot(checks, staging / "gold_vs_proxy.png", result.selected_iteration)
@@ -149,12 +148,12 @@ def ppo(
         metrics["selected_iteration"] = float(result.selected_iteration)
     mlflow.log_metrics(metrics)
     logger.info(
-        f"ppo: score {metrics['score_start']:.3f} -> {metrics['score_end']:.3f}, KL {metrics['kl_end']:.3f}, "
+        f"{method}: score {metrics['score_start']:.3f} -> {metrics['score_end']:.3f}, KL {metrics['kl_end']:.3f}, "
         f"{result.episodes_per_s:.1f} episodes/s"
     )
     if result.selected_iteration is not None:
         logger.info(
-            f"ppo: kept iteration {result.selected_iteration} (judged validation win rate "
+            f"{method}: kept iteration {result.selected_iteration} (judged validation win rate "
             f"{metrics['val_win_rate_best']:.3f}, KL {metrics['val_kl_best']:.2f}; "
             f"last check {metrics['val_win_rate_last']:.3f})"
             + (" after early stopping" if result.stopped_early else "")
@@ -166,4 +165,13 @@ def ppo(
         history_file=str(out / "history.json"),
         metrics=metrics,
         summary_files=[str(out / "history.json")],
+        method=method,
     )
+
+
+def _method_stage(method: str):
+    """The stage of one method: its own name (cache key, folder, MLflow run) and config section."""
+    return stage(method, code=JUDGE_CODE, ignore={"evaluate": EVALUATE_UNREAD})(optimise)
+
+
+ppo, rloo, grpo = (_method_stage(m) for m in TITLES)

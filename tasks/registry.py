@@ -134,6 +134,8 @@ def register_reward_model(
 METHODS = {
     "ppo": "PPO against a reward model",
     "dpo": "DPO on the labelled preference pairs",
+    "rloo": "RLOO against a reward model",
+    "grpo": "GRPO against a reward model",
 }
 
 
@@ -176,7 +178,7 @@ def register_policy(
     )
     tags = version_tags(
         tracking, dataset_version, evaluated.key, {k: m[k] for k in TAGGED_METRICS if k in m}
-    )
+    ) | {"rlhf.method": tuned.method}
     version = client.create_model_version(
         name,
         info.model_uri,
@@ -206,7 +208,7 @@ def compare_with_champion(
         reward_dir,
         cfg.evaluation_judge,
         prompts,
-        cfg.evaluate.sampling_from(cfg.ppo),
+        cfg.evaluation,
         seed=cfg.run.seed,
         device=cfg.evaluate.device,
         use_chat_template=cfg.model.use_chat_template,

@@ -134,14 +134,15 @@ def ppo_job(
     out_file: str,
     iterations: int = 6,
     seed: int = 0,
+    method: str = "ppo",
 ) -> None:
-    """A complete PPO run used by the resume test (run in a subprocess that may be killed)."""
+    """A complete PPO (or GRPO) run used by the resume test (run in a subprocess that may be killed)."""
     from safetensors.torch import save_file
 
-    from rlhf_core.config import EvaluateConfig, JudgeConfig, ModelConfig, PPOConfig
+    from rlhf_core.config import EvaluateConfig, GRPOConfig, JudgeConfig, ModelConfig, PPOConfig
     from rlhf_core.ppo.build import build_ppo_trainer
 
-    cfg = PPOConfig(
+    shared = dict(
         iterations=iterations,
         batch_size=8,
         mini_batch_size=4,
@@ -151,11 +152,13 @@ def ppo_job(
         lr=1e-4,
         device="cpu",
         checkpoint_every=2,
-        adaptive_kl=True,
-        target_kl=0.5,
         eval_every=1,  # a best judged state exists at every checkpoint: resume must restore it
         eval_prompts=4,
     )
+    if method == "grpo":
+        cfg = GRPOConfig(**shared)
+    else:
+        cfg = PPOConfig(**shared, adaptive_kl=True, target_kl=0.5)
     trainer = build_ppo_trainer(
         policy_dir,
         reward_dir,
@@ -171,8 +174,14 @@ def ppo_job(
     )
     trainer.train()
     weights = {f"policy.{k}": v for k, v in trainer.policy.state_dict().items()}
-    weights |= {f"value.{k}": v for k, v in trainer.value.state_dict().items()}
+    if trainer.value is not None:
+        weights |= {f"value.{k}": v for k, v in trainer.value.state_dict().items()}
     save_file({k: v.contiguous().clone() for k, v in weights.items()}, out_file)
+
+
+def grpo_job(policy_dir: str, reward_dir: str, checkpoint_dir: str, out_file: str) -> None:
+    """ppo_job with GRPO: groups of 4 answers, the KL a loss term, no value model."""
+    ppo_job(policy_dir, reward_dir, checkpoint_dir, out_file, method="grpo")
 
 
 def dpo_job(

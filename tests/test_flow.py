@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from rlhf_core.config import PipelineConfig
+from rlhf_core.config import GRPOConfig, PipelineConfig, RLOOConfig
 
 pytestmark = pytest.mark.slow
 
@@ -644,3 +644,47 @@ def test_dpo_method_through_the_registry(prefect_harness, tmp_path):
     # the reference log-probabilities were computed once, cached by content, and logged
     assert len(list((cfg.work_dir / "cache" / "dpo-reference").glob("*.safetensors"))) == 2
     assert len(client.list_artifacts(dpo.info.run_id, "reference_logps")) == 2
+
+
+def test_rloo_and_grpo_methods_through_the_registry(prefect_harness, tmp_path):
+    """run.method=rloo, then grpo on the same work dir: the data, label and reward stages come from
+    the cache, each method's stage runs with its own section and no value model, and both register
+    a version whose card names the method, with the same eval_* metrics on the parent run."""
+    base = whole_pipeline_cfg(tmp_path)
+    short = base.ppo.model_dump(
+        include={
+            "iterations",
+            "batch_size",
+            "mini_batch_size",
+            "micro_batch_size",
+            "max_new_tokens",
+            "eval_every",
+            "eval_prompts",
+            "checkpoint_every",
+            "sample_every",
+        }
+    )
+    client = MlflowClient(base.mlflow_tracking_uri)
+    for method, section in (("rloo", RLOOConfig), ("grpo", GRPOConfig)):
+        cfg = base.model_copy(
+            update={
+                "run": base.run.model_copy(update={"method": method}),
+                method: section.model_validate(short),
+            }
+        )
+        state = run_flow(cfg)
+        assert state.is_completed(), state.message
+        result = state.result()
+        parent = client.get_run(result["mlflow_run_id"])
+        assert parent.data.tags["rlhf.method"] == method
+        stages = stage_runs(client, parent.info.run_id)
+        assert method in stages and "ppo" not in stages and "dpo" not in stages
+        run = stages[method]
+        assert run.data.params["value_model"] == "none"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "score")] == [1, 2, 3]
+        if method == "grpo":  # the second run: everything before the method comes from the cache
+            assert "kl_k3" in run.data.metrics and run.data.params["loss_type"] == "dapo"
+            assert "rlhf.cached_from_run" in stages["reward-train"].data.tags
+        assert {"eval_win_rate", "eval_kl_per_response"} <= set(parent.data.metrics)
+        version = client.get_model_version("rlhf-policy", result["registry"]["version"])
+        assert version.tags["rlhf.method"] == method

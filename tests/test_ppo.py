@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from rlhf_core.config import EvaluateConfig, JudgeConfig, ModelConfig, PPOConfig
+from rlhf_core.config import (
+    EvaluateConfig,
+    GRPOConfig,
+    JudgeConfig,
+    ModelConfig,
+    PPOConfig,
+    RLOOConfig,
+)
 from rlhf_core.models.loading import load_causal_lm
 from rlhf_core.ppo.build import build_ppo_trainer
 from rlhf_core.ppo.core import logprobs_from_logits
@@ -410,15 +417,13 @@ def test_judge_monitor_measures_gold_proxy_and_kl(tiny_gpt2, tmp_path):
 
 def test_rloo_groups_answers_per_prompt_and_needs_no_value_model(tiny_gpt2, tmp_path):
     reward = untrained_reward_dir(tmp_path, str(tiny_gpt2))
-    cfg = PPOConfig(
+    cfg = RLOOConfig(
         iterations=2,
         batch_size=8,
         mini_batch_size=8,
         micro_batch_size=4,
         max_new_tokens=8,
         device="cpu",
-        advantage="rloo",
-        samples_per_prompt=4,
     )
     trainer = build_ppo_trainer(
         str(tiny_gpt2), str(reward), PROMPTS[:20], cfg, ModelConfig(), progress=False
@@ -429,10 +434,76 @@ def test_rloo_groups_answers_per_prompt_and_needs_no_value_model(tiny_gpt2, tmp_
     history = trainer.train().history
     assert len(history) == 2 and "explained_variance" not in history[0]
     assert all(math.isfinite(h["policy_loss"]) and h["value_loss"] == 0.0 for h in history)
-    with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
-        PPOConfig(advantage="rloo")
+    assert history[-1]["non_score_reward"] != 0.0  # the KL penalty is in the reward
+    with pytest.raises(ValueError, match="greater than or equal to 2"):
+        RLOOConfig(samples_per_prompt=1)
     with pytest.raises(ValueError, match="multiple of samples_per_prompt"):
         PPOConfig(samples_per_prompt=3)
+
+
+def test_grpo_puts_the_kl_in_the_loss_and_normalises_within_groups(tiny_gpt2, tmp_path):
+    """GRPO: no value model, no KL in the reward, a k3 KL term in the loss that grows from zero
+    as the policy leaves the reference, and each group's advantages centred on zero."""
+    reward = untrained_reward_dir(tmp_path, str(tiny_gpt2))
+    cfg = GRPOConfig(
+        iterations=3,
+        batch_size=8,
+        mini_batch_size=8,
+        micro_batch_size=4,
+        ppo_epochs=1,  # the first iteration's only update starts at the reference
+        max_new_tokens=8,
+        lr=1e-3,
+        device="cpu",
+    )
+    trainer = build_ppo_trainer(
+        str(tiny_gpt2), str(reward), PROMPTS[:20], cfg, ModelConfig(), progress=False
+    )
+    assert trainer.value is None and trainer.value_opt is None
+    seen = {}
+    update = trainer.update
+
+    def spy(batch, old_logprobs, old_values, advantages, returns, ref_logprobs):
+        seen["advantages"] = advantages[:, 0].clone()
+        return update(batch, old_logprobs, old_values, advantages, returns, ref_logprobs)
+
+    trainer.update = spy
+    history = trainer.train().history
+    assert all(h["non_score_reward"] == 0.0 and h["value_loss"] == 0.0 for h in history)
+    assert history[0]["kl_k3"] == pytest.approx(0.0, abs=1e-6)  # the policy starts at the reference
+    assert history[-1]["kl_k3"] > 0.0 and history[-1]["kl"] > 0.0
+    assert torch.allclose(seen["advantages"].view(2, 4).sum(1), torch.zeros(2), atol=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_grpo_gradient_does_not_depend_on_the_micro_batch(tiny_gpt2, tmp_path, loss_type):
+    """The loss is normalised over the optimiser step's batch (dapo: its tokens; grpo: its
+    answers), so accumulating 4 micro-batches of 2 gives the gradient of one batch of 8."""
+    reward = untrained_reward_dir(tmp_path, str(tiny_gpt2))
+    grads = []
+    for micro in (8, 2):
+        cfg = GRPOConfig(
+            iterations=1,
+            batch_size=8,
+            mini_batch_size=8,
+            micro_batch_size=micro,
+            ppo_epochs=1,
+            max_new_tokens=8,
+            loss_type=loss_type,
+            mixed_precision="no",  # bf16 rounds differently for other batch shapes
+            device="cpu",
+        )
+        trainer = build_ppo_trainer(
+            str(tiny_gpt2), str(reward), PROMPTS[:20], cfg, ModelConfig(), progress=False
+        )
+        trainer.policy_opt.step = lambda: None  # keep the weights: compare the gradients only
+        trainer.step()
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.policy_params]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_killed_grpo_run_resumes_to_the_same_result(tiny_gpt2, tmp_path):
+    reward = untrained_reward_dir(tmp_path, str(tiny_gpt2))
+    assert_kill_and_resume_is_exact("grpo_job", [tiny_gpt2, reward], tmp_path, "iter-000002")
 
 
 def test_batch_sizes_must_divide():

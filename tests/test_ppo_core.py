@@ -322,3 +322,38 @@ def test_rloo_advantages_known_answers():
     assert torch.allclose(rloo_advantages(r + 100.0, 3), a)
     with pytest.raises(ValueError, match="k >= 2"):
         rloo_advantages(r, 4)
+
+
+def test_grpo_advantages_known_answers():
+    from rlhf_core.ppo.core import grpo_advantages
+
+    r = torch.tensor([1.0, 2.0, 3.0, 6.0, 10.0, 14.0])  # two prompts, k = 3
+    # prompt 1: mean 2, std 1; prompt 2: mean 10, std 4
+    a = grpo_advantages(r, 3, "group", eps=0.0)
+    assert torch.allclose(a, torch.tensor([-1.0, 0.0, 1.0, -1.0, 0.0, 1.0]))
+    assert torch.allclose(grpo_advantages(r, 3, "none"), torch.tensor([-1.0, 0, 1, -4, 0, 4]))
+    batch = grpo_advantages(r, 3, "batch", eps=0.0)
+    assert torch.allclose(batch, torch.tensor([-1.0, 0, 1, -4, 0, 4]) / r.std())
+    assert torch.allclose(grpo_advantages(r * 3 + 7, 3, "group", eps=0.0), a)  # scale-free
+    same = grpo_advantages(torch.ones(3), 3)  # a group that agrees teaches nothing
+    assert torch.equal(same, torch.zeros(3))
+    with pytest.raises(ValueError, match="k >= 2"):
+        grpo_advantages(r, 4)
+
+
+def test_grpo_token_loss_known_answers():
+    """l = -min(r A, clip(r) A) + beta * (exp(q - p) - (q - p) - 1), r = exp(p - p_old)."""
+    from rlhf_core.ppo.core import grpo_token_loss
+
+    old = torch.tensor([[-1.0, -1.0, -1.0]])
+    new = old + torch.tensor([[0.0, math.log(1.5), math.log(0.5)]])
+    ref = torch.tensor([[-1.0, -1.0, -2.0]])
+    adv = torch.tensor([[1.0, 1.0, -1.0]])
+    mask = torch.tensor([[True, True, False]])
+    loss, stats = grpo_token_loss(new, old, ref, adv, mask, clip=0.2, beta=0.1)
+    # token 0: r = 1, A = 1, q = p: -1; token 1: r = 1.5 clipped to 1.2 for A > 0: -1.2 plus
+    # beta * (exp(-log 1.5) + log 1.5 - 1); token 2 is padding
+    k3 = 1 / 1.5 + math.log(1.5) - 1
+    assert torch.allclose(loss, torch.tensor([[-1.0, -1.2 + 0.1 * k3, 0.0]]))
+    assert float(stats["clipfrac"]) == pytest.approx(0.5)
+    assert float(stats["kl_k3"]) == pytest.approx(k3 / 2)

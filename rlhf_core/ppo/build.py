@@ -1,11 +1,12 @@
-"""The PPO stage as plain functions: build policy, reference, reward and value models from folders and config."""
+"""The on-policy stages (PPO, RLOO, GRPO) as plain functions: build policy, reference, reward and
+value models from folders and config."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
-from rlhf_core.config import EvaluateConfig, JudgeConfig, ModelConfig, PPOConfig
+from rlhf_core.config import EvaluateConfig, JudgeConfig, ModelConfig, PolicyGradientConfig
 from rlhf_core.errors import UserError
 from rlhf_core.models.loading import add_lora, load_causal_lm
 from rlhf_core.ppo.trainer import LogFn, PPOTrainer, SamplesFn
@@ -18,7 +19,7 @@ def build_ppo_trainer(
     policy_dir: str,
     reward_dir: str,
     prompts: Sequence[str],
-    cfg: PPOConfig,
+    cfg: PolicyGradientConfig,
     model: ModelConfig,
     seed: int = 0,
     *,
@@ -51,13 +52,13 @@ def build_ppo_trainer(
     if isinstance(rm, EnsembleRewardModel):
         rm = rm.with_aggregate(cfg.ensemble_aggregate, cfg.ensemble_std_coef)
     reads_policy_tokens = rm.reads_tokens_of(tokenizer)
-    kind = (
-        cfg.value_model
-        if cfg.value_model != "auto"
-        else ("reward" if reads_policy_tokens else "policy")
-    )
-    if cfg.advantage == "rloo":
-        value = None  # the other answers to the prompt are the baseline
+    kind = "none"  # RLOO, GRPO: the other answers to the prompt are the baseline
+    if cfg.advantage == "gae":
+        kind = cfg.value_model
+        if kind == "auto":
+            kind = "reward" if reads_policy_tokens else "policy"
+    if kind == "none":
+        value = None
     elif kind == "reward":
         if not reads_policy_tokens:
             raise UserError(

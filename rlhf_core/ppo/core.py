@@ -117,6 +117,56 @@ def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     return (groups - baseline).reshape(rewards.shape)
 
 
+def grpo_advantages(
+    scores: torch.Tensor, k: int, scale: str = "group", eps: float = 1e-4
+) -> torch.Tensor:
+    """Group-relative advantages (GRPO, Shao et al. 2024) for groups of k consecutive samples:
+
+    A_i = (R_i - mean_group R) / (std_group R + eps)   (scale "group"; std unbiased, as TRL's)
+
+    scale "batch" divides by the std over the whole batch instead, "none" not at all (Dr. GRPO)."""
+    if k < 2 or scores.numel() % k:
+        raise ValueError(f"GRPO needs groups of k >= 2 samples, got k={k} for {scores.numel()}")
+    groups = scores.view(-1, k)
+    centred = (groups - groups.mean(1, keepdim=True)).reshape(scores.shape)
+    if scale == "group":
+        return centred / (groups.std(1).repeat_interleave(k) + eps)
+    if scale == "batch":
+        return centred / (scores.std() + eps)
+    if scale == "none":
+        return centred
+    raise ValueError(f"scale {scale!r}: expected group, batch or none")
+
+
+def grpo_token_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+    beta: float = 0.04,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO's per-token loss (aggregated by the caller, see loss_type):
+
+    l_t = -min(r_t A, clip(r_t, 1 - eps, 1 + eps) A) + beta * k3_t,  r_t = exp(log p_t - log p_old_t),
+    k3_t = exp(log q_t - log p_t) - (log q_t - log p_t) - 1  with q the reference."""
+    log_ratio = logprobs - old_logprobs
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
+    kl = kl_estimate(logprobs, ref_logprobs, "k3")
+    loss = torch.max(unclipped, clipped) + beta * kl
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "approx_kl": 0.5 * masked_mean(log_ratio**2, mask),
+            "ratio": masked_mean(ratio, mask),
+            "kl_k3": masked_mean(kl, mask),
+        }
+    return loss * mask, stats
+
+
 def gae(
     rewards: torch.Tensor,
     values: torch.Tensor,

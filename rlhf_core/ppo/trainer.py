@@ -1,5 +1,9 @@
-"""The PPO loop: rollout -> scores -> KL-penalised rewards -> GAE (or RLOO's leave-one-out baseline)
--> clipped updates -> KL control; optionally a judge checks the policy and the best check is kept.
+"""The on-policy loop of PPO, RLOO and GRPO: rollout -> scores -> advantages -> clipped updates.
+
+PPO: KL-penalised per-token rewards, a value model and GAE, KL control. RLOO: the same rewards
+summed per answer, each answer's baseline the other answers to its prompt. GRPO: scores
+normalised within each prompt's group, the KL to the reference a k3 term in the loss. Optionally
+a judge checks the policy and the best check is kept.
 
 Every iteration is a pure function of (weights, optimiser states, KL controller, RNG states,
 iteration index): a checkpoint holds exactly those, so a killed run resumes to the same result.
@@ -22,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlhf_core.config import PPOConfig, stable_hash
+from rlhf_core.config import KLPenaltyConfig, PolicyGradientConfig, stable_hash
 from rlhf_core.errors import UserError
 from rlhf_core.models.chat import ChatFormat
 from rlhf_core.models.fused import fuse_activations
@@ -31,6 +35,8 @@ from rlhf_core.ppo.core import (
     FixedKLController,
     explained_variance,
     gae,
+    grpo_advantages,
+    grpo_token_loss,
     kl_estimate,
     logprobs_and_entropy,
     logprobs_from_logits,
@@ -88,7 +94,7 @@ class PPOTrainer:
         tokenizer,
         reward_model: RewardModel,
         prompts: Sequence[str],
-        settings: PPOConfig,
+        settings: PolicyGradientConfig,
         *,
         seed: int = 0,
         reference=None,
@@ -160,7 +166,7 @@ class PPOTrainer:
         )
         self.kl_ctl = (
             AdaptiveKLController(s.beta, s.target_kl, s.kl_horizon)
-            if s.adaptive_kl
+            if isinstance(s, KLPenaltyConfig) and s.adaptive_kl
             else FixedKLController(s.beta)
         )
         self.merged = MergedSampler(policy) if s.merged_sampling and is_lora(policy) else None
@@ -349,14 +355,21 @@ class PPOTrainer:
             scores = scores.clamp(-s.reward_clip, s.reward_clip)
         if s.missing_eos_penalty is not None:
             scores = scores - s.missing_eos_penalty * (~has_eos).float()
-        kl = kl_estimate(r["logprobs"], r["ref_logprobs"], s.kl_estimator) * mask
-        rewards, non_score = token_rewards(scores, kl, mask, self.kl_ctl.beta)
+        penalised = isinstance(s, KLPenaltyConfig)  # PPO, RLOO: the KL is in the reward
+        kl = kl_estimate(r["logprobs"], r["ref_logprobs"], s.kl_estimator if penalised else "k1")
+        kl = kl * mask
+        if s.advantage == "grpo":  # the KL is a loss term (update), not a reward
+            non_score = torch.zeros_like(kl)
+            sequence = grpo_advantages(scores, s.samples_per_prompt, s.scale_rewards)
+            advantages, returns = sequence[:, None] * mask, torch.zeros_like(kl)
+        else:
+            rewards, non_score = token_rewards(scores, kl, mask, self.kl_ctl.beta)
         if s.advantage == "rloo":  # one advantage per answer, on every one of its tokens
             sequence = rloo_advantages(rewards.sum(1), s.samples_per_prompt)
             if s.whiten_advantages:
                 sequence = (sequence - sequence.mean()) / (sequence.std() + 1e-8)
             advantages, returns = sequence[:, None] * mask, torch.zeros_like(rewards)
-        else:
+        elif s.advantage == "gae":
             advantages, returns = gae(rewards, r["values"], mask, s.gamma, s.lam)
             if s.whiten_advantages:
                 advantages = masked_whiten(advantages, mask) * mask
@@ -364,7 +377,9 @@ class PPOTrainer:
         self._guard(mean_kl, scores, "rollout")
         t_rollout = time.perf_counter() - t0
 
-        stats = self.update(batch, r["logprobs"], r["values"], advantages, returns)
+        stats = self.update(
+            batch, r["logprobs"], r["values"], advantages, returns, r["ref_logprobs"]
+        )
         beta_used = self.kl_ctl.beta
         self.kl_ctl.update(mean_kl, s.batch_size)
         elapsed = time.perf_counter() - t0
@@ -429,7 +444,9 @@ class PPOTrainer:
         )
         return logprobs, entropy, values
 
-    def update(self, batch: Batch, old_logprobs, old_values, advantages, returns) -> dict:
+    def update(
+        self, batch: Batch, old_logprobs, old_values, advantages, returns, ref_logprobs
+    ) -> dict:
         s = self.s
         sums: dict[str, float] = {}
         grad_norms: list[float] = []
@@ -441,25 +458,44 @@ class PPOTrainer:
                 self.policy_opt.zero_grad(set_to_none=True)
                 if self.value_opt:
                     self.value_opt.zero_grad(set_to_none=True)
+                mini_tokens = batch.mask[mini.to(self.device)].sum().clamp(min=1)
                 for mc_start in range(0, len(mini), s.micro_batch_size):
                     idx = mini[mc_start : mc_start + s.micro_batch_size].to(self.device)
                     mb = batch.select(idx)
                     with self.amp():
                         logprobs, token_entropy, values = self._forward_train(mb)
                     m = mb.mask
-                    pg, pg_stats = policy_loss(
-                        logprobs, old_logprobs[idx], advantages[idx], m, s.cliprange
-                    )
-                    loss, vf, vf_stats = pg, torch.zeros(()), {}
-                    if values is not None:
-                        vf, vf_stats = value_loss(
-                            values.float(), old_values[idx], returns[idx], m, s.cliprange_value
+                    share = len(idx) / len(mini)  # of the optimiser step's batch
+                    vf, vf_stats = torch.zeros(()), {}
+                    if s.advantage == "grpo":
+                        per_token, pg_stats = grpo_token_loss(
+                            logprobs,
+                            old_logprobs[idx],
+                            ref_logprobs[idx],
+                            advantages[idx],
+                            m,
+                            s.cliprange,
+                            s.beta,
                         )
-                        loss = pg + s.vf_coef * vf
+                        pg = masked_mean(per_token, m)
+                        if s.loss_type == "dapo":  # over the step's tokens, not the micro-batch's
+                            step_loss = per_token.sum() / mini_tokens
+                        else:
+                            step_loss = (per_token.sum(1) / m.sum(1).clamp(min=1)).sum() / len(mini)
+                    else:
+                        pg, pg_stats = policy_loss(
+                            logprobs, old_logprobs[idx], advantages[idx], m, s.cliprange
+                        )
+                        step_loss = pg * share
+                        if values is not None:
+                            vf, vf_stats = value_loss(
+                                values.float(), old_values[idx], returns[idx], m, s.cliprange_value
+                            )
+                            step_loss = step_loss + s.vf_coef * vf * share
                     entropy = masked_mean(token_entropy, m)
                     if s.entropy_coef > 0:
-                        loss = loss - s.entropy_coef * entropy
-                    (loss * len(idx) / len(mini)).backward()
+                        step_loss = step_loss - s.entropy_coef * entropy * share
+                    step_loss.backward()
                     for k, v in {
                         "policy_loss": pg,
                         "value_loss": vf,
@@ -656,7 +692,7 @@ class PPOTrainer:
         bar = tqdm(
             total=s.iterations,
             initial=self.iteration,
-            desc="ppo",
+            desc=type(s).__name__.removesuffix("Config").lower(),
             unit="it",
             disable=None if self.progress else True,
             dynamic_ncols=True,
