@@ -101,12 +101,12 @@ def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
             "reward test accuracy",
             f"{r['test_accuracy']:.1%} (AUC {r['test_auc']:.3f}, ECE {r['test_ece']:.3f})",
         )
-    for method in ("ppo", "rloo", "grpo"):
+    for method in ("ppo", "rloo", "grpo", "online_dpo"):
         if method in result:
             p = result[method]
             table.add_row("tuned policy", result["tuned_policy"])
             table.add_row(
-                f"{method.upper()} reward",
+                f"{method.upper().replace('_', ' ')} reward",
                 f"{p['score_start']:+.3f} -> {p['score_end']:+.3f} (KL {p['kl_end']:.2f})",
             )
     if "dpo" in result:

@@ -77,7 +77,8 @@ def optimise_policy(
     cfg: PipelineConfig, t: TrackingContext, reference, pairs, reward_model, splits
 ):
     """run.method: DPO on the labelled pairs (the reward model then serves the evaluation only),
-    or an on-policy method (PPO, RLOO, GRPO) against the gated reward model."""
+    or an on-policy method against the gated reward model (PPO, RLOO, GRPO), or online DPO (the
+    label stage's judge labels pairs of the policy's answers as it trains)."""
     method = cfg.run.method
     if method == "dpo":
         return dpo.dpo(
@@ -99,6 +100,7 @@ def optimise_policy(
         judge=cfg.evaluation_judge,
         evaluate=cfg.evaluate,
         seed=cfg.run.seed,
+        preference_judge=cfg.labels.judge if method == "online_dpo" else None,
     )
 
 

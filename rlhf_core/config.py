@@ -54,10 +54,11 @@ class RunConfig(Section):
     until: Literal["split", "sft", "label", "reward", "ppo", "evaluate"] | None = None
     """Stop after this stage; null runs the whole pipeline ('ppo' stands for the policy
     optimisation of whichever method runs)."""
-    method: Literal["ppo", "dpo", "rloo", "grpo"] = "ppo"
+    method: Literal["ppo", "dpo", "rloo", "grpo", "online_dpo"] = "ppo"
     """How the policy is optimised, each method with its own section: ppo (reward model, value
     model and GAE), rloo and grpo (reward model, k answers per prompt, no value model), dpo
-    (directly on the labelled pairs). The data, labels, reward model (for evaluation), evaluation
+    (directly on the labelled pairs), online_dpo (DPO on pairs of the policy's own answers that
+    the judge labels as it trains). The data, labels, reward model (for evaluation), evaluation
     and registry are the same for every method."""
 
     def runs(self, stage: str) -> bool:
@@ -620,6 +621,36 @@ class RLOOConfig(KLPenaltyConfig):
     """Answers per prompt: each answer's baseline is the others' mean reward."""
 
 
+class DPOObjective(Section):
+    """The DPO loss, offline (dpo) or online (online_dpo): rlhf_core/dpo/core.py."""
+
+    beta: float = Field(0.1, gt=0)
+    """Strength of the pull towards the reference (the implicit KL coefficient)."""
+    loss: Literal["sigmoid", "ipo", "soft"] = "soft"
+    """sigmoid: DPO; ipo: IPO on per-token mean log-ratios; soft: DPO on the judge's soft
+    P(chosen > rejected) (conservative DPO; a hard label makes it DPO)."""
+
+
+class OnlineDPOConfig(DPOObjective, PolicyGradientConfig):
+    """Online DPO from AI feedback (Guo et al. 2024) on the PPO engine (run.method: online_dpo):
+    each iteration the current policy answers every prompt twice, the label stage's judge says
+    which answer it prefers (cached with the label stage's answers), and DPO updates on those
+    pairs against the frozen reference. The reward model only scores the answers for the logs."""
+
+    advantage: ClassVar[str] = "online_dpo"
+
+    samples_per_prompt: int = Field(2, ge=2, le=2)
+    """Two answers per prompt: one judged pair."""
+    ppo_epochs: int = Field(1, ge=1)
+    """Passes over each iteration's pairs."""
+
+    @model_validator(mode="after")
+    def _whole_pairs(self) -> OnlineDPOConfig:
+        if self.micro_batch_size % 2:
+            raise ValueError("online_dpo: micro_batch_size must be even (whole pairs)")
+        return self
+
+
 class GRPOConfig(PolicyGradientConfig):
     """GRPO (Shao et al. 2024) on the PPO engine (run.method: grpo): samples_per_prompt answers per
     prompt, advantages (score - group mean) / group std, and KL to the reference as a k3 loss
@@ -638,15 +669,10 @@ class GRPOConfig(PolicyGradientConfig):
     (TRL's default); grpo: each answer's mean token loss, averaged over answers."""
 
 
-class DPOConfig(LoopConfig):
+class DPOConfig(DPOObjective, LoopConfig):
     """Direct preference optimisation (Rafailov et al. 2023) of the reference policy on the labelled
     training pairs: no reward model or value model in the loop (rlhf_core/dpo)."""
 
-    beta: float = Field(0.1, gt=0)
-    """Strength of the pull towards the reference (the implicit KL coefficient)."""
-    loss: Literal["sigmoid", "ipo", "soft"] = "soft"
-    """sigmoid: DPO; ipo: IPO on per-token mean log-ratios; soft: DPO on the AI labels' soft
-    p_chosen (conservative DPO; a hard label makes it DPO)."""
     epochs: float = Field(1.0, gt=0)
     """Passes over the training pairs (max_steps wins when set)."""
     lr: float = Field(1e-5, gt=0)
@@ -864,6 +890,8 @@ class PipelineConfig(Section):
     """Policy optimisation with RLOO (run.method: rloo)."""
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     """Policy optimisation with GRPO (run.method: grpo)."""
+    online_dpo: OnlineDPOConfig = Field(default_factory=OnlineDPOConfig)
+    """Online DPO from AI feedback (run.method: online_dpo)."""
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     """Policy optimisation with DPO (run.method: dpo)."""
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)

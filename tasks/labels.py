@@ -18,6 +18,9 @@ from tasks.results import Labelled, Policy, Splits
 from tasks.stage import StageContext, stage
 
 JUDGE_CODE = (DEFAULT_CONSTITUTION,)  # read when no constitution is configured
+LABEL_CACHE = (
+    "label-cache.sqlite"  # in the work dir: the judge's answers, shared by every stage that asks
+)
 
 
 def _progress_reporter():
@@ -46,7 +49,7 @@ def label(
         labels,
         seed,
         policy.model_dir if policy else None,
-        ctx.work_dir / "label-cache.sqlite",
+        ctx.work_dir / LABEL_CACHE,
         _progress_reporter(),
     )
     mlflow.log_params(

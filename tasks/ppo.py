@@ -15,7 +15,7 @@ from rlhf_core.models.loading import save_model
 from rlhf_core.plots import curves_plot, gold_proxy_plot
 from rlhf_core.ppo.build import build_ppo_trainer
 from rlhf_core.storage import atomic_dir
-from tasks.labels import JUDGE_CODE
+from tasks.labels import JUDGE_CODE, LABEL_CACHE
 from tasks.results import Policy, RewardModel, Splits, Tuned
 from tasks.stage import StageContext, metrics_logger, stage
 
@@ -30,7 +30,7 @@ CURVES = [
 ]
 
 
-TITLES = {"ppo": "PPO", "rloo": "RLOO", "grpo": "GRPO"}
+TITLES = {"ppo": "PPO", "rloo": "RLOO", "grpo": "GRPO", "online_dpo": "online DPO"}
 # the judged checks sample and judge as the final evaluation does; nothing else of it matters
 EVALUATE_UNREAD = {
     "enabled",
@@ -57,9 +57,11 @@ def optimise(
     judge: JudgeConfig,
     evaluate: EvaluateConfig,
     seed: int,
+    preference_judge: JudgeConfig | None = None,
 ) -> Tuned:
     """The reference policy tuned against the gated reward model with the section's method; the
-    evaluation judge checks it on validation prompts and picks the checkpoint (select)."""
+    evaluation judge checks it on validation prompts and picks the checkpoint (select). Online DPO
+    has `preference_judge` (the label stage's) judge its pairs, through the label stage's cache."""
     method = ctx.name
     out, checkpoints, logger = ctx.out_dir, ctx.checkpoints, get_run_logger()
     policy_dir, reward_dir = reference.model_dir, reward_model.model_dir
@@ -97,6 +99,8 @@ def optimise(
         judge=judge,
         evaluate=evaluate,
         val_prompts=val_prompts.tolist(),
+        preference_judge=preference_judge,
+        label_cache=ctx.work_dir / LABEL_CACHE,
     )
     mlflow.log_params(
         {
@@ -174,4 +178,4 @@ def _method_stage(method: str):
     return stage(method, code=JUDGE_CODE, ignore={"evaluate": EVALUATE_UNREAD})(optimise)
 
 
-ppo, rloo, grpo = (_method_stage(m) for m in TITLES)
+ppo, rloo, grpo, online_dpo = (_method_stage(m) for m in TITLES)

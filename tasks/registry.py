@@ -136,6 +136,7 @@ METHODS = {
     "dpo": "DPO on the labelled preference pairs",
     "rloo": "RLOO against a reward model",
     "grpo": "GRPO against a reward model",
+    "online_dpo": "online DPO on pairs of its own answers labelled by an AI judge",
 }
 
 

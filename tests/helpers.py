@@ -136,10 +136,17 @@ def ppo_job(
     seed: int = 0,
     method: str = "ppo",
 ) -> None:
-    """A complete PPO (or GRPO) run used by the resume test (run in a subprocess that may be killed)."""
+    """A complete PPO (GRPO, online DPO) run used by the resume tests (run in a subprocess that may be killed)."""
     from safetensors.torch import save_file
 
-    from rlhf_core.config import EvaluateConfig, GRPOConfig, JudgeConfig, ModelConfig, PPOConfig
+    from rlhf_core.config import (
+        EvaluateConfig,
+        GRPOConfig,
+        JudgeConfig,
+        ModelConfig,
+        OnlineDPOConfig,
+        PPOConfig,
+    )
     from rlhf_core.ppo.build import build_ppo_trainer
 
     shared = dict(
@@ -157,6 +164,8 @@ def ppo_job(
     )
     if method == "grpo":
         cfg = GRPOConfig(**shared)
+    elif method == "online_dpo":
+        cfg = OnlineDPOConfig(**shared)
     else:
         cfg = PPOConfig(**shared, adaptive_kl=True, target_kl=0.5)
     trainer = build_ppo_trainer(
@@ -182,6 +191,11 @@ def ppo_job(
 def grpo_job(policy_dir: str, reward_dir: str, checkpoint_dir: str, out_file: str) -> None:
     """ppo_job with GRPO: groups of 4 answers, the KL a loss term, no value model."""
     ppo_job(policy_dir, reward_dir, checkpoint_dir, out_file, method="grpo")
+
+
+def online_dpo_job(policy_dir: str, reward_dir: str, checkpoint_dir: str, out_file: str) -> None:
+    """ppo_job with online DPO: pairs of answers, judged as it trains."""
+    ppo_job(policy_dir, reward_dir, checkpoint_dir, out_file, method="online_dpo")
 
 
 def dpo_job(

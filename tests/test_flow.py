@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from rlhf_core.config import GRPOConfig, PipelineConfig, RLOOConfig
+from rlhf_core.config import GRPOConfig, OnlineDPOConfig, PipelineConfig, RLOOConfig
 
 pytestmark = pytest.mark.slow
 
@@ -646,8 +646,8 @@ def test_dpo_method_through_the_registry(prefect_harness, tmp_path):
     assert len(client.list_artifacts(dpo.info.run_id, "reference_logps")) == 2
 
 
-def test_rloo_and_grpo_methods_through_the_registry(prefect_harness, tmp_path):
-    """run.method=rloo, then grpo on the same work dir: the data, label and reward stages come from
+def test_rloo_grpo_and_online_dpo_through_the_registry(prefect_harness, tmp_path):
+    """run.method=rloo, then grpo, then online_dpo on the same work dir: the data, label and reward stages come from
     the cache, each method's stage runs with its own section and no value model, and both register
     a version whose card names the method, with the same eval_* metrics on the parent run."""
     base = whole_pipeline_cfg(tmp_path)
@@ -665,7 +665,8 @@ def test_rloo_and_grpo_methods_through_the_registry(prefect_harness, tmp_path):
         }
     )
     client = MlflowClient(base.mlflow_tracking_uri)
-    for method, section in (("rloo", RLOOConfig), ("grpo", GRPOConfig)):
+    methods = (("rloo", RLOOConfig), ("grpo", GRPOConfig), ("online_dpo", OnlineDPOConfig))
+    for method, section in methods:
         cfg = base.model_copy(
             update={
                 "run": base.run.model_copy(update={"method": method}),
@@ -682,9 +683,12 @@ def test_rloo_and_grpo_methods_through_the_registry(prefect_harness, tmp_path):
         run = stages[method]
         assert run.data.params["value_model"] == "none"
         assert [m.step for m in client.get_metric_history(run.info.run_id, "score")] == [1, 2, 3]
-        if method == "grpo":  # the second run: everything before the method comes from the cache
-            assert "kl_k3" in run.data.metrics and run.data.params["loss_type"] == "dapo"
+        if method != "rloo":  # later runs: everything before the method comes from the cache
             assert "rlhf.cached_from_run" in stages["reward-train"].data.tags
+        if method == "grpo":
+            assert "kl_k3" in run.data.metrics and run.data.params["loss_type"] == "dapo"
+        if method == "online_dpo":  # its pairs judged through the label stage's cache
+            assert {"judge_confidence", "rewards_accuracy"} <= set(run.data.metrics)
         assert {"eval_win_rate", "eval_kl_per_response"} <= set(parent.data.metrics)
         version = client.get_model_version("rlhf-policy", result["registry"]["version"])
         assert version.tags["rlhf.method"] == method

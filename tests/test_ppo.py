@@ -10,6 +10,7 @@ from rlhf_core.config import (
     GRPOConfig,
     JudgeConfig,
     ModelConfig,
+    OnlineDPOConfig,
     PPOConfig,
     RLOOConfig,
 )
@@ -462,9 +463,9 @@ def test_grpo_puts_the_kl_in_the_loss_and_normalises_within_groups(tiny_gpt2, tm
     seen = {}
     update = trainer.update
 
-    def spy(batch, old_logprobs, old_values, advantages, returns, ref_logprobs):
+    def spy(batch, old_logprobs, old_values, advantages, *rest):
         seen["advantages"] = advantages[:, 0].clone()
-        return update(batch, old_logprobs, old_values, advantages, returns, ref_logprobs)
+        return update(batch, old_logprobs, old_values, advantages, *rest)
 
     trainer.update = spy
     history = trainer.train().history
@@ -501,9 +502,62 @@ def test_grpo_gradient_does_not_depend_on_the_micro_batch(tiny_gpt2, tmp_path, l
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
 
 
-def test_killed_grpo_run_resumes_to_the_same_result(tiny_gpt2, tmp_path):
+@pytest.mark.parametrize("job", ["grpo_job", "online_dpo_job"])
+def test_killed_grpo_and_online_dpo_runs_resume_to_the_same_result(tiny_gpt2, tmp_path, job):
     reward = untrained_reward_dir(tmp_path, str(tiny_gpt2))
-    assert_kill_and_resume_is_exact("grpo_job", [tiny_gpt2, reward], tmp_path, "iter-000002")
+    assert_kill_and_resume_is_exact(job, [tiny_gpt2, reward], tmp_path, "iter-000002")
+
+
+def test_online_dpo_judges_pairs_of_its_own_answers(tiny_gpt2, tmp_path):
+    """Two answers per prompt, kept together through the shuffle; the judge's preference between
+    them (asked through the label cache, so a rerun asks it nothing) is the DPO label; the first
+    update starts at the reference, where the soft DPO loss is log 2 whatever the label."""
+    from rlhf_core.judges.labeling import LabelCache
+
+    reward = untrained_reward_dir(tmp_path, str(tiny_gpt2))
+    cfg = OnlineDPOConfig(
+        iterations=2,
+        batch_size=8,
+        mini_batch_size=8,
+        micro_batch_size=4,
+        max_new_tokens=8,
+        lr=1e-3,
+        mixed_precision="no",
+        device="cpu",
+    )
+    cache = tmp_path / "labels.sqlite"
+
+    def build():
+        return build_ppo_trainer(
+            str(tiny_gpt2), str(reward), PROMPTS[:20], cfg, ModelConfig(),
+            label_cache=cache, progress=False,
+        )  # fmt: skip
+
+    trainer = build()
+    assert trainer.value is None
+    seen = []
+    update = trainer.update
+
+    def spy(batch, *args):
+        seen.append((trainer.prompt_indices(trainer.iteration), args[-1].clone()))
+        return update(batch, *args)
+
+    trainer.update = spy
+    history = trainer.train().history
+    idx, p = seen[0]
+    assert idx[0::2] == idx[1::2] and p.shape == (4,) and bool(((p >= 0) & (p <= 1)).all())
+    order = trainer._order()
+    assert torch.equal(order[1::2], order[0::2] + 1) and bool((order[0::2] % 2 == 0).all())
+    assert history[0]["policy_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert history[-1]["kl"] > 0 and {"judge_confidence", "rewards_accuracy"} <= set(history[-1])
+    judged = len(LabelCache(cache))
+    assert 0 < judged <= 8
+    build().train()  # the same seed: the same answers
+    assert len(LabelCache(cache)) == judged  # every pair from the cache
+    with pytest.raises(ValueError, match="less than or equal to 2"):
+        OnlineDPOConfig(samples_per_prompt=4)
+    with pytest.raises(ValueError, match="must be even"):
+        OnlineDPOConfig(micro_batch_size=3, mini_batch_size=6, batch_size=6)
 
 
 def test_batch_sizes_must_divide():

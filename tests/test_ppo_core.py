@@ -357,3 +357,9 @@ def test_grpo_token_loss_known_answers():
     assert torch.allclose(loss, torch.tensor([[-1.0, -1.2 + 0.1 * k3, 0.0]]))
     assert float(stats["clipfrac"]) == pytest.approx(0.5)
     assert float(stats["kl_k3"]) == pytest.approx(k3 / 2)
+    # a padding token the policy finds very unlikely, its reference log-prob 0: still finite
+    far = new.clone()
+    far[0, 2] = -200.0
+    loss, _ = grpo_token_loss(far.requires_grad_(), old, ref * mask, adv, mask, beta=0.1)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(far.grad).all()

@@ -9,7 +9,7 @@ from pathlib import Path
 from rlhf_core.config import EvaluateConfig, JudgeConfig, ModelConfig, PolicyGradientConfig
 from rlhf_core.errors import UserError
 from rlhf_core.models.loading import add_lora, load_causal_lm
-from rlhf_core.ppo.trainer import LogFn, PPOTrainer, SamplesFn
+from rlhf_core.ppo.trainer import LogFn, PPOTrainer, PreferenceFn, SamplesFn
 from rlhf_core.ppo.value import ValueHead, value_from_causal_lm, value_from_reward_model
 from rlhf_core.reward.ensemble import EnsembleRewardModel
 from rlhf_core.reward.model import load_reward_model
@@ -29,10 +29,14 @@ def build_ppo_trainer(
     judge: JudgeConfig | None = None,
     evaluate: EvaluateConfig | None = None,
     val_prompts: Sequence[str] = (),
+    preference_judge: JudgeConfig | None = None,
+    label_cache: Path | None = None,
     progress: bool = True,
 ) -> PPOTrainer:
     """With a judge and validation prompts, a JudgeMonitor checks the policy every ppo.eval_every
-    iterations, sampling as the final evaluation does (evaluate's settings, open keys from ppo)."""
+    iterations, sampling as the final evaluation does (evaluate's settings, open keys from ppo).
+    Online DPO's pairs are judged by `preference_judge` (default: the default judge), its answers
+    kept in the label cache at `label_cache` when given."""
     import torch
 
     torch.manual_seed(seed)
@@ -104,5 +108,25 @@ def build_ppo_trainer(
         on_log=on_log,
         on_samples=on_samples,
         monitor=monitor,
+        preference=(
+            judged_preference(preference_judge or JudgeConfig(), label_cache)
+            if cfg.advantage == "online_dpo"
+            else None
+        ),
         progress=progress,
     )
+
+
+def judged_preference(judge_cfg: JudgeConfig, label_cache: Path | None) -> PreferenceFn:
+    """P(a > b) from the judge, asked as the label stage asks it (both orders for an
+    order-sensitive judge) and through the same cache, so no pair is judged twice."""
+    from rlhf_core.judges.labeling import LabelCache, label_pairs
+    from rlhf_core.judges.rlaif import build_judge
+
+    judge = build_judge(judge_cfg)
+    cache = LabelCache(label_cache) if label_cache is not None else None
+
+    def prefer(prompts, a, b):
+        return label_pairs(judge, prompts, a, b, cache=cache).p
+
+    return prefer

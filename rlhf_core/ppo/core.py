@@ -155,7 +155,9 @@ def grpo_token_loss(
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
-    kl = kl_estimate(logprobs, ref_logprobs, "k3")
+    # padding has no reference log-prob (0): exp(0 - log p(pad)) would overflow to inf, and
+    # inf * 0 is NaN in the loss
+    kl = kl_estimate(logprobs.masked_fill(~mask, 0.0), ref_logprobs.masked_fill(~mask, 0.0), "k3")
     loss = torch.max(unclipped, clipped) + beta * kl
     with torch.no_grad():
         stats = {

@@ -2,8 +2,9 @@
 
 PPO: KL-penalised per-token rewards, a value model and GAE, KL control. RLOO: the same rewards
 summed per answer, each answer's baseline the other answers to its prompt. GRPO: scores
-normalised within each prompt's group, the KL to the reference a k3 term in the loss. Optionally
-a judge checks the policy and the best check is kept.
+normalised within each prompt's group, the KL to the reference a k3 term in the loss. Online DPO:
+two answers per prompt, a judge's preference between them, the DPO loss against the reference.
+Optionally a judge checks the policy and the best check is kept.
 
 Every iteration is a pure function of (weights, optimiser states, KL controller, RNG states,
 iteration index): a checkpoint holds exactly those, so a killed run resumes to the same result.
@@ -27,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlhf_core.config import KLPenaltyConfig, PolicyGradientConfig, stable_hash
+from rlhf_core.dpo.core import dpo_loss
 from rlhf_core.errors import UserError
 from rlhf_core.models.chat import ChatFormat
 from rlhf_core.models.fused import fuse_activations
@@ -85,6 +87,8 @@ LogFn = Callable[[int, dict], None]
 SamplesFn = Callable[[int, list[dict]], None]
 # (policy, tokenizer, reference-policy context) -> metrics with "val_win_rate" (see monitor.py)
 MonitorFn = Callable[[Any, Any, Callable[[], AbstractContextManager]], dict]
+# (prompts, answers a, answers b) -> P(a better than b) per pair: online DPO's judge
+PreferenceFn = Callable[[list[str], list[str], list[str]], np.ndarray]
 
 
 class PPOTrainer:
@@ -104,10 +108,14 @@ class PPOTrainer:
         on_log: LogFn | None = None,
         on_samples: SamplesFn | None = None,
         monitor: MonitorFn | None = None,
+        preference: PreferenceFn | None = None,
         progress: bool = True,
     ):
         if not prompts:
             raise UserError("PPO needs at least one training prompt")
+        if preference is None and settings.advantage == "online_dpo":
+            raise ValueError("online DPO needs a judge's preference function")
+        self.preference = preference
         if value_model is None and settings.advantage == "gae":
             raise ValueError("GAE needs a value model (or a ValueHead on the policy)")
         s = self.s = settings
@@ -358,27 +366,18 @@ class PPOTrainer:
         penalised = isinstance(s, KLPenaltyConfig)  # PPO, RLOO: the KL is in the reward
         kl = kl_estimate(r["logprobs"], r["ref_logprobs"], s.kl_estimator if penalised else "k1")
         kl = kl * mask
-        if s.advantage == "grpo":  # the KL is a loss term (update), not a reward
-            non_score = torch.zeros_like(kl)
-            sequence = grpo_advantages(scores, s.samples_per_prompt, s.scale_rewards)
-            advantages, returns = sequence[:, None] * mask, torch.zeros_like(kl)
-        else:
-            rewards, non_score = token_rewards(scores, kl, mask, self.kl_ctl.beta)
-        if s.advantage == "rloo":  # one advantage per answer, on every one of its tokens
-            sequence = rloo_advantages(rewards.sum(1), s.samples_per_prompt)
-            if s.whiten_advantages:
-                sequence = (sequence - sequence.mean()) / (sequence.std() + 1e-8)
-            advantages, returns = sequence[:, None] * mask, torch.zeros_like(rewards)
-        elif s.advantage == "gae":
-            advantages, returns = gae(rewards, r["values"], mask, s.gamma, s.lam)
-            if s.whiten_advantages:
-                advantages = masked_whiten(advantages, mask) * mask
+        preferences = None
+        if s.advantage == "online_dpo":  # the judge's P(first answer > second) of each pair
+            texts = [t.strip() for t in self._decode(batch)]
+            p = self.preference([self.prompts[i] for i in idx[::2]], texts[::2], texts[1::2])
+            preferences = torch.as_tensor(p, dtype=torch.float32, device=self.device)
+        advantages, returns, non_score = self._advantages(scores, kl, mask, r["values"])
         mean_kl = float(kl.sum(1).mean())
         self._guard(mean_kl, scores, "rollout")
         t_rollout = time.perf_counter() - t0
 
         stats = self.update(
-            batch, r["logprobs"], r["values"], advantages, returns, r["ref_logprobs"]
+            batch, r["logprobs"], r["values"], advantages, returns, r["ref_logprobs"], preferences
         )
         beta_used = self.kl_ctl.beta
         self.kl_ctl.update(mean_kl, s.batch_size)
@@ -388,6 +387,11 @@ class PPOTrainer:
             "score_raw": float(raw.mean()),
             "score": float(scores.mean()),
             "score_std": float(scores.std()) if len(scores) > 1 else 0.0,
+            **(
+                {"judge_confidence": float((preferences - 0.5).abs().mean() * 2)}
+                if preferences is not None
+                else {}
+            ),
             "reward_disagreement": float(r["disagreement"].mean()),
             "kl": mean_kl,
             "kl_per_token": float(masked_mean(kl, mask)),
@@ -411,10 +415,7 @@ class PPOTrainer:
         weights = [p.detach() for p in self.policy_params + self.value_params]
         self._guard(metrics["policy_loss"] + metrics["value_loss"], weights, "update")
         if self.on_samples and s.sample_every and (self.iteration % s.sample_every == 0):
-            texts = self.tokenizer.batch_decode(
-                batch.responses.masked_fill(~mask, self.pad_id)[: s.n_samples],
-                skip_special_tokens=True,
-            )
+            texts = self._decode(batch)[: s.n_samples]
             self.on_samples(
                 self.iteration + 1,
                 [
@@ -430,6 +431,30 @@ class PPOTrainer:
             )
         return metrics
 
+    def _advantages(self, scores, kl, mask, values):
+        """(advantages, returns, the KL part of the reward), per token, by method."""
+        s, zeros = self.s, torch.zeros_like(kl)
+        if s.advantage == "online_dpo":  # the DPO loss uses the judge's preferences instead
+            return zeros, zeros, zeros
+        if s.advantage == "grpo":  # the KL is a loss term, not a reward
+            sequence = grpo_advantages(scores, s.samples_per_prompt, s.scale_rewards)
+            return sequence[:, None] * mask, zeros, zeros
+        rewards, non_score = token_rewards(scores, kl, mask, self.kl_ctl.beta)
+        if s.advantage == "rloo":  # one advantage per answer, on every one of its tokens
+            sequence = rloo_advantages(rewards.sum(1), s.samples_per_prompt)
+            if s.whiten_advantages:
+                sequence = (sequence - sequence.mean()) / (sequence.std() + 1e-8)
+            return sequence[:, None] * mask, zeros, non_score
+        advantages, returns = gae(rewards, values, mask, s.gamma, s.lam)
+        if s.whiten_advantages:
+            advantages = masked_whiten(advantages, mask) * mask
+        return advantages, returns, non_score
+
+    def _decode(self, batch: Batch) -> list[str]:
+        return self.tokenizer.batch_decode(
+            batch.responses.masked_fill(~batch.mask, self.pad_id), skip_special_tokens=True
+        )
+
     def _forward_train(self, mb: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(log-probs of the sampled tokens, per-token entropy, values) under the current weights."""
         s = self.s
@@ -444,15 +469,90 @@ class PPOTrainer:
         )
         return logprobs, entropy, values
 
+    def _order(self) -> torch.Tensor:
+        """The episodes in a shuffled order; online DPO keeps each pair together, first then second."""
+        n = self.s.batch_size
+        if self.s.advantage != "online_dpo":
+            return torch.randperm(n, generator=self.shuffle_gen)
+        pairs = torch.randperm(n // 2, generator=self.shuffle_gen)
+        return torch.stack([2 * pairs, 2 * pairs + 1], dim=1).flatten()
+
+    def _dpo_loss(self, logprobs, ref_logprobs, mask, preferences):
+        """DPO on consecutive (first, second) rows: the first is 'chosen' with probability p."""
+        s = self.s
+        logp = (logprobs * mask).sum(1)
+        ref = (ref_logprobs * mask).sum(1)
+        n = mask.sum(1).float()
+        return dpo_loss(
+            logp[0::2], logp[1::2], ref[0::2], ref[1::2], s.beta, s.loss,
+            preferences, n[0::2], n[1::2],
+        )  # fmt: skip
+
+    def _micro_loss(self, idx, mini_size, mini_tokens, logprobs, values, mask, t: dict):
+        """This micro-batch's share of the optimiser step's loss, and what to log, by method.
+        PPO, RLOO: the micro-batch's token mean weighted by its share of the step's answers; GRPO:
+        normalised over the step (dapo: its tokens, grpo: its answers); online DPO: the mean over
+        the step's pairs."""
+        s, share = self.s, len(idx) / mini_size
+        if s.advantage == "online_dpo":
+            p_first = t["preferences"][idx[0::2] // 2]
+            out = self._dpo_loss(logprobs, t["ref_logprobs"][idx], mask, p_first)
+            agrees = (out.margins > 0) == (p_first > 0.5)
+            return out.losses.sum() / (mini_size // 2), {
+                "policy_loss": out.losses.mean(),
+                "rewards_margin": (out.margins * (2 * p_first - 1)).mean(),
+                "rewards_accuracy": agrees.float().mean(),
+            }
+        if s.advantage == "grpo":
+            per_token, stats = grpo_token_loss(
+                logprobs,
+                t["old_logprobs"][idx],
+                t["ref_logprobs"][idx],
+                t["advantages"][idx],
+                mask,
+                s.cliprange,
+                s.beta,
+            )
+            if s.loss_type == "dapo":
+                loss = per_token.sum() / mini_tokens
+            else:
+                loss = (per_token.sum(1) / mask.sum(1).clamp(min=1)).sum() / mini_size
+            return loss, {"policy_loss": masked_mean(per_token, mask), **stats}
+        pg, stats = policy_loss(
+            logprobs, t["old_logprobs"][idx], t["advantages"][idx], mask, s.cliprange
+        )
+        if values is None:
+            return pg * share, {"policy_loss": pg, **stats}
+        vf, vf_stats = value_loss(
+            values.float(), t["old_values"][idx], t["returns"][idx], mask, s.cliprange_value
+        )
+        loss = (pg + s.vf_coef * vf) * share
+        return loss, {"policy_loss": pg, "value_loss": vf, **stats, **vf_stats}
+
     def update(
-        self, batch: Batch, old_logprobs, old_values, advantages, returns, ref_logprobs
+        self,
+        batch: Batch,
+        old_logprobs,
+        old_values,
+        advantages,
+        returns,
+        ref_logprobs,
+        preferences=None,
     ) -> dict:
         s = self.s
+        targets = {
+            "old_logprobs": old_logprobs,
+            "old_values": old_values,
+            "advantages": advantages,
+            "returns": returns,
+            "ref_logprobs": ref_logprobs,
+            "preferences": preferences,
+        }
         sums: dict[str, float] = {}
         grad_norms: list[float] = []
         n = 0
         for _ in range(s.ppo_epochs):
-            order = torch.randperm(s.batch_size, generator=self.shuffle_gen)
+            order = self._order()
             for mb_start in range(0, s.batch_size, s.mini_batch_size):
                 mini = order[mb_start : mb_start + s.mini_batch_size]
                 self.policy_opt.zero_grad(set_to_none=True)
@@ -465,43 +565,17 @@ class PPOTrainer:
                     with self.amp():
                         logprobs, token_entropy, values = self._forward_train(mb)
                     m = mb.mask
-                    share = len(idx) / len(mini)  # of the optimiser step's batch
-                    vf, vf_stats = torch.zeros(()), {}
-                    if s.advantage == "grpo":
-                        per_token, pg_stats = grpo_token_loss(
-                            logprobs,
-                            old_logprobs[idx],
-                            ref_logprobs[idx],
-                            advantages[idx],
-                            m,
-                            s.cliprange,
-                            s.beta,
-                        )
-                        pg = masked_mean(per_token, m)
-                        if s.loss_type == "dapo":  # over the step's tokens, not the micro-batch's
-                            step_loss = per_token.sum() / mini_tokens
-                        else:
-                            step_loss = (per_token.sum(1) / m.sum(1).clamp(min=1)).sum() / len(mini)
-                    else:
-                        pg, pg_stats = policy_loss(
-                            logprobs, old_logprobs[idx], advantages[idx], m, s.cliprange
-                        )
-                        step_loss = pg * share
-                        if values is not None:
-                            vf, vf_stats = value_loss(
-                                values.float(), old_values[idx], returns[idx], m, s.cliprange_value
-                            )
-                            step_loss = step_loss + s.vf_coef * vf * share
+                    step_loss, logged = self._micro_loss(
+                        idx, len(mini), mini_tokens, logprobs, values, m, targets
+                    )
                     entropy = masked_mean(token_entropy, m)
                     if s.entropy_coef > 0:
-                        step_loss = step_loss - s.entropy_coef * entropy * share
+                        step_loss = step_loss - s.entropy_coef * entropy * len(idx) / len(mini)
                     step_loss.backward()
                     for k, v in {
-                        "policy_loss": pg,
-                        "value_loss": vf,
+                        "value_loss": torch.zeros(()),
+                        **logged,
                         "entropy": entropy,
-                        **pg_stats,
-                        **vf_stats,
                     }.items():
                         sums[k] = sums.get(k, 0.0) + float(v.detach())
                     n += 1
