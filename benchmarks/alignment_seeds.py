@@ -71,7 +71,7 @@ def read_run(work_dir: Path) -> dict:
             name = child.data.tags.get("rlhf.stage", child.info.run_name)
             if child.info.end_time:
                 stages[name] = round((child.info.end_time - child.info.start_time) / 60000, 2)
-            if name in ("ppo", "rloo", "grpo"):
+            if name in ("ppo", "rloo", "grpo", "online_dpo"):
                 for k in ("selected_iteration", "val_win_rate_best", "iterations_run"):
                     if k in child.data.metrics:
                         out[f"policy_{k}"] = child.data.metrics[k]
