@@ -170,7 +170,8 @@ def stages(cfg: PipelineConfig, t: TrackingContext) -> dict:
 @flow(name="rlhf-pipeline", log_prints=True)
 def rlhf_pipeline(config: dict, data_path: str | None = None) -> dict | State:
     """Preference data -> versioned splits -> SFT reference policy -> AI labels -> reward model + gate
-    -> policy optimisation (run.method) -> evaluation -> registry (champion only through the promotion gate)."""
+    -> policy optimisation (run.method) -> evaluation -> registry (champion only through the
+    promotion gate)."""
     quiet_clean_failures()
     cfg = PipelineConfig.model_validate(config)
     if data_path:

@@ -466,9 +466,9 @@ class RewardConfig(LoopConfig):
 
 
 class PolicyGradientConfig(Section):
-    """What the on-policy methods share (PPO, RLOO, GRPO): rollouts from the policy, scores from
-    the gated reward model, clipped updates, judged checks, checkpoints. Each method's section
-    adds its own settings; the trainer is rlhf_core/ppo/trainer.py."""
+    """What the on-policy methods share (PPO, RLOO, GRPO, online DPO): rollouts from the policy,
+    scores from the gated reward model, updates, judged checks, guards, checkpoints. Each method's
+    section adds its own settings; the trainer is rlhf_core/ppo/trainer.py."""
 
     advantage: ClassVar[str]  # how the method turns scores into advantages (the trainer's switch)
 
@@ -502,7 +502,7 @@ class PolicyGradientConfig(Section):
     """AdamW weight decay of policy and value model."""
     beta: float = Field(0.05, ge=0)
     """KL coefficient: PPO and RLOO subtract beta * KL from the reward (the initial value when
-    adaptive); GRPO adds beta * KL (k3) to the loss."""
+    adaptive); GRPO adds beta * KL (k3) to the loss; online DPO's is DPO's beta."""
     kl_hard_limit: float | None = Field(30.0, gt=0)
     """Stop, keeping the last good checkpoint, above this mean per-sequence KL; null: never."""
     samples_per_prompt: int = Field(1, ge=1)

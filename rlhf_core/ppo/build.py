@@ -1,4 +1,4 @@
-"""The on-policy stages (PPO, RLOO, GRPO) as plain functions: build policy, reference, reward and
+"""The on-policy stages (PPO, RLOO, GRPO, online DPO) as plain functions: build policy, reference, reward and
 value models from folders and config."""
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def build_ppo_trainer(
     if isinstance(rm, EnsembleRewardModel):
         rm = rm.with_aggregate(cfg.ensemble_aggregate, cfg.ensemble_std_coef)
     reads_policy_tokens = rm.reads_tokens_of(tokenizer)
-    kind = "none"  # RLOO, GRPO: the other answers to the prompt are the baseline
+    kind = "none"  # RLOO, GRPO: the other answers to the prompt are the baseline; DPO: none
     if cfg.advantage == "gae":
         kind = cfg.value_model
         if kind == "auto":
