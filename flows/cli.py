@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from rlhf_core.config import SourceConfig, load_config
+from rlhf_core.config import ON_POLICY_TITLES, SourceConfig, load_config
 from rlhf_core.errors import UnusableInputError, UserError
 from rlhf_core.redaction import redact_url
 
@@ -101,12 +101,12 @@ def run(config: ConfigOpt = None, set_: SetOpt = None) -> None:
             "reward test accuracy",
             f"{r['test_accuracy']:.1%} (AUC {r['test_auc']:.3f}, ECE {r['test_ece']:.3f})",
         )
-    for method in ("ppo", "rloo", "grpo", "online_dpo"):
+    for method, title in ON_POLICY_TITLES.items():
         if method in result:
             p = result[method]
             table.add_row("tuned policy", result["tuned_policy"])
             table.add_row(
-                f"{method.upper().replace('_', ' ')} reward",
+                f"{title} reward",
                 f"{p['score_start']:+.3f} -> {p['score_end']:+.3f} (KL {p['kl_end']:.2f})",
             )
     if "dpo" in result:

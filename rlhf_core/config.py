@@ -34,6 +34,8 @@ STACK_HOST = "127.0.0.1"  # `rlhf stack` serves on loopback only
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "configs" / "default.yaml"
 
 STAGES = ("split", "sft", "label", "reward", "ppo", "evaluate")  # pipeline order
+# run.method values that run on the on-policy engine (rlhf_core/ppo), with their display names
+ON_POLICY_TITLES = {"ppo": "PPO", "rloo": "RLOO", "grpo": "GRPO", "online_dpo": "online DPO"}
 Precision = Literal["fp32", "bf16", "fp16"]
 MixedPrecision = Literal["auto", "bf16", "no"]
 

@@ -18,9 +18,8 @@ from tasks.results import Labelled, Policy, Splits
 from tasks.stage import StageContext, stage
 
 JUDGE_CODE = (DEFAULT_CONSTITUTION,)  # read when no constitution is configured
-LABEL_CACHE = (
-    "label-cache.sqlite"  # in the work dir: the judge's answers, shared by every stage that asks
-)
+# in the work dir: the judge's answers, shared by every stage that asks it
+LABEL_CACHE = "label-cache.sqlite"
 
 
 def _progress_reporter():

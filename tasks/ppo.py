@@ -1,5 +1,5 @@
-"""The on-policy stages, one per method (ppo, rloo, grpo): tune the reference policy against the
-gated reward model, kept near the reference by a KL term."""
+"""The on-policy stages, one per method (ppo, rloo, grpo, online_dpo): tune the reference policy
+against the gated reward model (online DPO: the judge), kept near the reference by a KL term."""
 
 from __future__ import annotations
 
@@ -10,7 +10,13 @@ import mlflow
 import pandas as pd
 from prefect import get_run_logger
 
-from rlhf_core.config import EvaluateConfig, JudgeConfig, ModelConfig, PolicyGradientConfig
+from rlhf_core.config import (
+    ON_POLICY_TITLES,
+    EvaluateConfig,
+    JudgeConfig,
+    ModelConfig,
+    PolicyGradientConfig,
+)
 from rlhf_core.models.loading import save_model
 from rlhf_core.plots import curves_plot, gold_proxy_plot
 from rlhf_core.ppo.build import build_ppo_trainer
@@ -30,7 +36,6 @@ CURVES = [
 ]
 
 
-TITLES = {"ppo": "PPO", "rloo": "RLOO", "grpo": "GRPO", "online_dpo": "online DPO"}
 # the judged checks sample and judge as the final evaluation does; nothing else of it matters
 EVALUATE_UNREAD = {
     "enabled",
@@ -122,7 +127,9 @@ def optimise(
     with atomic_dir(out) as staging:
         save_model(policy, trainer.tokenizer, staging / "model")
         (staging / "history.json").write_text(json.dumps(result.history, indent=2))
-        curves_plot(result.history, CURVES, staging / "training_curves.png", TITLES[method])
+        curves_plot(
+            result.history, CURVES, staging / "training_curves.png", ON_POLICY_TITLES[method]
+        )
         checks = [h for h in result.history if "val_win_rate" in h]
         if checks:
             gold_proxy_plot(checks, staging / "gold_vs_proxy.png", result.selected_iteration)
@@ -178,4 +185,4 @@ def _method_stage(method: str):
     return stage(method, code=JUDGE_CODE, ignore={"evaluate": EVALUATE_UNREAD})(optimise)
 
 
-ppo, rloo, grpo, online_dpo = (_method_stage(m) for m in TITLES)
+ppo, rloo, grpo, online_dpo = (_method_stage(m) for m in ON_POLICY_TITLES)
