@@ -368,10 +368,51 @@ def check_result_store(storage: str, s3_endpoint: str | None) -> None:
         ) from None
 
 
+def _stored_record(storage: str, key: str, s3_endpoint: str | None) -> bytes | None:
+    """The bytes stored under a result key, or None when there are none."""
+    if not storage.startswith("s3://"):
+        path = Path(storage) / key
+        return path.read_bytes() if path.is_file() else None
+    from botocore.exceptions import ClientError
+
+    from rlhf_core.storage import split_s3_uri
+
+    bucket, prefix = split_s3_uri(storage)
+    name = f"{prefix.rstrip('/')}/{key}" if prefix.strip("/") else key
+    try:
+        obj = s3_client(S3Config(endpoint_url=s3_endpoint)).get_object(Bucket=bucket, Key=name)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None
+        raise
+    return obj["Body"].read()
+
+
+def check_stored_record(storage: str, key: str, s3_endpoint: str | None) -> None:
+    """A stored result record names the serializer Prefect loads it with, pickle included, so
+    whoever can write to the store could plant a pickle under a stage's key and run code at the
+    next cache hit. A record that is not a stage's JSON is refused, with one line, before Prefect
+    reads it."""
+    raw = _stored_record(storage, key, s3_endpoint)
+    if raw is None:
+        return
+    try:
+        kind = json.loads(raw)["metadata"]["serializer"]["type"]
+    except (ValueError, KeyError, TypeError):
+        kind = None
+    if kind != StageResultSerializer.model_fields["type"].default:
+        raise UserError(
+            f"the stored result {key} in {redact_url(storage)} is not a stage's JSON record "
+            f"(serializer {kind!r}); it was not read. Whoever can write to the result store can "
+            "run code through such a record: check who wrote it, delete it, and run again"
+        )
+
+
 def _run_cached(run, name: str, key: str, tracking: TrackingContext, inputs: dict) -> StageResult:
     """Run a stage task (served from cache when its key matches), and keep MLflow complete."""
     try:
         check_result_store(tracking.result_storage, tracking.s3_endpoint)
+        check_stored_record(tracking.result_storage, key, tracking.s3_endpoint)
     except UserError as exc:
         raise StageFailed.because(f"{name}: {exc}") from None
     run = run.with_options(

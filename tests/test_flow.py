@@ -259,6 +259,39 @@ def test_pretrained_checkpoint_skips_scratch_init(prefect_harness, tmp_path, tin
     )
 
 
+class _Planted:
+    """Unpickling this writes a file: code run by whoever planted the record."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_planted_pickle_record_is_refused_not_unpickled(prefect_harness, tmp_path):
+    """Prefect loads a stored record with the serializer the record names: a pickle planted under
+    a stage's key would run code at the next cache hit. It is refused with one line, unread."""
+    import base64
+    import pickle
+
+    cfg = make_cfg(tmp_path)
+    assert run_flow(cfg).is_completed()
+    records = [p for p in Path(cfg.result_storage).iterdir() if p.name.startswith("ingest-")]
+    assert len(records) == 1, records
+    record = json.loads(records[0].read_text())
+    assert record["metadata"]["serializer"]["type"] == "rlhf-stage-json"
+    marker = tmp_path / "planted-code-ran"
+    record["metadata"]["serializer"] = {"type": "pickle", "picklelib": "pickle"}
+    record["result"] = base64.b64encode(pickle.dumps(_Planted(marker))).decode()
+    records[0].write_text(json.dumps(record))
+    state = run_flow(cfg)
+    assert state.is_failed()
+    assert f"the stored result {records[0].name}" in state.message
+    assert "serializer 'pickle'" in state.message and "\n" not in state.message
+    assert not marker.exists()
+
+
 def test_bad_model_path_fails_with_one_line(prefect_harness, tmp_path):
     cfg = make_cfg(tmp_path, until="sft")
     cfg = cfg.model_copy(
