@@ -38,7 +38,7 @@ stack_app = typer.Typer(
 )
 app.add_typer(stack_app, name="stack")
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # a one-line message stays one line when piped
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config (default: configs/default.yaml).")

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from rlhf_core.config import LoopConfig, stable_hash
 from rlhf_core.errors import UserError
 from rlhf_core.models.fused import fuse_activations
+from rlhf_core.provenance import module_code_version
 
 
 def length_bucketed_batches(
@@ -197,7 +199,7 @@ def set_aside_if_foreign(path: Path, fingerprint: str) -> str | None:
     shutil.rmtree(aside, ignore_errors=True)
     os.replace(folder, aside)
     return (
-        f"{path.name} in {folder} is another run's (data, settings or model differ): "
+        f"{path.name} in {folder} is another run's (data, settings, model or code differ): "
         f"started fresh, kept it in {aside}"
     )
 
@@ -313,16 +315,16 @@ class TrainLoop:
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """A checkpoint is resumed only by the run that wrote it: the same settings, seed, data
-        and starting model."""
-        config = getattr(self.model, "config", None)
+        """A checkpoint is resumed only by the run that wrote it: the same settings, seed, data,
+        starting weights and code. Taken before the first step (train), while the weights are
+        the starting ones."""
         return stable_hash(
             {
                 "settings": self.s.model_dump(mode="json"),
                 "seed": self.seed,
                 "data": self.data_digest(),
-                "model": getattr(config, "_name_or_path", ""),
-                "parameters": sum(p.numel() for p in self.model.parameters()),
+                "model": weights_signature(self.model),
+                "code": module_code_version(sys.modules[type(self).__module__]),
             }
         )
 
@@ -427,8 +429,9 @@ class TrainLoop:
         # dropout draws from the global generator: the same run whatever ran before it in this
         # process (a resumed run restores the generator's state from its checkpoint)
         torch.manual_seed(self.seed)
+        fingerprint = self.fingerprint  # of the starting weights, before any step changes them
         if resume and (ckpt := self.latest_checkpoint()):
-            note = set_aside_if_foreign(ckpt, self.fingerprint)
+            note = set_aside_if_foreign(ckpt, fingerprint)
             if note is None:
                 self.load_checkpoint(ckpt)
                 resumed_from = self.state["step"]

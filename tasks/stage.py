@@ -10,9 +10,7 @@ from the work or from the cache; it never builds a key or looks into a folder.
 
 from __future__ import annotations
 
-import ast
 import functools
-import hashlib
 import json
 import logging
 import sys
@@ -34,6 +32,7 @@ from pydantic import BaseModel, ConfigDict
 
 from rlhf_core.config import PROJECT_ROOT, S3Config, Section, stable_hash
 from rlhf_core.errors import UserError
+from rlhf_core.provenance import files_version
 from rlhf_core.redaction import redact_url
 from rlhf_core.storage import s3_client, source_fingerprint
 from tasks.tracking import TrackingContext, log_cached_stage, stage_run
@@ -128,63 +127,13 @@ class StageContext:
 PROJECT_PACKAGES = ("rlhf_core", "tasks")
 
 
-def _module_file(name: str, root: Path) -> Path | None:
-    base = root.joinpath(*name.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-@functools.lru_cache(maxsize=1024)
-def _imported_names(path: Path, mtime_ns: int) -> tuple[str, ...]:
-    """Every absolute module name a file imports, at any depth (`from m import x`: m and m.x)."""
-    names: list[str] = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names += [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            names += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-    return tuple(names)
-
-
-def import_closure(files: list[Path], root: Path, packages=PROJECT_PACKAGES) -> list[Path]:
-    """The project's source files that `files` import, directly or through each other, at any
-    depth in the file (imports inside functions too), with the packages' __init__ files; sorted."""
-    seen: set[Path] = set()
-    todo = [f.resolve() for f in files]
-    while todo:
-        path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        for name in _imported_names(path, path.stat().st_mtime_ns):
-            parts = name.split(".")
-            if parts[0] not in packages:
-                continue
-            for depth in range(1, len(parts) + 1):  # the packages on the way execute too
-                found = _module_file(".".join(parts[:depth]), root)
-                if found and found.resolve() not in seen:
-                    todo.append(found.resolve())
-    return sorted(seen)
-
-
 def code_version(*parts: ModuleType | Path, root: Path = PROJECT_ROOT) -> str:
     """Hash of the code a stage runs: each module given and every project module it imports,
     transitively (import_closure), plus shipped files such as the default constitution. Editing
     any of it invalidates the stage's cache, and the stages after it (their keys hold its key)."""
     modules = [Path(p.__file__) for p in parts if isinstance(p, ModuleType)]
-    return files_version(modules, [p for p in parts if isinstance(p, Path)], root)
-
-
-def files_version(sources: list[Path], data: list[Path], root: Path) -> str:
-    """code_version of source files (with their import closure) and data files under root."""
-    files = import_closure(sources, root) + sorted(data)
-    h = hashlib.sha256()
-    for f in files:
-        h.update(str(f.resolve().relative_to(root.resolve())).encode() + b"\0")
-        h.update(f.read_bytes())
-    return h.hexdigest()[:12]
+    data = [p for p in parts if isinstance(p, Path)]
+    return files_version(modules, data, root, PROJECT_PACKAGES)
 
 
 @functools.lru_cache(maxsize=256)

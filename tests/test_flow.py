@@ -591,47 +591,24 @@ def test_stage_code_version_follows_the_code_it_runs(tmp_path):
     import shutil
 
     from rlhf_core.config import PROJECT_ROOT
-    from tasks.stage import files_version, import_closure
+    from rlhf_core.provenance import files_version, import_closure
+    from tasks.stage import PROJECT_PACKAGES
 
     for package in ("rlhf_core", "tasks"):
         shutil.copytree(PROJECT_ROOT / package, tmp_path / package)
     sft_module = tmp_path / "tasks" / "models.py"
-    closure = {str(p.relative_to(tmp_path)) for p in import_closure([sft_module], tmp_path)}
+    closure = {
+        str(p.relative_to(tmp_path))
+        for p in import_closure([sft_module], tmp_path, PROJECT_PACKAGES)
+    }
     assert {"rlhf_core/training.py", "rlhf_core/models/fused.py", "rlhf_core/sft.py"} <= closure
-    before = files_version([sft_module], [], tmp_path)
+    before = files_version([sft_module], [], tmp_path, PROJECT_PACKAGES)
     with open(tmp_path / "rlhf_core" / "ppo" / "trainer.py", "a") as f:
         f.write("\n# an edit SFT never runs\n")
-    assert files_version([sft_module], [], tmp_path) == before
+    assert files_version([sft_module], [], tmp_path, PROJECT_PACKAGES) == before
     with open(tmp_path / "rlhf_core" / "models" / "fused.py", "a") as f:
         f.write("\n# an edit SFT runs\n")
-    assert files_version([sft_module], [], tmp_path) != before
-
-
-def test_canary_secrets_appear_nowhere(prefect_harness, tmp_path, monkeypatch):
-    """Secrets in the environment, and a URL's user-info, reach none of what a run writes: the
-    work dir (stages, MLflow database and artifacts, results), nor the Prefect database."""
-    from prefect.settings import get_current_settings
-
-    canaries = {
-        "AWS_SECRET_ACCESS_KEY": "canary-aws-3b9f",
-        "OPENAI_API_KEY": "canary-openai-77c1",
-        "HF_TOKEN": "canary-hf-d20e",
-    }
-    for name, value in canaries.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("RLHF_S3_ENDPOINT_URL", "http://ops:canary-url-91aa@127.0.0.1:9/")
-    cfg = make_cfg(tmp_path, until="label")
-    state = run_flow(cfg)
-    assert state.is_completed(), state.message
-    needles = [v.encode() for v in canaries.values()] + [b"canary-url-91aa"]
-    url = get_current_settings().server.database.connection_url
-    prefect_db = Path(getattr(url, "get_secret_value", lambda: url)().split("///", 1)[1])
-    assert prefect_db.exists()
-    files = [p for p in (tmp_path / "work").rglob("*") if p.is_file()]
-    files += list(prefect_db.parent.glob(prefect_db.name + "*"))  # with its -wal journal
-    assert len(files) > 20
-    leaks = [(str(p), n.decode()) for p in files for n in needles if n in p.read_bytes()]
-    assert not leaks
+    assert files_version([sft_module], [], tmp_path, PROJECT_PACKAGES) != before
 
 
 def test_dpo_method_through_the_registry(prefect_harness, tmp_path):

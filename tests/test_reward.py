@@ -580,3 +580,49 @@ def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path):
     longer = cfg.model_copy(update={"max_steps": 6})
     _, changed = _fine_tune_head(longer, demo_frame(100, 132), ckpt)
     assert changed.resumed_from_step is None and changed.resume_note  # settings changed too
+
+
+def test_cli_resumes_its_own_checkpoint_and_says_so(tiny_gpt2, tmp_path):
+    """`rlhf reward train --out DIR` killed mid-run: the same command resumes and prints the step;
+    the command with another setting does not resume the first run's checkpoint, and says so."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in demo_rows()[:200]))
+    out = tmp_path / "rm"
+    checkpoints = tmp_path / "rm.checkpoints"
+    base = [str(Path(sys.executable).parent / "rlhf"), "reward", "train", "--data", str(data)]
+    base += ["--base", str(tiny_gpt2), "--out", str(out), "--set", f"run.work_dir={tmp_path}"]
+    for setting in ("max_steps=60", "batch_size=8", "checkpoint_every=5", "device=cpu"):
+        base += ["--set", f"reward.{setting}"]
+
+    def killed_after_a_checkpoint(args: list[str]) -> set[int]:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while not list(checkpoints.glob("step-*")):
+            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return {int(p.name.split("-")[1]) for p in checkpoints.glob("step-*")}
+
+    steps = killed_after_a_checkpoint(base)
+    again = subprocess.run(base, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    resumed = [line for line in again.stderr.splitlines() if line.startswith("resumed from step")]
+    assert len(resumed) == 1 and int(resumed[0].split()[-1]) in steps, again.stderr[-2000:]
+
+    killed_after_a_checkpoint(base)
+    other = subprocess.run(
+        base + ["--set", "reward.lr=1e-3"], capture_output=True, text=True, timeout=600
+    )
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert "resumed from step" not in other.stderr
+    assert "is another run's (data, settings, model or code differ): started fresh" in other.stderr
+    assert not checkpoints.exists() and (tmp_path / "rm.checkpoints.previous").is_dir()

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -52,6 +53,7 @@ from rlhf_core.ppo.core import (
 from rlhf_core.ppo.merged import MergedSampler, is_lora
 from rlhf_core.ppo.rollout import Batch, CompiledDecoding, left_pad, response_logits, sample
 from rlhf_core.ppo.value import ValueHead, ValueModel
+from rlhf_core.provenance import module_code_version
 from rlhf_core.reward.ensemble import EnsembleRewardModel, aggregate
 from rlhf_core.reward.model import RewardModel
 from rlhf_core.training import (
@@ -632,12 +634,13 @@ class PPOTrainer:
 
     # -- checkpoints --------------------------------------------------------------------------
     def _fingerprint(self, reward_models: list) -> str:
-        """A checkpoint is resumed only by the run that wrote it: the same settings, seed and
-        prompts, and the same starting policy, value model, reference and reward model(s)."""
+        """A checkpoint is resumed only by the run that wrote it: the same settings, seed, prompts
+        and code, and the same starting policy, value model, reference and reward model(s)."""
         members = getattr(self.rm, "members", [self.rm])
         return stable_hash(
             {
                 "settings": self.s.model_dump(mode="json"),
+                "code": module_code_version(sys.modules[__name__]),
                 "seed": self.seed,
                 "prompts": stable_hash(self.prompts),
                 "models": [
