@@ -140,3 +140,66 @@ def demo_policy_and_reward(tiny_gpt2, tmp_path_factory):
     )
     rm.save(root / "rm")
     return root / "sft", root / "rm"
+
+
+# A chat template in the Human/Assistant form: the server needs one to turn messages into a prompt.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}\n\n{{ 'Human' if m['role'] == 'user' else 'Assistant' }}: {{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}\n\nAssistant:{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def served_model(tiny_gpt2, tmp_path_factory):
+    """A real OpenAI-compatible server on loopback: `transformers serve` with the tiny GPT-2
+    (a 256-token context); yields (base URL, model folder)."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from transformers import AutoTokenizer
+
+    from rlhf_core.services import free_ports
+
+    folder = tmp_path_factory.mktemp("served") / "judge-model"
+    shutil.copytree(tiny_gpt2, folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = CHAT_TEMPLATE  # the server needs one to turn messages into a prompt
+    tok.save_pretrained(folder)
+    exe = shutil.which("transformers") or str(Path(sys.executable).parent / "transformers")
+    (port,) = free_ports(1)
+    log = open(folder.parent / "serve.log", "wb")
+    proc = subprocess.Popen(
+        [
+            exe,
+            "serve",
+            str(folder),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        start_new_session=True,
+    )
+    import httpx
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(
+                f"transformers serve exited: {(folder.parent / 'serve.log').read_text()[-2000:]}"
+            )
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    yield f"http://127.0.0.1:{port}/v1", str(folder)
+    proc.terminate()
+    proc.wait(timeout=30)

@@ -206,3 +206,77 @@ def test_result_store_stopped_mid_run(tmp_path):
     ):  # served from the store, not redone
         assert "rlhf.cached_from_run" in children[name].data.tags, name
     assert "rlhf.cached_from_run" not in children["sft"].data.tags
+
+
+def test_canary_secrets_reach_nothing_a_run_writes(tmp_path, s3_env, served_model):
+    """A whole `rlhf run` that really uses its secrets: stage results in S3 (the endpoint URL, with
+    user-info, and the secret key from the environment), the data read from S3, an OpenAI-compatible judge (a real local
+    `transformers serve`) whose key is OPENAI_API_KEY, and HF_TOKEN set. None of the values appears
+    in the CLI's output, the work dir (stages, MLflow database and artifacts, the Prefect database
+    and its journal) or the stored results."""
+    url, judge_model = served_model
+    canaries = {
+        "OPENAI_API_KEY": "canary-openai-77c1",
+        "HF_TOKEN": "canary-hf-d20e",
+        "RLHF_S3_ENDPOINT_URL": s3_env.endpoint_url.replace("://", "://ops:canary-url-91aa@"),
+    }
+    needles = ["canary-openai-77c1", "canary-hf-d20e", "canary-url-91aa", s3_env.secret_key]
+    constitution = tmp_path / "short.yaml"  # the served model reads 256 tokens at most
+    constitution.write_text(
+        yaml.safe_dump(
+            {
+                "name": "short",
+                "intro": "Pick the better reply.",
+                "principles": [{"name": "helpful", "text": "Prefer the more helpful reply."}],
+            }
+        )
+    )
+    judge = {
+        "backend": "openai",
+        "base_url": url,
+        "model": judge_model,
+        "constitution": str(constitution),
+        "votes": 1,
+        "concurrency": 2,
+    }
+    pairs = "".join(  # short: the judge's question must fit the served model
+        json.dumps({"prompt": f"Name a color, {i}?", "chosen": f"Blue {i}.", "rejected": "No."})
+        + "\n"
+        for i in range(300)
+    )
+    s3_env.client().put_object(Bucket="prefs", Key="canary/pairs.jsonl", Body=pairs.encode())
+    config = tmp_path / "canary.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            TINY
+            | {
+                "data": {"sources": [{"path": "s3://prefs/canary/pairs.jsonl"}]},
+                "sft": {**TINY["sft"], "max_steps": 10, "eval_every": 10},
+                "reward": {**TINY["reward"], "max_steps": 10, "eval_every": 10},
+                "ppo": {**TINY["ppo"], "iterations": 2},
+                "tracking": {**TINY["tracking"], "result_storage": "s3://prefs/canary-results"},
+                "labels": {"max_pairs": 8, "judge": judge},
+                "evaluate": {**TINY["evaluate"], "max_prompts": 4, "best_of_n": []},
+            }
+        )
+    )
+    work = tmp_path / "work"
+    run = start(config, work, canaries)
+    out = run.communicate(timeout=900)[0]
+    assert run.returncode == 0, out.decode()[-3000:]
+    client = mlflow_client(work)
+    labels = client.search_runs(
+        [client.get_experiment_by_name("faults").experiment_id], "tags.`rlhf.stage` = 'label'"
+    )
+    assert labels[0].data.params["judge_backend"] == "openai"  # the key was sent
+    stored = s3_env.client().list_objects_v2(Bucket="prefs", Prefix="canary-results/")
+    assert len(stored.get("Contents", [])) >= 5  # every stage's result went through the endpoint
+    blobs = {"cli output": out}
+    blobs |= {str(p): p.read_bytes() for p in work.rglob("*") if p.is_file()}
+    blobs |= {
+        o["Key"]: s3_env.client().get_object(Bucket="prefs", Key=o["Key"])["Body"].read()
+        for o in stored["Contents"]
+    }
+    assert any(p.endswith("prefect.db") for p in blobs) and any("artifacts" in p for p in blobs)
+    leaks = [(where, n) for where, blob in blobs.items() for n in needles if n.encode() in blob]
+    assert not leaks
