@@ -218,24 +218,36 @@ def test_killed_ppo_run_resumes_to_the_same_result(tiny_gpt2, tmp_path):
     assert_kill_and_resume_is_exact("ppo_job", [tiny_gpt2, reward], tmp_path, "iter-000002")
 
 
-def test_kl_guard_stops_with_one_line_and_keeps_the_checkpoint(tiny_gpt2, tmp_path):
-    trainer = _ppo(
-        tiny_gpt2,
-        tmp_path,
-        iterations=50,
-        max_new_tokens=12,
-        lr=3e-3,
-        beta=0.0,
-        kl_hard_limit=0.5,
-        keep_checkpoints=2,
+def test_kl_guard_stops_with_one_line_and_a_rerun_resumes_the_named_checkpoint(tiny_gpt2, tmp_path):
+    """A real KL blow-up (a large step size, no KL penalty): one line naming the last good
+    checkpoint; the weights that sampled the far rollout are set aside; the rerun resumes from
+    the named checkpoint (it samples only the rollouts after it) and stops at the same place."""
+    settings = dict(
+        iterations=50, max_new_tokens=12, lr=3e-3, beta=0.0, kl_hard_limit=0.5, keep_checkpoints=2
     )
+    trainer = _ppo(tiny_gpt2, tmp_path, **settings)
     with pytest.raises(PPODiverged) as err:
         trainer.train()
     msg = str(err.value)
     assert "exceeds ppo.kl_hard_limit 0.5" in msg and "\n" not in msg
-    good = sorted((tmp_path / "ckpt").glob("iter-*"))  # the weights that sampled the far rollout
-    assert list((tmp_path / "ckpt").glob("diverged-iter-*"))  # are set aside
-    assert (f"(last good checkpoint: {good[-1]})" if good else "starts from the reference") in msg
+    stopped_at = int(msg.split("iteration ")[1].split(":")[0])
+    good = sorted((tmp_path / "ckpt").glob("iter-*"))
+    assert good and msg.endswith(f"(last good checkpoint: {good[-1]})")
+    assert list((tmp_path / "ckpt").glob("diverged-iter-*"))  # the weights that sampled it
+    named = int(good[-1].name.split("-")[1])
+
+    again = _ppo(tiny_gpt2, tmp_path, **settings)
+    rollouts, rollout = [0], again.rollout
+
+    def counted(idx):
+        rollouts[0] += 1
+        return rollout(idx)
+
+    again.rollout = counted
+    with pytest.raises(PPODiverged) as err2:
+        again.train()
+    assert f"PPO stopped at iteration {stopped_at}:" in str(err2.value)
+    assert rollouts[0] == stopped_at - named  # from the named checkpoint, not from the start
 
 
 def test_lora_policy_with_adapter_reference_and_shared_value_head(tiny_gpt2, tmp_path):
