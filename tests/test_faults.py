@@ -280,3 +280,29 @@ def test_canary_secrets_reach_nothing_a_run_writes(tmp_path, s3_env, served_mode
     assert any(p.endswith("prefect.db") for p in blobs) and any("artifacts" in p for p in blobs)
     leaks = [(where, n) for where, blob in blobs.items() for n in needles if n.encode() in blob]
     assert not leaks
+
+
+def test_two_runs_on_one_work_dir(tmp_path):
+    """Two `rlhf run`s at once on one work dir: the second stops at once with one line naming
+    the first, touching nothing; the first completes as if alone."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY | {"run": {**TINY["run"], "until": "sft"}}))
+    work = tmp_path / "work"
+    first = start(config, work)
+    deadline = time.monotonic() + 600
+    while not any(work.glob("stages/sft/*.checkpoints/step-*")):  # well inside the run
+        assert first.poll() is None, first.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no SFT checkpoint after 600 s"
+        time.sleep(0.05)
+    second = start(config, work)
+    out = second.communicate(timeout=120)[0].decode()
+    assert second.returncode != 0
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"is in use by rlhf run (faults) (pid {first.pid} on " in errors[0]
+    assert "Traceback" not in out
+    out = first.communicate(timeout=900)[0].decode()
+    assert first.returncode == 0, out[-3000:]
+    client = mlflow_client(work)
+    runs = client.search_runs([client.get_experiment_by_name("faults").experiment_id])
+    pipelines = [r for r in runs if r.data.tags.get("rlhf.kind") == "pipeline"]
+    assert [r.info.status for r in pipelines] == ["FINISHED"]
