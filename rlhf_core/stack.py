@@ -81,15 +81,6 @@ def service_env(allowed: re.Pattern = BASE_ENV) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if allowed.match(k)}
 
 
-def credentials() -> tuple[str, str]:
-    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if not key or not secret:
-        raise UserError(
-            "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY: the S3 store is started with them, and clients use them"
-        )
-    return key, secret
-
-
 def load_credentials(path: Path) -> dict[str, str]:
     """The stack's credentials file, refused when others may read it."""
     mode = path.stat().st_mode & 0o777
@@ -146,8 +137,9 @@ class Stack:
         return self.root / CREDENTIALS_FILE
 
     def credentials(self) -> dict[str, str]:
-        """The servers' credentials, generated at the first `up` (a fresh MLflow user store goes
-        with fresh credentials: MLflow creates its admin only in an empty store)."""
+        """The servers' credentials, generated at the first `up` (a fresh MLflow user store and S3
+        store go with fresh credentials: MLflow creates its admin only in an empty store, and
+        SeaweedFS takes its keys at start)."""
         if not self.credentials_path.exists():
             self.root.mkdir(parents=True, exist_ok=True)
             (self.root / "data" / "mlflow-auth.db").unlink(missing_ok=True)
@@ -160,7 +152,16 @@ class Stack:
             fd = os.open(self.credentials_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as fh:
                 fh.write(text + "".join(f"{k}={v}\n" for k, v in creds.items()))
-        return load_credentials(self.credentials_path)
+        creds = load_credentials(self.credentials_path)
+        if "AWS_ACCESS_KEY_ID" not in creds:  # the S3 store's own keys, never a shell's cloud keys
+            s3 = {
+                "AWS_ACCESS_KEY_ID": f"rlhf-{secrets.token_hex(6)}",
+                "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30),
+            }
+            with open(self.credentials_path, "a") as fh:
+                fh.write("".join(f"{k}={v}\n" for k, v in s3.items()))
+            creds |= s3
+        return creds
 
     def _auth(self, service: str) -> dict[str, str]:
         """Authorization header for the stack's Prefect API or MLflow server (none before `up`)."""
@@ -210,10 +211,8 @@ class Stack:
             import boto3
             from botocore.config import Config
 
-            key, secret = (
-                os.environ.get("AWS_ACCESS_KEY_ID", ""),
-                os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
-            )
+            creds = self.credentials() if self.credentials_path.exists() else {}
+            key, secret = creds.get("AWS_ACCESS_KEY_ID", ""), creds.get("AWS_SECRET_ACCESS_KEY", "")
             client = boto3.client(
                 "s3",
                 endpoint_url=self.s.s3_url,
@@ -265,16 +264,12 @@ class Stack:
 
     # -- up / down -----------------------------------------------------------------------------
     def _commands(self) -> dict[str, tuple[list[str], dict[str, str], Callable[[], bool]]]:
-        s, key_secret, creds = self.s, credentials(), self.credentials()
+        s, creds = self.s, self.credentials()
         bin_dir = Path(sys.executable).parent
         data = self.root / "data"
         data.mkdir(parents=True, exist_ok=True)
         base = service_env()
-        s3_env = {
-            **base,
-            "AWS_ACCESS_KEY_ID": key_secret[0],
-            "AWS_SECRET_ACCESS_KEY": key_secret[1],
-        }
+        s3_env = {k: v for k, v in creds.items() if k.startswith("AWS_")} | base
         prefect_env = {  # the Prefect server holds no S3 or API keys
             **base,
             "PREFECT_HOME": str(self.root / "prefect"),

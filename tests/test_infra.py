@@ -42,8 +42,6 @@ def test_the_validator_rejects_a_broken_compose_file(tmp_path):
 
 
 def test_compose_and_the_local_stack_run_the_same_services(monkeypatch, tmp_path):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     compose = yaml.safe_load(COMPOSE.read_text())
     services = compose["services"]
     defaults = StackConfig()
@@ -125,8 +123,9 @@ def test_kubernetes_gpu_template_patch_is_json_with_a_gpu_limit(name):
 
 
 def test_each_server_gets_only_the_environment_it_needs(monkeypatch, tmp_path):
-    """A shell's tokens stay with the shell: the S3 store and MLflow get the S3 keys, the Prefect
-    server neither those nor API keys, the worker what its pipeline runs read."""
+    """A shell's tokens stay with the shell: the S3 store, MLflow and the worker get the store's
+    generated keys, the Prefect server neither those nor API keys, the worker what its pipeline
+    runs read."""
     for name, value in {
         "AWS_ACCESS_KEY_ID": "k",
         "AWS_SECRET_ACCESS_KEY": "aws-canary",
@@ -139,13 +138,15 @@ def test_each_server_gets_only_the_environment_it_needs(monkeypatch, tmp_path):
     }.items():
         monkeypatch.setenv(name, value)
     envs = {name: env for name, (_, env, _) in Stack(StackConfig(), tmp_path)._commands().items()}
-    for name, env in envs.items():
-        assert not {"gh-canary", "hf-canary", "cloud-canary"} & set(env.values()), name
+    store_secret = Stack(StackConfig(), tmp_path).credentials()["AWS_SECRET_ACCESS_KEY"]
+    for name, env in envs.items():  # the shell's cloud keys are not the store's either
+        assert not {"gh-canary", "hf-canary", "cloud-canary", "aws-canary"} & set(env.values())
         assert env["PATH"] == os.environ["PATH"]
     assert (
         envs["s3"]["AWS_SECRET_ACCESS_KEY"]
         == envs["mlflow"]["AWS_SECRET_ACCESS_KEY"]
-        == "aws-canary"
+        == envs["worker"]["AWS_SECRET_ACCESS_KEY"]
+        == store_secret
     )
     assert (
         "AWS_SECRET_ACCESS_KEY" not in envs["prefect"] and "OPENAI_API_KEY" not in envs["prefect"]
@@ -153,17 +154,16 @@ def test_each_server_gets_only_the_environment_it_needs(monkeypatch, tmp_path):
     assert "OPENAI_API_KEY" not in envs["s3"] and "OPENAI_API_KEY" not in envs["mlflow"]
     worker = envs["worker"]
     assert worker["OPENAI_API_KEY"] == "openai-canary" and worker["RLHF_SHARED_DATA"] == "/data"
-    assert worker["HF_HUB_OFFLINE"] == "1" and worker["AWS_SECRET_ACCESS_KEY"] == "aws-canary"
+    assert worker["HF_HUB_OFFLINE"] == "1"
 
 
 def test_stack_credentials_are_generated_once_and_kept_private(monkeypatch, tmp_path):
     from rlhf_core.errors import UserError
 
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     stack = Stack(StackConfig(), tmp_path)
     creds = stack.credentials()
     assert stack.credentials_path.stat().st_mode & 0o777 == 0o600
+    assert len(creds["AWS_SECRET_ACCESS_KEY"]) >= 32 and creds["AWS_ACCESS_KEY_ID"]
     assert creds == Stack(StackConfig(), tmp_path).credentials()  # the same at every `up`
     assert len(creds["MLFLOW_TRACKING_PASSWORD"]) >= 32
     user, secret = creds["PREFECT_API_AUTH_STRING"].split(":")

@@ -186,14 +186,8 @@ def test_stack_deploy_and_a_data_arrival_run(tmp_path, monkeypatch):
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "AWS_"))}
 
-    missing = rlhf("stack", "up", *sets, env=env)
-    assert (
-        missing.returncode == 2
-        and "AWS_ACCESS_KEY_ID" in missing.stderr
-        and "Traceback" not in missing.stderr
-    )
-
-    env.update(AWS_ACCESS_KEY_ID="stack-test", AWS_SECRET_ACCESS_KEY="stack-test-secret")
+    # a shell's cloud keys are never the store's: up generates the store's own
+    env.update(AWS_ACCESS_KEY_ID="shell-key", AWS_SECRET_ACCESS_KEY="shell-secret")
     state_file = tmp_path / "work" / "stack" / "stack.json"
     try:
         up = rlhf("stack", "up", *sets, env=env)
@@ -272,23 +266,28 @@ def test_stack_deploy_and_a_data_arrival_run(tmp_path, monkeypatch):
         assert logged.returncode == 0, logged.stderr[-2000:]
         import boto3
 
-        def s3_client(secret: str):
+        def s3_client(key: str, secret: str):
             return boto3.client(
                 "s3",
                 endpoint_url=f"http://127.0.0.1:{s3}",
-                aws_access_key_id="stack-test",
+                aws_access_key_id=key,
                 aws_secret_access_key=secret,
                 region_name="us-east-1",
             )
 
-        s3c = s3_client("stack-test-secret")
+        assert creds["AWS_ACCESS_KEY_ID"].startswith("rlhf-")
+        s3c = s3_client(creds["AWS_ACCESS_KEY_ID"], creds["AWS_SECRET_ACCESS_KEY"])
         keys = [
             o["Key"]
             for o in s3c.list_objects_v2(Bucket="rlhf", Prefix="mlflow/").get("Contents", [])
         ]
         assert any(k.endswith("/artifacts/x.txt") for k in keys), keys
         with pytest.raises(Exception, match="SignatureDoesNotMatch|AccessDenied|Forbidden"):
-            s3_client("not-the-secret").list_objects_v2(Bucket="rlhf")
+            s3_client(creds["AWS_ACCESS_KEY_ID"], "not-the-secret").list_objects_v2(Bucket="rlhf")
+        with pytest.raises(
+            Exception, match="InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied"
+        ):
+            s3_client("shell-key", "shell-secret").list_objects_v2(Bucket="rlhf")
 
         # deploy; a preference file lands under the watched prefix; the sensor's event starts a pipeline run for it
         # on the worker, which completes against the stack's servers
