@@ -149,8 +149,11 @@ def _file_identity(path: str, endpoint: str | None) -> str:
     p = Path(path).expanduser()
     if not p.exists():
         return path
-    st = p.stat()  # a folder's digest is recomputed on every new stat of its root
-    return _fingerprint(str(p.resolve()), None, (st.st_mtime_ns, st.st_size))
+    # the digest is recomputed when any file's stat changes (a folder's own mtime does not move
+    # when a file in it is rewritten)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    stamp = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+    return _fingerprint(str(p.resolve()), None, stamp)
 
 
 def input_digest(

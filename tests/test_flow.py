@@ -259,6 +259,29 @@ def test_pretrained_checkpoint_skips_scratch_init(prefect_harness, tmp_path, tin
     )
 
 
+def test_stage_keys_follow_the_content_of_the_files_settings_name(tmp_path):
+    """A constitution file or a model folder rewritten in place (the same path) gives a new key,
+    in the same process too; an untouched one the same key."""
+    from rlhf_core.config import JudgeConfig, RewardConfig
+    from tasks.stage import input_digest
+
+    constitution = tmp_path / "principles.yaml"
+    constitution.write_text("name: a\n")
+    backbone = tmp_path / "backbone"
+    (backbone / "sub").mkdir(parents=True)
+    (backbone / "sub" / "model.safetensors").write_bytes(b"weights v1")
+    judge, reward = (
+        JudgeConfig(constitution=str(constitution)),
+        RewardConfig(backbone=str(backbone)),
+    )
+    before = input_digest(judge), input_digest(reward)
+    assert (input_digest(judge), input_digest(reward)) == before
+    constitution.write_text("name: b\n")
+    assert input_digest(judge) != before[0]
+    (backbone / "sub" / "model.safetensors").write_bytes(b"weights v2")
+    assert input_digest(reward) != before[1]
+
+
 class _Planted:
     """Unpickling this writes a file: code run by whoever planted the record."""
 
