@@ -57,12 +57,35 @@ TINY = {
     "registry": {"gate": {"min_win_rate": 0.0, "min_score_gain": None}},
 }
 
+
+def stage_running(work: Path, stage: str) -> bool:
+    """The stage's MLflow child run is open: the stage is under way (read from the run's
+    SQLite database while it writes; a locked read is a "not yet")."""
+    import sqlite3
+
+    db = work / "mlflow.db"
+    if not db.exists():
+        return False
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.1) as con:
+            return bool(
+                con.execute(
+                    "select 1 from runs r join tags t on t.run_uuid = r.run_uuid where "
+                    "t.key = 'rlhf.stage' and t.value = ? and r.status = 'RUNNING'",
+                    (stage,),
+                ).fetchone()
+            )
+    except sqlite3.Error:
+        return False
+
+
 # (where the kill lands, what shows the stage is under way)
 KILLS = [
-    ("sft", "stages/sft/*.checkpoints/step-*"),
-    ("reward", "stages/reward-train/*.checkpoints/step-*"),
-    ("ppo", "stages/ppo/*.checkpoints/iter-*"),
-    ("evaluate", "stages/evaluate/*"),
+    ("sft", lambda work: any(work.glob("stages/sft/*.checkpoints/step-*"))),
+    ("reward", lambda work: any(work.glob("stages/reward-train/*.checkpoints/step-*"))),
+    ("ppo", lambda work: any(work.glob("stages/ppo/*.checkpoints/iter-*"))),
+    # in the middle of its sampling and judging, not while it writes its outputs at the end
+    ("evaluate", lambda work: stage_running(work, "evaluate") and not time.sleep(1.0)),
 ]
 
 
@@ -105,18 +128,20 @@ def test_kill_9_in_every_stage_then_the_same_result(tmp_path):
     assert "eval_win_rate" in expected and "eval_kl_per_response" in expected
 
     work = tmp_path / "killed"
-    for stage, marker in KILLS:
+    for stage, under_way in KILLS:
         victim = start(config, work)
         deadline = time.monotonic() + 900
-        while not any(work.glob(marker)):
+        while not under_way(work):
             if victim.poll() is not None:
                 pytest.fail(
                     f"the run ended before {stage}: {victim.stdout.read().decode()[-3000:]}"
                 )
             assert time.monotonic() < deadline, f"no sign of {stage} after 900 s"
             time.sleep(0.05)
+        assert victim.poll() is None, f"the run ended before the kill in {stage}"
         os.killpg(victim.pid, signal.SIGKILL)
         victim.wait()
+    assert not any(work.glob("stages/evaluate/*/report.json"))  # the kill was mid-evaluation
     rerun = start(config, work)
     out = rerun.communicate(timeout=900)[0].decode()
     assert rerun.returncode == 0, out[-3000:]
