@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -58,34 +59,25 @@ TINY = {
 }
 
 
-def stage_running(work: Path, stage: str) -> bool:
-    """The stage's MLflow child run is open: the stage is under way (read from the run's
-    SQLite database while it writes; a locked read is a "not yet")."""
-    import sqlite3
+def watch(proc: subprocess.Popen) -> list[str]:
+    """The process's output lines as they come (read on a thread, so the pipe never fills)."""
+    lines: list[str] = []
 
-    db = work / "mlflow.db"
-    if not db.exists():
-        return False
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.1) as con:
-            return bool(
-                con.execute(
-                    "select 1 from runs r join tags t on t.run_uuid = r.run_uuid where "
-                    "t.key = 'rlhf.stage' and t.value = ? and r.status = 'RUNNING'",
-                    (stage,),
-                ).fetchone()
-            )
-    except sqlite3.Error:
-        return False
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line.decode(errors="replace"))
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
 
 
 # (where the kill lands, what shows the stage is under way)
 KILLS = [
-    ("sft", lambda work: any(work.glob("stages/sft/*.checkpoints/step-*"))),
-    ("reward", lambda work: any(work.glob("stages/reward-train/*.checkpoints/step-*"))),
-    ("ppo", lambda work: any(work.glob("stages/ppo/*.checkpoints/iter-*"))),
-    # in the middle of its sampling and judging, not while it writes its outputs at the end
-    ("evaluate", lambda work: stage_running(work, "evaluate") and not time.sleep(1.0)),
+    ("sft", lambda work, out: any(work.glob("stages/sft/*.checkpoints/step-*"))),
+    ("reward", lambda work, out: any(work.glob("stages/reward-train/*.checkpoints/step-*"))),
+    ("ppo", lambda work, out: any(work.glob("stages/ppo/*.checkpoints/iter-*"))),
+    # its first phase done, the others to come: mid-evaluation, not while it writes its outputs
+    ("evaluate", lambda work, out: any("evaluate: " in line for line in out)),
 ]
 
 
@@ -130,12 +122,12 @@ def test_kill_9_in_every_stage_then_the_same_result(tmp_path):
     work = tmp_path / "killed"
     for stage, under_way in KILLS:
         victim = start(config, work)
+        out = watch(victim)
         deadline = time.monotonic() + 900
-        while not under_way(work):
+        while not under_way(work, out):
             if victim.poll() is not None:
-                pytest.fail(
-                    f"the run ended before {stage}: {victim.stdout.read().decode()[-3000:]}"
-                )
+                time.sleep(0.5)  # the last lines
+                pytest.fail(f"the run ended before {stage}: {''.join(out)[-3000:]}")
             assert time.monotonic() < deadline, f"no sign of {stage} after 900 s"
             time.sleep(0.05)
         assert victim.poll() is None, f"the run ended before the kill in {stage}"
