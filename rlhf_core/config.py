@@ -275,6 +275,12 @@ class SFTConfig(LoopConfig):
     """Sample generations logged after training."""
     sample_max_new_tokens: int = Field(48, ge=1)
     """Length of those sample generations."""
+    sample_temperature: float = Field(0.7, gt=0)
+    """Sampling temperature of those sample generations."""
+    sample_top_p: float = Field(0.9, gt=0, le=1)
+    """Nucleus threshold of those sample generations."""
+    sample_repetition_penalty: float = Field(1.0, ge=1.0)
+    """Repetition penalty of those sample generations (1: off)."""
 
 
 class JudgeConfig(Section):
@@ -328,6 +334,8 @@ class JudgeConfig(Section):
     """hf: weight dtype of the judge model."""
     rationale_tokens: int = Field(64, ge=1)
     """hf with chain_of_thought: tokens of rationale before the choice."""
+    repetition_penalty: float = Field(1.0, ge=1.0)
+    """hf: repetition penalty of the greedy rationale (1: off; a small model loops without one)."""
     max_length: int = Field(1024, ge=16)
     """hf: tokens of the judging prompt at most (the model's own limit applies too)."""
     use_chat_template: bool = True
@@ -364,6 +372,8 @@ class GenerateConfig(Section):
     """Sampling temperature."""
     top_p: float = Field(0.95, gt=0, le=1)
     """Nucleus sampling threshold."""
+    repetition_penalty: float = Field(1.0, ge=1.0)
+    """Logits of tokens already in the prompt or the response divided by this; 1: off."""
     batch_size: int = Field(64, ge=1)
     """Sampled answers per generation batch."""
     mixed_precision: MixedPrecision = "auto"
@@ -498,6 +508,10 @@ class PolicyGradientConfig(Section):
     """Sampling temperature of rollouts."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling threshold of rollouts."""
+    repetition_penalty: float = Field(1.0, ge=1.0)
+    """Rollouts: logits of tokens already in the prompt or the response divided by this (CTRL's
+    penalty, as transformers applies it); 1: off. It steers sampling only: log-probabilities,
+    ratios and KL are the policy's own."""
     lr: float = Field(3e-5, gt=0)
     """Policy learning rate (AdamW)."""
     weight_decay: float = Field(0.0, ge=0)
@@ -717,6 +731,14 @@ class SafetyConfig(Section):
 class EvaluateConfig(Section):
     """Tuned policy vs. reference on held-out prompts (never seen in training)."""
 
+    SAMPLING: ClassVar[tuple[str, ...]] = (
+        "max_new_tokens",
+        "max_prompt_tokens",
+        "temperature",
+        "top_p",
+        "repetition_penalty",
+    )  # the sampling settings left open (null) take the method section's
+
     enabled: bool = True
     """Run this stage."""
     prompts: str | None = Field(None, json_schema_extra={"input_file": True})
@@ -731,6 +753,8 @@ class EvaluateConfig(Section):
     """Sampling temperature; null: the method section's."""
     top_p: float | None = Field(None, gt=0, le=1)
     """Nucleus threshold; null: the method section's."""
+    repetition_penalty: float | None = Field(None, ge=1.0)
+    """Repetition penalty (1: off); null: the method section's."""
     batch_size: int = Field(64, ge=1)
     """Prompts per generation batch."""
     judge_batch_size: int = Field(64, ge=1)
@@ -762,9 +786,8 @@ class EvaluateConfig(Section):
 
     def sampling_from(self, ppo: PolicyGradientConfig) -> EvaluateConfig:
         """This section with the sampling settings it leaves open taken from the policy method's."""
-        keys = ("max_new_tokens", "max_prompt_tokens", "temperature", "top_p")
         return self.model_copy(
-            update={k: getattr(ppo, k) for k in keys if getattr(self, k) is None}
+            update={k: getattr(ppo, k) for k in self.SAMPLING if getattr(self, k) is None}
         )
 
 

@@ -179,9 +179,10 @@ def generate_samples(
     model,
     fmt: ChatFormat,
     prompts: Sequence[str],
-    max_new_tokens: int = 64,
-    temperature: float = 0.7,
-    top_p: float = 0.9,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    repetition_penalty: float,
     seed: int = 0,
 ) -> list[str]:
     """A few generations for a human to read (left-padded batch, sampling from a fixed seed)."""
@@ -200,6 +201,7 @@ def generate_samples(
         do_sample=temperature > 0,
         temperature=temperature if temperature > 0 else None,
         top_p=top_p,
+        repetition_penalty=repetition_penalty,
         pad_token_id=pad,
         eos_token_id=tok.eos_token_id,
     )

@@ -18,7 +18,6 @@ from rlhf_core.evaluation.compare import (
     perplexity_pairs,
     safety_prompts,
 )
-from rlhf_core.evaluation.policy import SAMPLING
 from rlhf_core.evaluation.report import markdown_report, write_plots
 from rlhf_core.storage import atomic_dir
 from tasks.labels import JUDGE_CODE
@@ -90,10 +89,7 @@ def evaluate_policy(
             "safety_prompts": harmful_source,
             "n_safety_prompts": len(harmful),
             "judge": evaluator.judge.label_version,
-            **{
-                f"sampling_{k}": getattr(evaluate, k)
-                for k in ("max_new_tokens", "temperature", "top_p")
-            },
+            **{f"sampling_{k}": getattr(evaluate, k) for k in evaluate.SAMPLING},
             "sampling_seed": seed,
         }
     )
@@ -104,7 +100,7 @@ def evaluate_policy(
         "prompts_source": evaluate.prompts or prompts_file,
         "safety_source": harmful_source,
         "judge": evaluator.judge.label_version,
-        "sampling": {**evaluate.model_dump(include=set(SAMPLING)), "seed": seed},
+        "sampling": {**evaluate.model_dump(include=set(evaluate.SAMPLING)), "seed": seed},
     }
     history = (
         json.loads(Path(tuned.history_file).read_text())

@@ -88,7 +88,14 @@ def sft(
     if shown:
         prompts = [p for p, _ in shown]
         generated = generate_samples(
-            policy, trainer.fmt, prompts, max_new_tokens=sft.sample_max_new_tokens, seed=seed
+            policy,
+            trainer.fmt,
+            prompts,
+            sft.sample_max_new_tokens,
+            sft.sample_temperature,
+            sft.sample_top_p,
+            sft.sample_repetition_penalty,
+            seed=seed,
         )
         mlflow.log_table(
             {"prompt": prompts, "reference": [c for _, c in shown], "generated": generated},

@@ -88,6 +88,48 @@ def test_sampling_logprobs_match_a_full_forward_pass(tiny_gpt2):
     assert single.responses[0].tolist() == padded.responses[0].tolist()
 
 
+def test_repetition_penalty_steers_sampling_not_the_log_probabilities(tiny_gpt2):
+    """With a strong penalty no answer repeats a token, and the log-probabilities returned are
+    still the policy's own (a full forward pass gives them); penalty 1 samples what no penalty
+    samples."""
+    from rlhf_core.models.chat import ChatFormat
+
+    lm = load_causal_lm(str(tiny_gpt2), device="cpu")
+    tok, model = lm.tokenizer, lm.model
+    queries, qmask = left_pad(
+        [ChatFormat(tok).encode(p)[0] for p in PROMPTS[:6]], tok.pad_token_id, torch.device("cpu")
+    )
+
+    def run(penalty):
+        return sample(
+            model,
+            queries,
+            qmask,
+            16,
+            eos_id=None,
+            pad_id=tok.pad_token_id,
+            generator=torch.Generator().manual_seed(3),
+            repetition_penalty=penalty,
+        )
+
+    plain, plain_lp = run(1.0)
+    base = sample(
+        model,
+        queries,
+        qmask,
+        16,
+        eos_id=None,
+        pad_id=tok.pad_token_id,
+        generator=torch.Generator().manual_seed(3),
+    )
+    assert torch.equal(plain.responses, base[0].responses) and torch.equal(plain_lp, base[1])
+    assert any(len(set(r.tolist())) < len(r) for r in plain.responses)  # repeats happen
+    penalised, lp = run(1e6)
+    assert all(len(set(r.tolist())) == len(r) for r in penalised.responses)
+    full = logprobs_from_logits(response_logits(model, penalised)[0], penalised.responses, 1.0)
+    assert torch.allclose(lp, full * penalised.mask, atol=1e-4)
+
+
 def test_compiled_decoding_samples_what_eager_decoding_samples(tiny_gpt2):
     """The torch.compile'd decode step (static cache) gives the eager loop's tokens and log-probs, still after the
     weights change in place (no stale compiled constants); a failing compiled step falls back to eager decoding

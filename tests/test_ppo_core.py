@@ -363,3 +363,25 @@ def test_grpo_token_loss_known_answers():
     loss, _ = grpo_token_loss(far.requires_grad_(), old, ref * mask, adv, mask, beta=0.1)
     loss.sum().backward()
     assert torch.isfinite(loss).all() and torch.isfinite(far.grad).all()
+
+
+def test_repetition_penalty_is_transformers_own():
+    """penalise_repeats on a known row, and the same numbers as transformers'
+    RepetitionPenaltyLogitsProcessor on random logits."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from rlhf_core.ppo.rollout import penalise_repeats
+
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    assert torch.equal(
+        penalise_repeats(logits, seen, 2.0), torch.tensor([[1.0, -2.0, 0.5, 3.0]])
+    )
+    assert penalise_repeats(logits, seen, 1.0) is logits
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=g)
+    ids = torch.randint(0, 50, (3, 7), generator=g)
+    seen = torch.zeros(3, 50, dtype=torch.bool)
+    seen[torch.arange(3).unsqueeze(1), ids] = True
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())
+    assert torch.allclose(penalise_repeats(logits, seen, 1.3), expected)

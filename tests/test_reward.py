@@ -213,7 +213,7 @@ def test_encoder_reward_model_scores_text_from_a_policy_with_another_tokenizer(t
 
     lm = load_causal_lm(str(tiny_gpt2), device="cpu")
     prompts = [r["prompt"] for r in demo_rows()[:4]]
-    texts = generate_samples(lm.model, ChatFormat(lm.tokenizer), prompts, max_new_tokens=10, seed=1)
+    texts = generate_samples(lm.model, ChatFormat(lm.tokenizer), prompts, 10, 0.7, 0.9, 1.0, seed=1)
     raw = back.score(prompts, texts)
     assert raw.shape == (4,) and np.isfinite(raw).all()
     assert np.allclose(raw, rm.score(prompts, texts), atol=1e-5)

@@ -131,7 +131,7 @@ def test_sft_lowers_validation_loss_on_demo_data(tiny_gpt2):
     assert {"train_loss", "lr", "grad_norm", "tokens_per_s"} <= set(logged[0][1])
     assert any("eval_perplexity" in m for _, m in logged)
     # the model now writes on-topic-looking text, ending on EOS within the budget for some prompts
-    out = generate_samples(lm.model, fmt, [r["prompt"] for r in rows[580:584]], max_new_tokens=40)
+    out = generate_samples(lm.model, fmt, [r["prompt"] for r in rows[580:584]], 40, 0.7, 0.9, 1.3)
     assert len(out) == 4 and all(isinstance(t, str) for t in out)
 
 

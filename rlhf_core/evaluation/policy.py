@@ -33,7 +33,6 @@ from rlhf_core.sft import collate, encode_examples, token_nll
 from rlhf_core.training import autocast_dtype, autocast_for
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
-SAMPLING = ("max_new_tokens", "max_prompt_tokens", "temperature", "top_p")
 
 
 @dataclass
@@ -95,7 +94,7 @@ class PolicyEvaluator:
     ):
         if not prompts:
             raise ValueError("evaluation needs at least one held-out prompt")
-        if any(getattr(settings, k) is None for k in SAMPLING):
+        if any(getattr(settings, k) is None for k in settings.SAMPLING):
             raise ValueError(
                 "evaluation settings with open sampling keys: use settings.sampling_from(ppo)"
             )
@@ -142,6 +141,7 @@ class PolicyEvaluator:
                     s.max_new_tokens,
                     temperature=s.temperature,
                     top_p=s.top_p,
+                    repetition_penalty=s.repetition_penalty,
                     eos_id=tokenizer.eos_token_id,
                     pad_id=pad,
                     generator=generator,

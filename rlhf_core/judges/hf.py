@@ -55,6 +55,7 @@ class HFJudge(Judge):
         )
         self.model, self.tokenizer, self.device = loaded.model, loaded.tokenizer, loaded.device
         self.fmt = ChatFormat(self.tokenizer, use_chat_template=use_chat_template)
+        self.repetition_penalty = s.repetition_penalty
         self.batch_size, self.cot, self.rationale_tokens = (
             batch_size,
             chain_of_thought,
@@ -104,6 +105,7 @@ class HFJudge(Judge):
             attention_mask=mask,
             max_new_tokens=self.rationale_tokens,
             do_sample=False,
+            repetition_penalty=self.repetition_penalty,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
         )

@@ -166,6 +166,7 @@ def generate_pairs(
                 cfg.max_new_tokens,
                 temperature=cfg.temperature,
                 top_p=cfg.top_p,
+                repetition_penalty=cfg.repetition_penalty,
                 eos_id=tok.eos_token_id,
                 pad_id=pad,
                 generator=generator,

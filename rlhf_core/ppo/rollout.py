@@ -105,6 +105,15 @@ def draw(
     return tokens, logp_all
 
 
+def penalise_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty (Keskar et al. 2019), as transformers applies it: for every token
+    already in the row (prompt or response), z' = z / penalty where z > 0, else z * penalty;
+    other logits unchanged. `seen` is a [rows, vocab] bool mask."""
+    if penalty == 1.0:
+        return logits
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
 _KEEPS_LOGITS: dict[type, bool] = {}
 
 
@@ -177,9 +186,13 @@ def sample(
     pad_id: int,
     generator: torch.Generator | None = None,
     compiled: CompiledDecoding | None = None,
+    repetition_penalty: float = 1.0,
 ) -> tuple[Batch, torch.Tensor]:
     """Sample up to max_new_tokens per prompt (stopping a row at EOS); returns the batch and the
     behaviour log-probabilities log softmax(logits / temperature)[token] (0 after EOS).
+
+    A repetition penalty above 1 (penalise_repeats) changes which tokens are drawn, not the
+    log-probabilities returned: those stay the policy's own, so ratios and KL are the policy's.
 
     Each token is drawn by inverting the CDF (`draw`): the same distribution as torch.multinomial at a
     fraction of its CPU cost. With `compiled` (and prompt + new tokens within its max_len) the decode
@@ -195,6 +208,7 @@ def sample(
         eos_id,
         pad_id,
         generator,
+        repetition_penalty,
     )
     if (
         compiled is not None
@@ -221,6 +235,7 @@ def _sample(
     eos_id,
     pad_id,
     generator,
+    repetition_penalty: float,
     compiled: CompiledDecoding | None,
 ) -> tuple[Batch, torch.Tensor]:
     from transformers import DynamicCache, StaticCache
@@ -252,8 +267,20 @@ def _sample(
     logits = out.logits[:, -1]
     tokens, logps = [], []
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    seen = None
+    if repetition_penalty != 1.0:  # the tokens each row holds so far: its prompt, then its answer
+        seen = torch.zeros((B, logits.size(-1)), dtype=torch.bool, device=device)
+        rows, cols = query_mask.nonzero(as_tuple=True)
+        seen[rows, queries[rows, cols]] = True
     for step in range(max_new_tokens):
-        tok, logp_all = draw(logits, temperature, top_p, generator)
+        if seen is None:
+            tok, logp_all = draw(logits, temperature, top_p, generator)
+        else:
+            tok, _ = draw(
+                penalise_repeats(logits, seen, repetition_penalty), temperature, top_p, generator
+            )
+            logp_all = F.log_softmax(logits.float() / temperature, -1)
+            seen.scatter_(1, tok.unsqueeze(1), True)
         valid = ~done
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         tokens.append(tok)

@@ -303,6 +303,7 @@ class PPOTrainer:
                     s.max_new_tokens,
                     temperature=s.temperature,
                     top_p=s.top_p,
+                    repetition_penalty=s.repetition_penalty,
                     eos_id=self.eos_id,
                     pad_id=self.pad_id,
                     generator=self.sample_gen,

@@ -187,6 +187,7 @@ def reference_samples(
             cfg.norm_max_new_tokens,
             temperature=1.0,
             top_p=1.0,
+            repetition_penalty=1.0,
             seed=seed + start,
         )
     return picked, responses, f"reference policy samples ({len(picked)} training prompts)"
