@@ -374,9 +374,7 @@ def test_repetition_penalty_is_transformers_own():
 
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
     seen = torch.tensor([[True, True, False, False]])
-    assert torch.equal(
-        penalise_repeats(logits, seen, 2.0), torch.tensor([[1.0, -2.0, 0.5, 3.0]])
-    )
+    assert torch.equal(penalise_repeats(logits, seen, 2.0), torch.tensor([[1.0, -2.0, 0.5, 3.0]]))
     assert penalise_repeats(logits, seen, 1.0) is logits
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 50, generator=g)
