@@ -89,9 +89,8 @@ def test_sampling_logprobs_match_a_full_forward_pass(tiny_gpt2):
 
 
 def test_repetition_penalty_steers_sampling_not_the_log_probabilities(tiny_gpt2):
-    """With a strong penalty no answer repeats a token, and the log-probabilities returned are
-    still the policy's own (a full forward pass gives them); penalty 1 samples what no penalty
-    samples."""
+    """Without a penalty the tiny policy repeats tokens; with a strong one no answer does, and the
+    log-probabilities returned are still the policy's own (a full forward pass gives them)."""
     from rlhf_core.models.chat import ChatFormat
 
     lm = load_causal_lm(str(tiny_gpt2), device="cpu")
@@ -112,17 +111,7 @@ def test_repetition_penalty_steers_sampling_not_the_log_probabilities(tiny_gpt2)
             repetition_penalty=penalty,
         )
 
-    plain, plain_lp = run(1.0)
-    base = sample(
-        model,
-        queries,
-        qmask,
-        16,
-        eos_id=None,
-        pad_id=tok.pad_token_id,
-        generator=torch.Generator().manual_seed(3),
-    )
-    assert torch.equal(plain.responses, base[0].responses) and torch.equal(plain_lp, base[1])
+    plain, _ = run(1.0)
     assert any(len(set(r.tolist())) < len(r) for r in plain.responses)  # repeats happen
     penalised, lp = run(1e6)
     assert all(len(set(r.tolist())) == len(r) for r in penalised.responses)
