@@ -152,7 +152,7 @@ def _file_identity(path: str, endpoint: str | None) -> str:
     # the digest is recomputed when any file's stat changes (a folder's own mtime does not move
     # when a file in it is rewritten)
     files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    stamp = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+    stamp = tuple((str(f), st.st_mtime_ns, st.st_size) for f in files for st in [f.stat()])
     return _fingerprint(str(p.resolve()), None, stamp)
 
 
