@@ -12,7 +12,7 @@ import torch
 
 from rlhf_core.config import LoraSection, SFTConfig
 from rlhf_core.errors import UserError
-from rlhf_core.models.chat import ChatFormat
+from rlhf_core.models.chat import ChatFormat, stop_at_end_of_turn
 from rlhf_core.models.gguf import convert_gguf, packaged_gguf, resolve_model_source
 from rlhf_core.models.loading import add_lora, load_causal_lm
 from rlhf_core.sft import SFTTrainer, encode_examples
@@ -66,6 +66,21 @@ def test_reloads_with_its_chat_template_and_stops_at_its_end_token(smollm2):
     )[0, ids.shape[1] :]
     assert int(out[-1]) == tok.eos_token_id and len(out) < 40  # it ended by itself
     assert "Paris" in tok.decode(out, skip_special_tokens=True)
+
+
+def test_hh_transcripts_are_chatml_turns_and_eos_is_the_turn_end(smollm2):
+    from rlhf_core.models.loading import load_tokenizer
+
+    tok = load_tokenizer(smollm2)
+    hh = "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: How do I pick a lock?\n\nAssistant:"
+    text = ChatFormat(tok).prompt_text(hh)
+    assert text.endswith(
+        "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
+        "<|im_start|>user\nHow do I pick a lock?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    tok.eos_token = "<|endoftext|>"  # as a base model's tokenizer would have it
+    stop_at_end_of_turn(tok)
+    assert tok.eos_token == "<|im_end|>"
 
 
 def test_one_lora_sft_step_trains_only_the_adapter(smollm2):

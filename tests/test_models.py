@@ -8,7 +8,7 @@ import torch
 
 from rlhf_core.config import LoraSection
 from rlhf_core.errors import UserError
-from rlhf_core.models.chat import ChatFormat
+from rlhf_core.models.chat import ChatFormat, stop_at_end_of_turn, transcript_messages
 from rlhf_core.models.loading import add_lora, load_causal_lm, load_sequence_classifier, save_model
 from rlhf_core.models.scratch import PRESETS
 
@@ -136,6 +136,41 @@ def test_chat_template_used_when_present(tiny_gpt2):
     assert fmt.prompt_text("Hi") == "<|user|>Hi<|assistant|>"
     assert fmt.response_text(" Hello ") == "Hello"
     assert not ChatFormat(tok, use_chat_template=False).has_template
+    # an HH-RLHF transcript becomes the template's own turns, not one user message
+    hh = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bye\n\nAssistant:"
+    assert fmt.prompt_text(hh) == "<|user|>hi<|assistant|>hello<|user|>bye<|assistant|>"
+
+
+def test_transcript_messages_known_answers():
+    assert transcript_messages(
+        "\n\nHuman: a\n\nHuman: b\n\nAssistant: c\n\nHuman: d\n\nAssistant:"
+    ) == [
+        {"role": "user", "content": "a\n\nb"},
+        {"role": "assistant", "content": "c"},
+        {"role": "user", "content": "d"},
+    ]
+    assert transcript_messages("How do I boil an egg?") is None
+    assert transcript_messages("Human: a\n\nAssistant: done") is None  # no open assistant turn
+    assert transcript_messages("Human: Assistant:") is None  # nothing the user said
+
+
+def test_eos_becomes_the_templates_end_of_turn_token(tiny_gpt2):
+    tok = load_causal_lm(str(tiny_gpt2), device="cpu").tokenizer
+    eos = tok.eos_token
+    tok.add_special_tokens({"additional_special_tokens": ["<|end|>"]})
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    stop_at_end_of_turn(tok)
+    assert tok.eos_token == "<|end|>" and tok.eos_token_id == tok.convert_tokens_to_ids("<|end|>")
+    _, response_ids = ChatFormat(tok).encode("Hi", "Hello")
+    assert response_ids[-1] == tok.eos_token_id
+    # a turn that ends in plain text leaves the tokenizer's EOS alone
+    tok.eos_token = eos
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    stop_at_end_of_turn(tok)
+    assert tok.eos_token == eos
 
 
 def test_a_checkpoint_that_does_not_fit_the_model_is_refused(tiny_gpt2, tmp_path):

@@ -14,6 +14,7 @@ import torch
 
 from rlhf_core.config import LoraSection
 from rlhf_core.errors import UserError
+from rlhf_core.models.chat import stop_at_end_of_turn
 from rlhf_core.models.gguf import resolve_model_source
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -79,6 +80,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    stop_at_end_of_turn(tok)
     return tok
 
 
