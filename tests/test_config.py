@@ -94,19 +94,37 @@ def _leaves(tree: dict, path: tuple = ()):
             yield (*path, key), value
 
 
-def test_default_yaml_sets_only_what_differs_from_the_model_defaults():
+SHIPPED_CONFIGS = sorted(DEFAULT_CONFIG_PATH.parent.glob("*.yaml"))
+SHIPPED_CONFIGS = [p for p in SHIPPED_CONFIGS if not p.name.startswith("constitution")]
+
+
+@pytest.mark.parametrize("shipped_path", SHIPPED_CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load_and_set_only_what_differs_from_the_model_defaults(shipped_path):
     # One declaration per setting: a value the YAML restates would be a second default that drifts.
     import yaml
 
+    load_config(shipped_path)
     defaults = PipelineConfig().model_dump(mode="json")
-    shipped = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    shipped = yaml.safe_load(shipped_path.read_text())
     leaves = list(_leaves(shipped))
     assert leaves
     for path, value in leaves:
         node = defaults
         for key in path:
             node = node[key]
-        assert node != value, f"configs/default.yaml restates the default of {'.'.join(path)}"
+        assert node != value, f"{shipped_path.name} restates the default of {'.'.join(path)}"
+
+
+def test_the_smollm2_profile_reads_the_shared_hh_sample():
+    from rlhf_core.config import PROJECT_ROOT
+
+    cfg = load_config(PROJECT_ROOT / "configs" / "smollm2.yaml")
+    assert [s.format for s in cfg.data.sources] == ["hh"]
+    # relative paths are read from the repository root, where make run starts
+    source = (PROJECT_ROOT / cfg.data.sources[0].path).resolve()
+    assert source == (PROJECT_ROOT.parent / "shared/data/hh-rlhf-harmless-base.sample.jsonl.gz")
+    assert (PROJECT_ROOT / cfg.labels.judge.constitution).is_file()
+    assert cfg.model.name_or_path == cfg.reward.backbone == "smollm2"
 
 
 def _sections(model, prefix="", seen=None):
