@@ -119,7 +119,15 @@ def stages(cfg: PipelineConfig, t: TrackingContext) -> dict:
         start = models.pretrained_policy(model)
     reference = start
     if cfg.sft.enabled:
-        reference = models.sft(t, start=start, splits=splits, model=model, sft=cfg.sft, seed=seed)
+        reference = models.sft(
+            t,
+            start=start,
+            splits=splits,
+            model=model,
+            sft=cfg.sft,
+            seed=seed,
+            distributed=cfg.distributed,
+        )
     out["reference_policy"] = reference.model_dir
 
     pairs = splits

@@ -892,6 +892,23 @@ class DeployConfig(Section):
         return self
 
 
+class DistributedConfig(Section):
+    """A training stage's learner as several processes, launched through Accelerate."""
+
+    num_processes: int = Field(1, ge=1)
+    """Learner processes of the SFT stage (the other training stages run in one process so far);
+    1: in the stage's own process. N processes split each batch and give one process's result."""
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    """ddp: a full copy of the model per process (CPU or GPU); fsdp, deepspeed: Accelerate's
+    sharded engines, GPU only (never run here: docs/scaling.md)."""
+    engine_config: str | None = Field(None, json_schema_extra={"input_file": True})
+    """fsdp: an Accelerate config YAML; deepspeed: a DeepSpeed JSON; passed to `accelerate launch`."""
+    threads_per_process: int | None = Field(None, ge=1)
+    """CPU threads of each process; null: the machine's cores divided among the processes."""
+    timeout_s: int = Field(1800, ge=10)
+    """Seconds a process waits for the others at a collective before the stage fails."""
+
+
 class PipelineConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     """Name, seed, work dir, and where to stop."""
@@ -927,6 +944,8 @@ class PipelineConfig(Section):
     """Local servers for `rlhf stack`."""
     deploy: DeployConfig = Field(default_factory=DeployConfig)
     """Prefect deployment for `rlhf deploy`."""
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    """Multi-process training through Accelerate."""
 
     @model_validator(mode="after")
     def _no_credentials(self) -> PipelineConfig:

@@ -100,6 +100,7 @@ class SFTResult:
 
 class SFTTrainer(TrainLoop):
     desc, unit, best_metric, higher_is_better = "sft", "tokens", "eval_loss", False
+    distributed_ready = True
 
     def __init__(
         self,
@@ -138,7 +139,9 @@ class SFTTrainer(TrainLoop):
     def micro_step(self, indices: Sequence[int], step_units: int) -> float:
         batch = collate([self.train_set[i] for i in indices], self.pad_id)
         with self.amp():
-            loss_sum, _ = token_nll(self.model, {k: v.to(self.device) for k, v in batch.items()})
+            loss_sum, _ = token_nll(
+                self.forward_model, {k: v.to(self.device) for k, v in batch.items()}
+            )
         (loss_sum / step_units).backward()
         return loss_sum.item()
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from rlhf_core import distributed
 from rlhf_core.config import LoopConfig, stable_hash
 from rlhf_core.errors import UserError
 from rlhf_core.models.fused import fuse_activations
@@ -235,6 +236,7 @@ class TrainLoop:
 
     desc = "train"
     unit = "examples"  # what throughput is counted in
+    distributed_ready = False  # micro_step runs its forward through self.forward_model
     best_metric = "eval_loss"
     higher_is_better = False
 
@@ -254,6 +256,11 @@ class TrainLoop:
         fuse_activations(
             model
         )  # the same function as one kernel (GPT-2's tanh-GELU): ~10% off forward+backward on CPU
+        self.dist = distributed.current()
+        if self.dist.world > 1 and not self.distributed_ready:
+            raise UserError(f"{self.desc}: runs in one process only (distributed.num_processes 1)")
+        # the forward that trains: DDP's wrapper when several processes learn together
+        self.forward_model = self.dist.wrap(model)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.on_log = on_log or (lambda step, metrics: None)
         self.progress = progress
@@ -338,6 +345,15 @@ class TrainLoop:
     def save_checkpoint(self) -> Path | None:
         if not self.checkpoint_dir:
             return None
+        rng_states = self.dist.gather(torch.get_rng_state())  # every process's dropout stream
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return self.checkpoint_dir / f"step-{self.state['step']:08d}"
+        path = self._write_checkpoint(rng_states)
+        self.dist.barrier()
+        return path
+
+    def _write_checkpoint(self, rng_states: list[torch.Tensor]) -> Path:
         name = f"step-{self.state['step']:08d}"
         with checkpoint_folder(self.checkpoint_dir, name, "step-", self.s.keep_checkpoints) as tmp:
             save_file(untie(self._weights()), tmp / "model.safetensors")
@@ -347,7 +363,8 @@ class TrainLoop:
                 {
                     "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
+                    "torch_rng": rng_states[0],
+                    "torch_rng_ranks": rng_states,
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 },
                 tmp / "trainer.pt",
@@ -374,7 +391,8 @@ class TrainLoop:
         blob = torch.load(path / "trainer.pt", weights_only=True)
         self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
-        torch.set_rng_state(blob["torch_rng"])
+        ranks = blob.get("torch_rng_ranks") or [blob["torch_rng"]]
+        torch.set_rng_state(ranks[self.dist.rank] if self.dist.rank < len(ranks) else ranks[0])
         if blob["cuda_rng"]:
             torch.cuda.set_rng_state_all(blob["cuda_rng"])
         state = json.loads((path / "state.json").read_text())
@@ -422,16 +440,36 @@ class TrainLoop:
                 self.model.train()
 
     # -- training -----------------------------------------------------------------------------
+    def _accumulate(self, group: list[list[int]], n_units: int) -> float:
+        """Forward + backward of one optimiser step's micro-batches; the step's summed loss."""
+        d = self.dist
+        if d.world == 1:
+            return sum(self.micro_step(b, n_units) for b in group)
+        local = 0.0
+        for i, batch in enumerate(group):
+            part = d.shard(batch)
+            # gradients are averaged over the processes once, at the step's last micro-batch
+            with d.no_sync(self.forward_model, sync=i == len(group) - 1):
+                if part:
+                    local += self.micro_step(part, n_units / d.world)
+                else:  # fewer rows than processes: DDP still needs this one's (zero) gradient
+                    self.micro_step(batch[:1], math.inf)
+        return d.sum(local)
+
     def train(self, resume: bool = True, has_eval: bool = True) -> LoopResult:
         from tqdm.auto import tqdm
 
         resumed_from, note = None, None
         # dropout draws from the global generator: the same run whatever ran before it in this
         # process (a resumed run restores the generator's state from its checkpoint)
-        torch.manual_seed(self.seed)
+        # (each process of a distributed learner its own stream)
+        torch.manual_seed(self.seed + self.dist.rank)
         fingerprint = self.fingerprint  # of the starting weights, before any step changes them
         if resume and (ckpt := self.latest_checkpoint()):
-            note = set_aside_if_foreign(ckpt, fingerprint)
+            # one process decides; the others follow once a foreign checkpoint is set aside
+            note = self.dist.broadcast(
+                set_aside_if_foreign(ckpt, fingerprint) if self.dist.is_main else None
+            )
             if note is None:
                 self.load_checkpoint(ckpt)
                 resumed_from = self.state["step"]
@@ -443,7 +481,7 @@ class TrainLoop:
             initial=st["step"],
             desc=self.desc,
             unit="step",
-            disable=None if self.progress else True,
+            disable=None if self.progress and self.dist.is_main else True,
             dynamic_ncols=True,
         )
         t_start, units_at_start = time.perf_counter(), st["train_units"]
@@ -460,7 +498,7 @@ class TrainLoop:
             ):
                 group = batches[st["batch_in_epoch"] : st["batch_in_epoch"] + s.grad_accum]
                 n_units = sum(self.units(b) for b in group)
-                step_loss = sum(self.micro_step(b, n_units) for b in group)
+                step_loss = self._accumulate(group, n_units)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.max_grad_norm)
                 st["batch_in_epoch"] += len(group)
                 if not (math.isfinite(step_loss) and math.isfinite(float(grad_norm))):

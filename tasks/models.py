@@ -10,10 +10,12 @@ import mlflow
 import pandas as pd
 from prefect import get_run_logger
 
-from rlhf_core.config import ModelConfig, SFTConfig
+from rlhf_core.config import DistributedConfig, ModelConfig, SFTConfig
+from rlhf_core.distributed.launch import launch
+from rlhf_core.models.chat import ChatFormat
 from rlhf_core.models.loading import load_causal_lm, save_model
 from rlhf_core.models.scratch import build_scratch_model
-from rlhf_core.sft import build_sft_trainer, generate_samples, sft_pairs
+from rlhf_core.sft import SFTResult, build_sft_trainer, generate_samples, sft_pairs
 from rlhf_core.storage import atomic_dir
 from tasks.results import Policy, Splits
 from tasks.stage import StageContext, input_digest, metrics_logger, stage
@@ -48,37 +50,48 @@ def pretrained_policy(model: ModelConfig) -> Policy:
 
 @stage("sft")
 def sft(
-    ctx: StageContext, start: Policy, splits: Splits, model: ModelConfig, sft: SFTConfig, seed: int
+    ctx: StageContext,
+    start: Policy,
+    splits: Splits,
+    model: ModelConfig,
+    sft: SFTConfig,
+    seed: int,
+    distributed: DistributedConfig,
 ) -> Policy:
     """Fine-tune the starting policy on prompt -> chosen; the result is the reference policy."""
-    trainer, stats = build_sft_trainer(
-        start.model_dir, splits.train, splits.val, model, sft, seed, checkpoint_dir=ctx.checkpoints
-    )
-    trainer.on_log = metrics_logger(
-        "sft step",
-        ("train_loss", "eval_loss", "eval_perplexity", "tokens_per_s"),
-        trainer.total_steps,
-    )
-    policy = trainer.model
+    logger = get_run_logger()
     mlflow.log_params(
         {f"sft.{k}": v for k, v in sft.model_dump().items()}
-        | {
-            "base_model": start.model_dir,
-            "lora": model.lora.enabled,
+        | {"base_model": start.model_dir, "lora": model.lora.enabled}
+        | {"world_size": distributed.num_processes}
+    )
+    if distributed.num_processes > 1:
+        policy, tokenizer, fmt, result, counts = _sft_processes(
+            ctx, start, splits, model, sft, seed, distributed
+        )
+    else:
+        trainer, stats = build_sft_trainer(
+            start.model_dir,
+            splits.train,
+            splits.val,
+            model,
+            sft,
+            seed,
+            checkpoint_dir=ctx.checkpoints,
+        )
+        trainer.on_log = metrics_logger("sft step", SFT_SHOWN, trainer.total_steps)
+        policy, tokenizer, fmt = trainer.model, trainer.tokenizer, trainer.fmt
+        counts = {
             "train_examples": len(trainer.train_set),
             "val_examples": len(trainer.val_set),
             "truncated_examples": stats.truncated,
             "dropped_examples": stats.dropped,
-        }
-    )
-    trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-    mlflow.log_metrics(
-        {
-            "trainable_parameters": trainable,
+            "trainable_parameters": sum(p.numel() for p in policy.parameters() if p.requires_grad),
             "parameters": sum(p.numel() for p in policy.parameters()),
         }
-    )
-    result, logger = trainer.train(), get_run_logger()
+        result = trainer.train()
+    mlflow.log_params({k: v for k, v in counts.items() if k.endswith("_examples")})
+    mlflow.log_metrics({k: v for k, v in counts.items() if k.endswith("parameters")})
     if result.resume_note:
         logger.warning(f"sft: {result.resume_note}")
     if result.resumed_from_step is not None:
@@ -89,7 +102,7 @@ def sft(
         prompts = [p for p, _ in shown]
         generated = generate_samples(
             policy,
-            trainer.fmt,
+            fmt,
             prompts,
             sft.sample_max_new_tokens,
             sft.sample_temperature,
@@ -102,7 +115,7 @@ def sft(
             "samples/sft_generations.json",
         )
     with atomic_dir(ctx.out_dir) as staging:
-        save_model(policy, trainer.tokenizer, staging / "model")
+        save_model(policy, tokenizer, staging / "model")
     mlflow.log_artifacts(str(ctx.out_dir / "model"), "model")
     shutil.rmtree(ctx.checkpoints, ignore_errors=True)
     metrics = {
@@ -123,3 +136,32 @@ def sft(
         model_uri=f"runs:/{ctx.run.info.run_id}/model",
         metrics=metrics,
     )
+
+
+SFT_SHOWN = ("train_loss", "eval_loss", "eval_perplexity", "tokens_per_s")
+
+
+def _sft_processes(ctx, start, splits, model, sft, seed, distributed):
+    """SFT as distributed.num_processes processes (rlhf_core.distributed); the trained policy
+    comes back as the folder rank 0 wrote, loaded here for the samples and the stage's output."""
+    learner = ctx.checkpoints / "learner"
+    out = launch(
+        "sft",
+        {
+            "base_model": start.model_dir,
+            "train": splits.train,
+            "val": splits.val,
+            "model": model.model_dump(mode="json"),
+            "sft": sft.model_dump(mode="json"),
+            "seed": seed,
+            "checkpoint_dir": str(ctx.checkpoints),
+            "model_out": str(learner / "model"),
+        },
+        learner,
+        distributed,
+        on_line=get_run_logger().info,
+        on_log=metrics_logger("sft step", SFT_SHOWN),
+    )
+    loaded = load_causal_lm(str(learner / "model"), dtype=model.dtype, device=model.device)
+    fmt = ChatFormat(loaded.tokenizer, use_chat_template=model.use_chat_template)
+    return loaded.model, loaded.tokenizer, fmt, SFTResult(**out["result"]), out["counts"]

@@ -1,0 +1,144 @@
+"""Start a learner as N processes with `accelerate launch` and wait for it.
+
+The processes' output streams into `on_line`, line by line; rank 0's training metrics arrive
+through `on_log` (the same callback a single-process trainer takes). A process that fails ends
+the whole learner, and the launch fails with one line naming its rank and its error; no process
+outlives the launch (the launcher is stopped on the way out, and each worker dies with its
+parent: worker.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from rlhf_core.config import DistributedConfig
+from rlhf_core.errors import UserError
+
+EVENT = "RLHF_EVENT "  # a worker's line that carries an event for the launcher, not text
+
+
+def launch_command(settings: DistributedConfig, job_file: Path) -> list[str]:
+    """`accelerate launch` with every choice explicit (a user's default accelerate config is not read)."""
+    n = settings.num_processes
+    threads = settings.threads_per_process or max(1, (os.cpu_count() or 1) // n)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(n),
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        "0",  # a free port: two learners on one machine never collide
+        "--mixed_precision",
+        "no",  # the stage's own setting applies (training.autocast_for)
+        "--dynamo_backend",
+        "no",
+        "--num_cpu_threads_per_process",
+        str(threads),
+    ]
+    if settings.strategy != "ddp" and not torch.cuda.is_available():
+        raise UserError(
+            f"distributed.strategy {settings.strategy} needs GPUs (Accelerate runs FSDP and "
+            "DeepSpeed on GPUs only); use ddp on CPU"
+        )
+    if settings.strategy == "ddp":
+        cmd.append("--multi_gpu")  # torchrun's launcher; on CPU with ACCELERATE_USE_CPU: gloo
+    elif settings.strategy == "fsdp":
+        cmd.append("--use_fsdp")
+        if settings.engine_config:
+            cmd += ["--config_file", settings.engine_config]
+    else:
+        cmd.append("--use_deepspeed")
+        if settings.engine_config:
+            cmd += ["--deepspeed_config_file", settings.engine_config]
+    return [*cmd, "-m", "rlhf_core.distributed.worker", str(job_file)]
+
+
+def _failure(work: Path, lines: list[str], returncode: int) -> str:
+    """One line: the first failing rank and its error."""
+    errors = {
+        int(p.stem.removeprefix("rank-")): p.read_text().strip()
+        for p in (work / "errors").glob("rank-*.txt")
+    }
+    text = "\n".join(lines[-300:])
+    # torchrun names the first failure it saw: "Root Cause ... rank : 1 (local_rank: 1)
+    # exitcode : -9"; the other processes failed after it, at a collective it never reached
+    root = text[text.rfind("Root Cause") :] if "Root Cause" in text else ""
+    rank = re.search(r"rank\s*:\s*(\d+)", root)
+    code = re.search(r"exitcode\s*:\s*(-?\d+)", root)
+    if rank:
+        r = int(rank.group(1))
+        if r in errors:
+            return f"rank {r} failed: {errors[r]}"
+        if code:
+            how = int(code.group(1))
+            return f"rank {r} failed: " + (
+                f"killed by signal {-how}" if how < 0 else f"exit code {how}"
+            )
+    if errors:
+        r = min(errors)
+        return f"rank {r} failed: {errors[r]}"
+    return f"the launcher exited with code {returncode}"
+
+
+def launch(
+    kind: str,
+    job: dict,
+    work: Path,
+    settings: DistributedConfig,
+    *,
+    on_line: Callable[[str], None],
+    on_log: Callable[[int, dict], None],
+) -> dict:
+    """Run the worker's `kind` on settings.num_processes processes; rank 0's result."""
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "result.json").unlink(missing_ok=True)
+    for stale in (work / "errors").glob("rank-*.txt"):
+        stale.unlink()
+    job_file = work / "job.json"
+    job_file.write_text(json.dumps({"kind": kind, "work": str(work), **job}))
+    env = os.environ | {
+        "PYTHONUNBUFFERED": "1",
+        "RLHF_DIST_TIMEOUT_S": str(settings.timeout_s),
+    }
+    if not torch.cuda.is_available():
+        env["ACCELERATE_USE_CPU"] = "true"
+    lines: list[str] = []
+    proc = subprocess.Popen(
+        launch_command(settings, job_file),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        for raw in proc.stdout:
+            line = raw.rstrip("\n")
+            if line.startswith(EVENT):
+                event = json.loads(line[len(EVENT) :])
+                on_log(event["step"], event["metrics"])
+                continue
+            lines.append(line)
+            on_line(line)
+        returncode = proc.wait()
+    finally:
+        if proc.poll() is None:  # interrupted: torchrun stops its workers on SIGTERM
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    if returncode != 0 or not (work / "result.json").exists():
+        raise UserError(f"{kind}: {_failure(work, lines, returncode)}")
+    return json.loads((work / "result.json").read_text())
