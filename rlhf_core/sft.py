@@ -220,6 +220,19 @@ def sft_pairs(split_file: str) -> list[tuple[str, str]]:
     return list(zip(df["prompt"], df["chosen"]))
 
 
+def sft_counts(trainer: SFTTrainer, stats: EncodeStats) -> dict[str, int]:
+    """What the SFT stage reports about its examples and its model, before training."""
+    policy = trainer.model
+    return {
+        "train_examples": len(trainer.train_set),
+        "val_examples": len(trainer.val_set),
+        "truncated_examples": stats.truncated,
+        "dropped_examples": stats.dropped,
+        "trainable_parameters": sum(p.numel() for p in policy.parameters() if p.requires_grad),
+        "parameters": sum(p.numel() for p in policy.parameters()),
+    }
+
+
 def build_sft_trainer(
     base_model: str,
     train_file: str,

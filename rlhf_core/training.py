@@ -461,8 +461,8 @@ class TrainLoop:
 
         resumed_from, note = None, None
         # dropout draws from the global generator: the same run whatever ran before it in this
-        # process (a resumed run restores the generator's state from its checkpoint)
-        # (each process of a distributed learner its own stream)
+        # process (a resumed run restores the generator's state from its checkpoint); each
+        # process of a distributed learner has a stream of its own
         torch.manual_seed(self.seed + self.dist.rank)
         fingerprint = self.fingerprint  # of the starting weights, before any step changes them
         if resume and (ckpt := self.latest_checkpoint()):

@@ -15,7 +15,7 @@ from rlhf_core.distributed.launch import launch
 from rlhf_core.models.chat import ChatFormat
 from rlhf_core.models.loading import load_causal_lm, save_model
 from rlhf_core.models.scratch import build_scratch_model
-from rlhf_core.sft import SFTResult, build_sft_trainer, generate_samples, sft_pairs
+from rlhf_core.sft import SFTResult, build_sft_trainer, generate_samples, sft_counts, sft_pairs
 from rlhf_core.storage import atomic_dir
 from tasks.results import Policy, Splits
 from tasks.stage import StageContext, input_digest, metrics_logger, stage
@@ -81,14 +81,7 @@ def sft(
         )
         trainer.on_log = metrics_logger("sft step", SFT_SHOWN, trainer.total_steps)
         policy, tokenizer, fmt = trainer.model, trainer.tokenizer, trainer.fmt
-        counts = {
-            "train_examples": len(trainer.train_set),
-            "val_examples": len(trainer.val_set),
-            "truncated_examples": stats.truncated,
-            "dropped_examples": stats.dropped,
-            "trainable_parameters": sum(p.numel() for p in policy.parameters() if p.requires_grad),
-            "parameters": sum(p.numel() for p in policy.parameters()),
-        }
+        counts = sft_counts(trainer, stats)
         result = trainer.train()
     mlflow.log_params({k: v for k, v in counts.items() if k.endswith("_examples")})
     mlflow.log_metrics({k: v for k, v in counts.items() if k.endswith("parameters")})

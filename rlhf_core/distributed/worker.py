@@ -42,7 +42,7 @@ def _report(step: int, metrics: dict) -> None:
 def run_sft(job: dict, dist) -> dict | None:
     from rlhf_core.config import ModelConfig, SFTConfig
     from rlhf_core.models.loading import save_model
-    from rlhf_core.sft import build_sft_trainer
+    from rlhf_core.sft import build_sft_trainer, sft_counts
 
     trainer, stats = build_sft_trainer(
         job["base_model"],
@@ -55,20 +55,11 @@ def run_sft(job: dict, dist) -> dict | None:
         on_log=_report if dist.is_main else None,
         progress=False,
     )
-    policy = trainer.model
-    counts = {
-        "train_examples": len(trainer.train_set),
-        "val_examples": len(trainer.val_set),
-        "truncated_examples": stats.truncated,
-        "dropped_examples": stats.dropped,
-        "trainable_parameters": sum(p.numel() for p in policy.parameters() if p.requires_grad),
-        "parameters": sum(p.numel() for p in policy.parameters()),
-        "total_steps": trainer.total_steps,
-    }
+    counts = sft_counts(trainer, stats)
     result = trainer.train()
     if not dist.is_main:
         return None
-    save_model(policy, trainer.tokenizer, Path(job["model_out"]))
+    save_model(trainer.model, trainer.tokenizer, Path(job["model_out"]))
     return {"result": asdict(result), "counts": counts, "world_size": dist.world}
 
 
