@@ -19,7 +19,7 @@ from rlhf_core.evaluation.metrics import (
     token_kl,
     win_rate,
 )
-from rlhf_core.evaluation.policy import Generations, PolicyEvaluator
+from rlhf_core.evaluation.policy import Generations, PolicyEvaluator, logits_budget_batches
 from rlhf_core.evaluation.promotion import decide
 from rlhf_core.evaluation.prompts import BUILTIN_HARMFUL_PROMPTS, load_prompts
 from rlhf_core.evaluation.report import markdown_report, write_plots
@@ -300,3 +300,16 @@ def test_gate_promotes_a_clearly_better_policy_and_refuses_a_worse_one(
         and "| reward-model score (mean) |" in text
         and text.count("\n| ") >= 10
     )
+
+
+def test_perplexity_batches_keep_the_logits_within_budget():
+    def sizes(lengths, max_rows, vocab):
+        batches = logits_budget_batches(lengths, max_rows, vocab)
+        assert [i for b in batches for i in b] == list(range(len(lengths)))  # all, in order, once
+        return [len(b) for b in batches]
+
+    # SmolLM2: a 256-token row holds 48 MiB of fp32 logits, so 10 fit in 512 MiB
+    assert sizes([256] * 25, 64, 49152) == [10, 10, 5]
+    assert sizes([10] * 130, 64, 100) == [64, 64, 2]  # a small vocabulary: max_rows decides
+    assert sizes([100_000], 64, 49152) == [1]  # a row over budget alone still runs
+    assert sizes([64, 64, 1024, 1024], 64, 49152) == [2, 2]  # the longest row in a batch counts

@@ -35,6 +35,30 @@ from rlhf_core.training import autocast_dtype, autocast_for
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
 
+LOGITS_BUDGET = 512 * 2**20  # bytes of fp32 logits per forward
+
+
+def logits_budget_batches(lengths: Sequence[int], max_rows: int, vocab: int) -> list[list[int]]:
+    """Consecutive batches of at most max_rows examples whose full-vocabulary logits (rows x
+    longest x vocab fp32, plus the loss's log-softmax copy) stay near LOGITS_BUDGET: for
+    SmolLM2's 49k vocabulary at 256 tokens that is 10 rows, not 64 (12 GB resident)."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    width = 0
+    for i, n in enumerate(lengths):
+        wider = max(width, n)
+        if current and (
+            len(current) == max_rows or (len(current) + 1) * wider * vocab * 4 > LOGITS_BUDGET
+        ):
+            batches.append(current)
+            current, wider = [], n
+        current.append(i)
+        width = wider
+    if current:
+        batches.append(current)
+    return batches
+
+
 @dataclass
 class Generations:
     prompts: list[str]
@@ -202,9 +226,10 @@ class PolicyEvaluator:
         pad = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
+        vocab = model.get_output_embeddings().weight.shape[0]
         total, count = 0.0, 0
-        for start in range(0, len(examples), self.s.batch_size):
-            batch = collate(examples[start : start + self.s.batch_size], pad)
+        for rows in logits_budget_batches([len(e) for e in examples], self.s.batch_size, vocab):
+            batch = collate([examples[i] for i in rows], pad)
             with self.amp(model):
                 loss, n = token_nll(model, {k: v.to(device) for k, v in batch.items()})
             total, count = total + float(loss), count + n
