@@ -108,7 +108,10 @@ def sft(
             "samples/sft_generations.json",
         )
     with atomic_dir(ctx.out_dir) as staging:
-        save_model(policy, tokenizer, staging / "model")
+        if distributed.num_processes > 1:  # rank 0 saved it already: move, do not write it again
+            shutil.move(ctx.checkpoints / "learner" / "model", staging / "model")
+        else:
+            save_model(policy, tokenizer, staging / "model")
     mlflow.log_artifacts(str(ctx.out_dir / "model"), "model")
     shutil.rmtree(ctx.checkpoints, ignore_errors=True)
     metrics = {
