@@ -338,6 +338,8 @@ def reward_train(
         policy_dir=policy,
         seed=cfg.run.seed,
         progress=not as_json,
+        distributed=cfg.distributed,
+        on_line=lambda line: print(line, file=sys.stderr),
     )
     held_out = test if len(test) else val
     metrics = evaluate_reward_model(rm, held_out, "test").report if len(held_out) else {}

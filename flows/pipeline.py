@@ -89,6 +89,7 @@ def optimise_policy(
             dpo=cfg.dpo,
             model=cfg.model,
             seed=cfg.run.seed,
+            distributed=cfg.distributed,
         )
     return getattr(ppo, method)(
         t,
@@ -100,6 +101,7 @@ def optimise_policy(
         judge=cfg.evaluation_judge,
         evaluate=cfg.evaluate,
         seed=cfg.run.seed,
+        distributed=cfg.distributed,
         preference_judge=cfg.labels.judge if method == "online_dpo" else None,
     )
 
@@ -140,7 +142,14 @@ def stages(cfg: PipelineConfig, t: TrackingContext) -> dict:
         return out
 
     reward_model = reward.train_reward_model(
-        t, pairs=pairs, splits=splits, policy=reference, reward=cfg.reward, model=model, seed=seed
+        t,
+        pairs=pairs,
+        splits=splits,
+        policy=reference,
+        reward=cfg.reward,
+        model=model,
+        seed=seed,
+        distributed=cfg.distributed,
     )
     reward_eval = reward.evaluate_reward(
         t, reward_model=reward_model, splits=splits, reward=cfg.reward

@@ -896,8 +896,9 @@ class DistributedConfig(Section):
     """A training stage's learner as several processes, launched through Accelerate."""
 
     num_processes: int = Field(1, ge=1)
-    """Learner processes of the SFT stage (the other training stages run in one process so far);
-    1: in the stage's own process. N processes split each batch and give one process's result."""
+    """Learner processes of every training stage (SFT, reward model, PPO / RLOO / GRPO / online
+    DPO, DPO); 1: in the stage's own process. N processes split each batch and give one process's
+    result with the same global batch (docs/scaling.md)."""
     strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
     """ddp: a full copy of the model per process (CPU or GPU); fsdp, deepspeed: Accelerate's
     sharded engines, GPU only (never run here: docs/scaling.md)."""
@@ -907,6 +908,14 @@ class DistributedConfig(Section):
     """CPU threads of each process; null: the machine's cores divided among the processes."""
     timeout_s: int = Field(1800, ge=10)
     """Seconds a process waits for the others at a collective before the stage fails."""
+    backend: Literal["local", "ray"] = "local"
+    """local: the processes on this machine, started by `accelerate launch`; ray: Ray Train's
+    TorchTrainer on a Ray cluster (ray_address), its workers on any of the cluster's machines."""
+    ray_address: str | None = None
+    """The Ray cluster (ray://host:10001 or host:6379); null: RAY_ADDRESS from the environment."""
+    gpus_per_process: float = Field(0.0, ge=0)
+    """ray: GPUs each worker asks the cluster for (0: CPU workers, gloo); local processes use the
+    machine's visible GPUs."""
 
 
 class PipelineConfig(Section):

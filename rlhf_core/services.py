@@ -1,6 +1,7 @@
-"""Local servers the product runs for real: SeaweedFS as the S3-compatible store.
+"""Local servers the product runs for real: SeaweedFS as the S3-compatible store, and a
+one-machine Ray cluster for the ray backend of distributed training.
 
-Used by the tests now and by `rlhf stack` later. Binds to 127.0.0.1 only.
+Used by the tests and by `rlhf stack`. Binds to 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -161,6 +162,72 @@ class SeaweedS3:
             os.killpg(self.process.pid, 15)
             try:
                 self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, 9)
+                self.process.wait(timeout=10)
+        self.process = None
+
+
+@dataclass
+class RayHead:
+    """A Ray cluster of one node on 127.0.0.1 (`ray start --head --block`), offering num_cpus CPUs
+    to Ray Train's workers. Its temp dir should be short: Ray's unix sockets live under it."""
+
+    temp_dir: Path
+    num_cpus: int = 2
+    port: int = 0
+    log_path: Path | None = None
+    process: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120.0) -> RayHead:
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_ports(1)[0]
+        self.log_path = self.log_path or self.temp_dir / "ray-head.log"
+        ray = Path(os.sys.executable).parent / "ray"
+        cmd = [
+            str(ray), "start", "--head", "--block",
+            "--node-ip-address", "127.0.0.1",
+            "--port", str(self.port),
+            "--num-cpus", str(self.num_cpus),
+            "--num-gpus", "0",
+            "--include-dashboard", "false",
+            "--disable-usage-stats",
+            "--temp-dir", str(self.temp_dir),
+        ]  # fmt: skip
+        log = open(self.log_path, "ab")
+        # its own process group: stop() ends the GCS, the raylet and every worker together
+        self.process = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"ray exited with code {self.process.returncode}; see {self.log_path}"
+                )
+            if self.healthy():
+                return self
+            time.sleep(1.0)
+        self.stop()
+        raise RuntimeError(f"the Ray head is not up after {timeout:.0f}s; see {self.log_path}")
+
+    def healthy(self) -> bool:
+        ray = Path(os.sys.executable).parent / "ray"
+        done = subprocess.run(
+            [str(ray), "status", "--address", self.address], capture_output=True, timeout=60
+        )
+        return done.returncode == 0
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, 15)
+            try:
+                self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, 9)
                 self.process.wait(timeout=10)

@@ -96,6 +96,7 @@ class SFTResult:
     tokens_per_s: float
     history: list[dict] = field(default_factory=list)
     resume_note: str | None = None
+    world_size: int = 1
 
 
 class SFTTrainer(TrainLoop):
@@ -174,6 +175,7 @@ class SFTTrainer(TrainLoop):
             tokens_per_s=r.units_per_s,
             history=r.history,
             resume_note=r.resume_note,
+            world_size=r.world_size,
         )
 
 
@@ -277,3 +279,32 @@ def build_sft_trainer(
     )
     trainer.fmt = fmt
     return trainer, stats
+
+
+def distributed_job(job: dict, dist) -> dict | None:
+    """SFT as one of the processes of a distributed learner (rlhf_core.distributed.worker runs it);
+    rank 0 writes the model and returns the result."""
+    from dataclasses import asdict
+
+    from rlhf_core import distributed
+    from rlhf_core.config import ModelConfig, SFTConfig
+    from rlhf_core.models.loading import save_model
+    from rlhf_core.sft import build_sft_trainer, sft_counts
+
+    trainer, stats = build_sft_trainer(
+        job["base_model"],
+        job["train"],
+        job["val"],
+        ModelConfig.model_validate(job["model"]),
+        SFTConfig.model_validate(job["sft"]),
+        job["seed"],
+        checkpoint_dir=Path(job["checkpoint_dir"]),
+        on_log=distributed.report_metrics if dist.is_main else None,
+        progress=False,
+    )
+    counts = sft_counts(trainer, stats)
+    result = trainer.train()
+    if not dist.is_main:
+        return None
+    save_model(trainer.model, trainer.tokenizer, Path(job["model_out"]))
+    return {"result": asdict(result), "counts": counts, "world_size": dist.world}

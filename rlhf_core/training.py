@@ -173,6 +173,7 @@ class LoopResult:
     units_per_s: float
     history: list[dict] = field(default_factory=list)
     resume_note: str | None = None  # why a checkpoint found was not resumed
+    world_size: int = 1  # the processes that trained
 
 
 def ids_digest(seqs: Sequence[Sequence[int]], *extra: Sequence[float]) -> str:
@@ -191,14 +192,18 @@ LogFn = Callable[[int, dict], None]
 
 def set_aside_if_foreign(path: Path, fingerprint: str) -> str | None:
     """None when the checkpoint at path was written by the run whose fingerprint is given; else
-    moves its folder's checkpoints aside (to <dir>.previous, nothing is deleted) and says why."""
+    moves its folder's checkpoints aside (to <dir>.previous, nothing is deleted) and says why.
+    Only the checkpoints move: the folder may hold a running learner's other files."""
     written = json.loads((path / "state.json").read_text()).get("fingerprint")
     if written == fingerprint:
         return None
     folder = path.parent
     aside = folder.with_name(folder.name + ".previous")
     shutil.rmtree(aside, ignore_errors=True)
-    os.replace(folder, aside)
+    aside.mkdir(parents=True)
+    prefix = path.name.split("-")[0] + "-"  # step-, iter-
+    for ckpt in folder.glob(f"{prefix}*"):
+        os.replace(ckpt, aside / ckpt.name)
     return (
         f"{path.name} in {folder} is another run's (data, settings, model or code differ): "
         f"started fresh, kept it in {aside}"
@@ -260,7 +265,7 @@ class TrainLoop:
         if self.dist.world > 1 and not self.distributed_ready:
             raise UserError(f"{self.desc}: runs in one process only (distributed.num_processes 1)")
         # the forward that trains: DDP's wrapper when several processes learn together
-        self.forward_model = self.dist.wrap(model)
+        self.forward_model = self.dist.wrap(self.forward_module(model))
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.on_log = on_log or (lambda step, metrics: None)
         self.progress = progress
@@ -311,6 +316,11 @@ class TrainLoop:
 
     def evaluate(self) -> dict[str, float]:
         raise NotImplementedError
+
+    def forward_module(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module whose forward computes the loss's inputs (what DDP wraps): the model itself
+        unless a subclass's forward reaches into it (reward models with mean pooling)."""
+        return model
 
     def window_metrics(self) -> dict[str, float]:
         """Means of the subclass's own training statistics since the last log line (then reset)."""
@@ -559,4 +569,5 @@ class TrainLoop:
             units_per_s=(st["train_units"] - units_at_start) / max(1e-9, elapsed),
             history=st["history"],
             resume_note=note,
+            world_size=self.dist.world,
         )

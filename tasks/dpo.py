@@ -8,14 +8,17 @@ import shutil
 import mlflow
 from prefect import get_run_logger
 
-from rlhf_core.config import DPOConfig, ModelConfig
+from rlhf_core.config import DistributedConfig, DPOConfig, ModelConfig
+from rlhf_core.distributed.launch import launch
 from rlhf_core.dpo.learner import build_dpo_trainer
 from rlhf_core.models.loading import save_model
 from rlhf_core.plots import curves_plot
 from rlhf_core.storage import atomic_dir
+from rlhf_core.training import LoopResult
 from tasks.results import Labelled, Policy, Splits, Tuned
 from tasks.stage import StageContext, metrics_logger, stage
 
+SHOWN = ("train_loss", "rewards_accuracy", "rewards_margin", "eval_loss", "eval_rewards_accuracy")
 CURVES = [
     "train_loss",
     "rewards_accuracy",
@@ -36,45 +39,76 @@ def dpo(
     dpo: DPOConfig,
     model: ModelConfig,
     seed: int,
+    distributed: DistributedConfig,
 ) -> Tuned:
     """DPO from the reference policy on the (AI-)labelled training pairs; the reference's
     log-probabilities are computed once per (reference weights, pairs) and cached in the work dir."""
     logger = get_run_logger()
-    trainer, stats = build_dpo_trainer(
-        reference.model_dir,
-        pairs.train_file,
-        splits.val,
-        model,
-        dpo,
-        seed,
-        checkpoint_dir=ctx.checkpoints,
-        reference_cache=ctx.work_dir / "cache" / "dpo-reference",
-    )
-    trainer.on_log = metrics_logger(
-        "dpo step",
-        ("train_loss", "rewards_accuracy", "rewards_margin", "eval_loss", "eval_rewards_accuracy"),
-        trainer.total_steps,
-    )
-    mlflow.log_params(
-        {f"dpo.{k}": v for k, v in dpo.model_dump().items() if not isinstance(v, dict)}
-        | {
-            "policy": reference.model_dir,
-            "lora": dpo.lora.enabled,
-            "train_pairs": len(trainer.train_set),
-            "val_pairs": len(trainer.val_set),
-            "truncated_pairs": stats.truncated,
-        }
-    )
-    for file in trainer.reference_files:
+    params = {f"dpo.{k}": v for k, v in dpo.model_dump().items() if not isinstance(v, dict)} | {
+        "policy": reference.model_dir,
+        "lora": dpo.lora.enabled,
+    }
+    reference_cache = ctx.work_dir / "cache" / "dpo-reference"
+    learner = ctx.checkpoints / "learner"
+    if distributed.num_processes > 1:
+        done = launch(
+            "dpo",
+            {
+                "policy_dir": reference.model_dir,
+                "train": pairs.train_file,
+                "val": splits.val,
+                "model": model.model_dump(mode="json"),
+                "dpo": dpo.model_dump(mode="json"),
+                "seed": seed,
+                "checkpoint_dir": str(ctx.checkpoints),
+                "reference_cache": str(reference_cache),
+                "model_out": str(learner / "model"),
+            },
+            learner,
+            distributed,
+            on_line=logger.info,
+            on_log=metrics_logger("dpo step", SHOWN),
+        )
+        result, reference_files = LoopResult(**done["result"]), done["reference_files"]
+        mlflow.log_params(
+            params | {k: done[k] for k in ("train_pairs", "val_pairs", "truncated_pairs")}
+        )
+    else:
+        trainer, stats = build_dpo_trainer(
+            reference.model_dir,
+            pairs.train_file,
+            splits.val,
+            model,
+            dpo,
+            seed,
+            checkpoint_dir=ctx.checkpoints,
+            reference_cache=reference_cache,
+        )
+        trainer.on_log = metrics_logger("dpo step", SHOWN, trainer.total_steps)
+        reference_files = trainer.reference_files
+        mlflow.log_params(
+            params
+            | {
+                "train_pairs": len(trainer.train_set),
+                "val_pairs": len(trainer.val_set),
+                "truncated_pairs": stats.truncated,
+            }
+        )
+    for file in reference_files:
         mlflow.log_artifact(str(file), "reference_logps")
-    result = trainer.train()
+    if distributed.num_processes == 1:
+        result = trainer.train()
+    mlflow.log_param("world_size", result.world_size)  # as the learner reported it
     if result.resume_note:
         logger.warning(f"dpo: {result.resume_note}")
     if result.resumed_from_step is not None:
         logger.info(f"dpo: resumed from step {result.resumed_from_step}")
     out = ctx.out_dir
     with atomic_dir(out) as staging:
-        save_model(trainer.model, trainer.tokenizer, staging / "model")
+        if distributed.num_processes > 1:  # rank 0 saved it: move, do not write it again
+            shutil.move(learner / "model", staging / "model")
+        else:
+            save_model(trainer.model, trainer.tokenizer, staging / "model")
         (staging / "history.json").write_text(json.dumps(result.history, indent=2))
         curves_plot(result.history, CURVES, staging / "training_curves.png", "DPO", x="step")
     mlflow.log_artifact(str(out / "training_curves.png"), "plots")

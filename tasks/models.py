@@ -63,7 +63,6 @@ def sft(
     mlflow.log_params(
         {f"sft.{k}": v for k, v in sft.model_dump().items()}
         | {"base_model": start.model_dir, "lora": model.lora.enabled}
-        | {"world_size": distributed.num_processes}
     )
     if distributed.num_processes > 1:
         policy, tokenizer, fmt, result, counts = _sft_processes(
@@ -84,6 +83,7 @@ def sft(
         counts = sft_counts(trainer, stats)
         result = trainer.train()
     mlflow.log_params({k: v for k, v in counts.items() if k.endswith("_examples")})
+    mlflow.log_param("world_size", result.world_size)  # as the learner reported it
     mlflow.log_metrics({k: v for k, v in counts.items() if k.endswith("parameters")})
     if result.resume_note:
         logger.warning(f"sft: {result.resume_note}")

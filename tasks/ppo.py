@@ -12,14 +12,17 @@ from prefect import get_run_logger
 
 from rlhf_core.config import (
     ON_POLICY_TITLES,
+    DistributedConfig,
     EvaluateConfig,
     JudgeConfig,
     ModelConfig,
     PolicyGradientConfig,
 )
+from rlhf_core.distributed.launch import launch
 from rlhf_core.models.loading import save_model
 from rlhf_core.plots import curves_plot, gold_proxy_plot
 from rlhf_core.ppo.build import build_ppo_trainer
+from rlhf_core.ppo.trainer import PPOResult
 from rlhf_core.storage import atomic_dir
 from tasks.labels import JUDGE_CODE, LABEL_CACHE
 from tasks.results import Policy, RewardModel, Splits, Tuned
@@ -62,11 +65,13 @@ def optimise(
     judge: JudgeConfig,
     evaluate: EvaluateConfig,
     seed: int,
+    distributed: DistributedConfig,
     preference_judge: JudgeConfig | None = None,
 ) -> Tuned:
     """The reference policy tuned against the gated reward model with the section's method; the
     evaluation judge checks it on validation prompts and picks the checkpoint (select). Online DPO
-    has `preference_judge` (the label stage's) judge its pairs, through the label stage's cache."""
+    has `preference_judge` (the label stage's) judge its pairs, through the label stage's cache.
+    The learner runs on distributed.num_processes processes."""
     method = ctx.name
     out, checkpoints, logger = ctx.out_dir, ctx.checkpoints, get_run_logger()
     policy_dir, reward_dir = reference.model_dir, reward_model.model_dir
@@ -78,54 +83,87 @@ def optimise(
     ) -> None:  # log_table appends to an existing table file
         mlflow.log_table(pd.DataFrame(rows), artifact_file=f"samples/{method}_samples.json")
 
-    trainer = build_ppo_trainer(
-        policy_dir,
-        reward_dir,
-        prompts,
-        settings,
-        model,
-        seed,
-        checkpoint_dir=checkpoints,
-        on_log=metrics_logger(
-            f"{method} iteration",
-            (
-                "score",
-                "kl",
-                "entropy",
-                "response_length",
-                "episodes_per_s",
-                "val_win_rate",
-                "val_kl",
-            ),
-            settings.iterations,
-            every=max(1, settings.iterations // 20),
-        ),
-        on_samples=log_samples,
-        judge=judge,
-        evaluate=evaluate,
-        val_prompts=val_prompts.tolist(),
-        preference_judge=preference_judge,
-        label_cache=ctx.work_dir / LABEL_CACHE,
+    on_log = metrics_logger(
+        f"{method} iteration",
+        ("score", "kl", "entropy", "response_length", "episodes_per_s", "val_win_rate", "val_kl"),
+        settings.iterations,
+        every=max(1, settings.iterations // 20),
     )
+    params = {k: v for k, v in settings.model_dump().items() if not isinstance(v, dict)}
     mlflow.log_params(
         {
             "policy": policy_dir,
             "reward_model": reward_dir,
             "prompts": len(prompts),
+            **params,
+        }
+    )
+    shared = {
+        "judge": judge,
+        "evaluate": evaluate,
+        "val_prompts": val_prompts.tolist(),
+        "preference_judge": preference_judge,
+        "label_cache": ctx.work_dir / LABEL_CACHE,
+    }
+    learner = checkpoints / "learner"
+    if distributed.num_processes > 1:
+        done = launch(
+            "policy",
+            {
+                "section": method,
+                "settings": settings.model_dump(mode="json"),
+                "policy_dir": policy_dir,
+                "reward_dir": reward_dir,
+                "prompts": prompts,
+                "model": model.model_dump(mode="json"),
+                "seed": seed,
+                "checkpoint_dir": str(checkpoints),
+                "model_out": str(learner / "model"),
+                **{
+                    k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v
+                    for k, v in shared.items()
+                    if v is not None
+                },
+                "label_cache": str(shared["label_cache"]),
+            },
+            learner,
+            distributed,
+            on_line=logger.info,
+            on_log=on_log,
+            on_samples=log_samples,
+        )
+        result = PPOResult(**done["result"])
+        mlflow.log_params({k: done[k] for k in DESCRIBED if k not in params})
+    else:
+        trainer = build_ppo_trainer(
+            policy_dir,
+            reward_dir,
+            prompts,
+            settings,
+            model,
+            seed,
+            checkpoint_dir=checkpoints,
+            on_log=on_log,
+            on_samples=log_samples,
+            **shared,
+        )
+        described = {
             "value_model": type(trainer.value).__name__ if trainer.value is not None else "none",
             "reward_reads_policy_tokens": trainer.rm_reads_policy_tokens,
             "monitor_prompts": len(trainer.monitor.ev.prompts) if trainer.monitor else 0,
-            **{k: v for k, v in settings.model_dump().items() if not isinstance(v, dict)},
         }
-    )
-    result = trainer.train()
+        mlflow.log_params({k: v for k, v in described.items() if k not in params})
+        result = trainer.train()
+    mlflow.log_param("world_size", result.world_size)  # as the learner reported it
     if result.resume_note:
         logger.warning(f"{method}: {result.resume_note}")
     if result.resumed_from:
         logger.info(f"{method}: resumed from iteration {result.resumed_from}")
-    policy = trainer.policy
     with atomic_dir(out) as staging:
-        save_model(policy, trainer.tokenizer, staging / "model")
+        if distributed.num_processes > 1:  # rank 0 saved it: move, do not write it again
+            shutil.move(learner / "model", staging / "model")
+        else:
+            save_model(trainer.policy, trainer.tokenizer, staging / "model")
         (staging / "history.json").write_text(json.dumps(result.history, indent=2))
         curves_plot(
             result.history, CURVES, staging / "training_curves.png", ON_POLICY_TITLES[method]
@@ -178,6 +216,10 @@ def optimise(
         summary_files=[str(out / "history.json")],
         method=method,
     )
+
+
+# what the learner built, beside the settings (a setting of the same name is what MLflow shows)
+DESCRIBED = ("value_model", "reward_reads_policy_tokens", "monitor_prompts")
 
 
 def _method_stage(method: str):

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from prefect import get_run_logger
 
-from rlhf_core.config import ModelConfig, RewardConfig
+from rlhf_core.config import DistributedConfig, ModelConfig, RewardConfig
 from rlhf_core.errors import UserError
 from rlhf_core.reward.evaluate import evaluate_reward_model, write_plots
 from rlhf_core.reward.model import load_reward_model
@@ -33,8 +33,10 @@ def train_reward_model(
     reward: RewardConfig,
     model: ModelConfig,
     seed: int,
+    distributed: DistributedConfig,
 ) -> RewardModel:
-    """Train the reward model; store the reward normalisation statistics PPO needs with it."""
+    """Train the reward model (on distributed.num_processes processes); store the reward
+    normalisation statistics PPO needs with it."""
     out, checkpoints, logger = ctx.out_dir, ctx.checkpoints, get_run_logger()
     policy_dir = policy.model_dir if policy else None
     backbone = policy_dir if reward.backbone == "policy" else reward.backbone
@@ -73,8 +75,12 @@ def train_reward_model(
         on_log=metrics_logger(
             "reward step", ("train_loss", "eval_accuracy", "eval_loss", "pairs_per_s")
         ),
+        distributed=distributed,
+        on_line=logger.info,
     )
-    mlflow.log_params({"kind": rm.kind, "ensemble_members": len(results)})
+    mlflow.log_params(
+        {"kind": rm.kind, "ensemble_members": len(results), "world_size": results[0].world_size}
+    )
     result = results[0]
     if result.resume_note:
         logger.warning(f"reward model: {result.resume_note}")

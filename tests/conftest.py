@@ -83,6 +83,18 @@ def s3_env(s3_server, monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def ray_cluster():
+    """A real Ray cluster on 127.0.0.1 with two CPUs for Ray Train's workers."""
+    from rlhf_core.services import RayHead
+
+    head = RayHead(Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp")), num_cpus=2).start()
+    try:
+        yield head.address
+    finally:
+        head.stop()
+
+
+@pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> Path:
     from tests.helpers import tiny_model_dir
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf_core.config import DistributedConfig, ModelConfig, SFTConfig
+from rlhf_core.config import DistributedConfig, ModelConfig, RewardConfig, SFTConfig
 from rlhf_core.distributed.launch import launch, launch_command
 from rlhf_core.errors import UserError
 from tests.helpers import demo_frame
@@ -94,6 +94,160 @@ def test_two_processes_train_like_one(tiny_gpt2, splits, tmp_path):
         torch.testing.assert_close(tensor, single[name], atol=1e-4, rtol=0, msg=name)
 
 
+REWARD = dict(
+    batch_size=8,
+    grad_accum=2,
+    lr=2e-4,  # at 1e-3 this tiny model's training is chaotic: float noise grows to 1e-2 by step 20
+    max_length=64,
+    eval_every=10,
+    checkpoint_every=5,
+    log_every=1,
+    early_stopping_patience=None,
+    norm_prompts=4,
+    device="cpu",
+)
+
+
+def train_reward_on(n: int, cfg: RewardConfig, backbone, tmp_path, lines: list | None = None):
+    """train_reward on n processes: (model, results, {step: metrics})."""
+    from rlhf_core.reward.trainer import train_reward
+
+    logged: dict[int, dict] = {}
+    rm, results = train_reward(
+        demo_frame(0, 201),
+        demo_frame(201, 241),
+        cfg,
+        ModelConfig(device="cpu"),
+        str(backbone),
+        checkpoint_dir=tmp_path / f"ckpt-{n}",
+        on_log=lambda step, m: logged.setdefault(step, {}).update(m),
+        progress=False,
+        distributed=DistributedConfig(num_processes=n),
+        on_line=(lines if lines is not None else []).append,
+    )
+    return rm, results, logged
+
+
+# mean pooling calls the backbone and the head itself, outside the model's own forward
+@pytest.mark.parametrize("pooling", ["model", "mean"])
+def test_the_reward_model_on_two_processes_trains_like_one(tiny_gpt2, tmp_path, pooling):
+    cfg = RewardConfig(max_steps=20, pooling=pooling, **REWARD)
+    one, one_results, one_log = train_reward_on(1, cfg, tiny_gpt2, tmp_path)
+    lines: list[str] = []
+    two, two_results, two_log = train_reward_on(2, cfg, tiny_gpt2, tmp_path, lines)
+    assert any("worker rank 1 pid" in line for line in lines)
+    assert two_results[0].steps == 20 and sorted(two_log) == sorted(one_log)
+    for step in one_log:
+        for key in ("train_loss", "eval_loss", "eval_accuracy"):
+            if key in one_log[step]:
+                assert two_log[step][key] == pytest.approx(one_log[step][key], rel=1e-4), (
+                    step,
+                    key,
+                )
+        assert two_log[step]["grad_norm"] == pytest.approx(one_log[step]["grad_norm"], rel=1e-3)
+    # the same function: Bradley-Terry sees reward differences only, so a shift every reward
+    # shares (the final layer norm's bias, whose gradient is float noise that Adam turns into
+    # lr-sized steps) may differ; the differences may not
+    val = demo_frame(201, 241)
+    scores = [
+        (rm.score(val["prompt"], val["chosen"]), rm.score(val["prompt"], val["rejected"]))
+        for rm in (one, two)
+    ]
+    torch.testing.assert_close(
+        scores[1][0] - scores[1][1], scores[0][0] - scores[0][1], atol=1e-4, rtol=0
+    )
+    torch.testing.assert_close(scores[1][0], scores[0][0], atol=1e-3, rtol=0)
+    # the normalisation statistics are measured in the calling process, on the trained model
+    assert two.normalisation["mean"] == pytest.approx(one.normalisation["mean"], abs=1e-3)
+
+
+def test_the_reward_probe_on_two_processes_fits_the_same_head(tiny_gpt2, tmp_path):
+    cfg = RewardConfig(freeze_backbone=True, pooling="mean", **REWARD)
+    one, one_results, _ = train_reward_on(1, cfg, tiny_gpt2, tmp_path)
+    two, two_results, _ = train_reward_on(2, cfg, tiny_gpt2, tmp_path)
+    assert two_results[0].final_eval == pytest.approx(one_results[0].final_eval, rel=1e-4)
+    for name, tensor in two.model.state_dict().items():
+        torch.testing.assert_close(tensor, one.model.state_dict()[name], atol=1e-5, rtol=1e-4)
+
+
+POLICY = dict(
+    iterations=4,
+    batch_size=8,
+    mini_batch_size=4,
+    micro_batch_size=2,
+    generation_batch_size=4,  # two rollout chunks: one per process
+    max_new_tokens=8,
+    device="cpu",
+    reference="adapter",
+    lora={"enabled": True, "r": 4, "alpha": 8},
+    lr=5e-3,
+    checkpoint_every=2,
+)
+COMPARED = ("score", "kl", "policy_loss", "value_loss", "entropy", "grad_norm", "beta")
+
+
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("ppo", {"value_model": "shared", "adaptive_kl": True}),  # GAE, whitening, KL control
+        ("grpo", {"samples_per_prompt": 4}),  # group advantages, KL in the loss
+    ],
+)
+def test_policy_optimisation_on_two_processes_matches_one(tiny_gpt2, tmp_path, method, extra):
+    from rlhf_core.config import PipelineConfig
+    from rlhf_core.ppo.build import build_ppo_trainer
+    from tests.helpers import demo_rows, untrained_reward_dir
+
+    section = PipelineConfig.model_fields[method].annotation
+    cfg = section(**POLICY, **extra)
+    reward = untrained_reward_dir(tmp_path, str(tiny_gpt2))
+    prompts = [r["prompt"] for r in demo_rows()[:40]]
+    one: dict[int, dict] = {}
+    trainer = build_ppo_trainer(
+        str(tiny_gpt2),
+        str(reward),
+        prompts,
+        cfg,
+        ModelConfig(),
+        on_log=lambda it, m: one.setdefault(it, {}).update(m),
+        progress=False,
+    )
+    trainer.train()
+
+    two: dict[int, dict] = {}
+    samples: list[int] = []
+    out = launch(
+        "policy",
+        {
+            "section": method,
+            "settings": cfg.model_dump(mode="json"),
+            "policy_dir": str(tiny_gpt2),
+            "reward_dir": str(reward),
+            "prompts": prompts,
+            "model": ModelConfig().model_dump(mode="json"),
+            "seed": 0,
+            "val_prompts": [],
+            "checkpoint_dir": str(tmp_path / "ckpt"),
+            "model_out": str(tmp_path / "model-two"),
+        },
+        tmp_path / "learner",
+        DistributedConfig(num_processes=2),
+        on_line=lambda line: None,
+        on_log=lambda it, m: two.setdefault(it, {}).update(m),
+        on_samples=lambda it, rows: samples.append(it),
+    )
+    assert out["world_size"] == 2 and out["result"]["iterations"] == 4
+    assert sorted(two) == sorted(one) == [1, 2, 3, 4] and samples
+    for it in one:
+        for key in COMPARED:
+            if key in one[it]:
+                assert two[it][key] == pytest.approx(one[it][key], rel=1e-3, abs=1e-5), (it, key)
+    written = load_file(tmp_path / "model-two" / "model.safetensors")
+    for name, tensor in trainer.policy.merge_and_unload().state_dict().items():
+        if name in written:
+            torch.testing.assert_close(written[name], tensor, atol=1e-4, rtol=0, msg=name)
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/status").read_text()
@@ -150,23 +304,87 @@ def test_sharded_engines_are_refused_on_cpu_with_one_line(tmp_path):
             launch_command(DistributedConfig(num_processes=2, strategy=strategy), tmp_path / "j")
 
 
-def test_the_sft_stage_on_two_processes(prefect_harness, tmp_path):
+def test_the_whole_pipeline_on_two_processes(prefect_harness, tmp_path):
+    """distributed.num_processes 2 end to end: SFT, the reward model, RLOO (its rollout chunks
+    split between the processes, judged checks by rank 0) and then, on the same work dir, DPO;
+    every training stage's MLflow run records the world size its learner reported."""
     from mlflow.tracking import MlflowClient
 
-    from rlhf_core.models.loading import load_causal_lm
-    from tests.test_flow import make_cfg, run_flow, stage_runs
+    from rlhf_core.config import RLOOConfig
+    from tests.test_flow import run_flow, stage_runs, whole_pipeline_cfg
 
-    cfg = make_cfg(tmp_path, until="sft")
-    cfg = cfg.model_copy(update={"distributed": DistributedConfig(num_processes=2)})
-    state = run_flow(cfg)
+    base = whole_pipeline_cfg(tmp_path)
+    base = base.model_copy(
+        update={
+            "distributed": DistributedConfig(num_processes=2),
+            "run": base.run.model_copy(update={"method": "rloo"}),
+            "rloo": RLOOConfig(
+                iterations=3,
+                batch_size=8,
+                samples_per_prompt=2,
+                generation_batch_size=4,
+                mini_batch_size=8,
+                micro_batch_size=4,
+                max_new_tokens=8,
+                eval_every=2,
+                eval_prompts=6,
+                checkpoint_every=2,
+            ),
+        }
+    )
+    client = MlflowClient(base.mlflow_tracking_uri)
+    state = run_flow(base)
     assert state.is_completed(), state.message
     result = state.result()
-    client = MlflowClient(cfg.mlflow_tracking_uri)
-    sft = stage_runs(client, result["mlflow_run_id"])["sft"]
-    assert sft.data.params["world_size"] == "2"
-    history = client.get_metric_history(sft.info.run_id, "eval_loss")
-    assert [m.step for m in history] == [6, 12] and sft.data.metrics["steps"] == 12
-    assert {a.path for a in client.list_artifacts(sft.info.run_id)} >= {"model", "samples"}
-    assert (
-        load_causal_lm(result["reference_policy"], device="cpu").model.config.model_type == "gpt2"
+    stages = stage_runs(client, result["mlflow_run_id"])
+    for name in ("sft", "reward-train", "rloo"):
+        assert stages[name].data.params["world_size"] == "2", name
+    rloo = stages["rloo"]
+    assert [m.step for m in client.get_metric_history(rloo.info.run_id, "score")] == [1, 2, 3]
+    checks = client.get_metric_history(rloo.info.run_id, "val_win_rate")
+    assert [m.step for m in checks] == [2, 3]
+    assert {a.path for a in client.list_artifacts(rloo.info.run_id)} >= {"model", "samples"}
+    assert result["registry"]["version"]
+
+    dpo = base.model_copy(
+        update={
+            "run": base.run.model_copy(update={"method": "dpo"}),
+            "dpo": base.dpo.model_validate(
+                {"max_steps": 8, "batch_size": 8, "lr": 5e-4, "eval_every": 4, "max_length": 96}
+            ),
+        }
     )
+    state = run_flow(dpo)
+    assert state.is_completed(), state.message
+    stages = stage_runs(client, state.result()["mlflow_run_id"])
+    assert stages["dpo"].data.params["world_size"] == "2"
+    history = client.get_metric_history(stages["dpo"].info.run_id, "eval_loss")
+    assert [m.step for m in history] == [4, 8]
+
+
+def test_sft_and_reward_on_a_local_ray_cluster(prefect_harness, ray_cluster, tmp_path):
+    """distributed.backend ray: Ray Train's TorchTrainer runs the learners on the cluster's two
+    workers; each stage's MLflow run records world size 2."""
+    from mlflow.tracking import MlflowClient
+
+    from rlhf_core.config import LabelsConfig
+    from tests.test_flow import make_cfg, run_flow, stage_runs
+
+    cfg = make_cfg(tmp_path, until="reward")
+    cfg = cfg.model_copy(
+        update={
+            "distributed": DistributedConfig(
+                num_processes=2, backend="ray", ray_address=ray_cluster, threads_per_process=1
+            ),
+            "labels": LabelsConfig(enabled=False),
+            "reward": RewardConfig(
+                max_steps=6, eval_every=6, checkpoint_every=6, norm_prompts=4, max_length=96
+            ),
+        }
+    )
+    state = run_flow(cfg)
+    assert state.is_completed(), state.message
+    runs = stage_runs(MlflowClient(cfg.mlflow_tracking_uri), state.result()["mlflow_run_id"])
+    for name, steps in (("sft", 12), ("reward-train", 6)):
+        assert runs[name].data.params["world_size"] == "2", name
+        assert runs[name].data.metrics["steps"] == steps, name

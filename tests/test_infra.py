@@ -122,6 +122,30 @@ def test_kubernetes_gpu_template_patch_is_json_with_a_gpu_limit(name):
     assert patch["variables"]["properties"]["gpu_count"]["default"] == 1
 
 
+def test_the_ray_cluster_and_its_work_pool_share_the_work_dir_volume():
+    import json
+
+    import yaml
+
+    docs = list(yaml.safe_load_all((PROJECT_ROOT / "infra/kubernetes/raycluster.yaml").read_text()))
+    cluster = next(d for d in docs if d["kind"] == "RayCluster")
+    claim = next(d for d in docs if d["kind"] == "PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    workers = cluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert workers["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    pods = [cluster["spec"]["headGroupSpec"]["template"]["spec"], workers]
+    for pod in pods:
+        assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+        assert pod["containers"][0]["volumeMounts"] == [{"name": "shared", "mountPath": "/shared"}]
+    patch = json.loads((PROJECT_ROOT / "infra/kubernetes/ray-template.patch.json").read_text())
+    job = patch["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    assert job["containers"][0]["volumeMounts"] == [{"name": "shared", "mountPath": "/shared"}]
+    assert patch["variables"]["properties"]["shared_claim"]["default"] == claim["metadata"]["name"]
+    assert patch["job_configuration"]["env"]["RAY_ADDRESS"] == "{{ ray_address }}"
+    head_service = cluster["metadata"]["name"] + "-head-svc"  # KubeRay's name for it
+    assert patch["variables"]["properties"]["ray_address"]["default"] == f"{head_service}:6379"
+
+
 def test_each_server_gets_only_the_environment_it_needs(monkeypatch, tmp_path):
     """A shell's tokens stay with the shell: the S3 store, MLflow and the worker get the store's
     generated keys, the Prefect server neither those nor API keys, the worker what its pipeline

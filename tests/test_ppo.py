@@ -254,7 +254,7 @@ def test_kl_guard_stops_with_one_line_and_a_rerun_resumes_the_named_checkpoint(t
     checkpoint; the weights that sampled the far rollout are set aside; the rerun resumes from
     the named checkpoint (it samples only the rollouts after it) and stops at the same place."""
     settings = dict(
-        iterations=50, max_new_tokens=12, lr=3e-3, beta=0.0, kl_hard_limit=0.5, keep_checkpoints=2
+        iterations=50, max_new_tokens=12, lr=1e-3, beta=0.0, kl_hard_limit=0.5, keep_checkpoints=2
     )
     trainer = _ppo(tiny_gpt2, tmp_path, **settings)
     with pytest.raises(PPODiverged) as err:

@@ -16,11 +16,24 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 from collections.abc import Sequence
 from datetime import timedelta
 
 import torch
+
+EVENT = "RLHF_EVENT "  # a worker's line that carries an event for the launcher, not text
+
+
+def report_metrics(step: int, metrics: dict) -> None:
+    """Rank 0's on_log in a worker: an event line the launcher hands to the stage's on_log."""
+    print(EVENT + json.dumps({"step": step, "metrics": metrics}), flush=True)
+
+
+def report_samples(step: int, rows: list[dict]) -> None:
+    """Rank 0's on_samples in a worker (sample tables of the on-policy methods)."""
+    print(EVENT + json.dumps({"step": step, "samples": rows}), flush=True)
 
 
 class Single:

@@ -20,13 +20,30 @@ from pathlib import Path
 import torch
 
 from rlhf_core.config import DistributedConfig
+from rlhf_core.distributed import EVENT
+from rlhf_core.distributed.ray_driver import FAILURE
 from rlhf_core.errors import UserError
 
-EVENT = "RLHF_EVENT "  # a worker's line that carries an event for the launcher, not text
+# what each kind of learner runs in every process, by name: a stage's cache key follows the code
+# it imports, and a stage that trains SFT must not depend on the PPO trainer's code
+ENTRIES = {
+    "sft": "rlhf_core.sft:distributed_job",
+    "reward": "rlhf_core.reward.trainer:distributed_job",
+    "policy": "rlhf_core.ppo.build:distributed_job",
+    "dpo": "rlhf_core.dpo.learner:distributed_job",
+}
 
 
 def launch_command(settings: DistributedConfig, job_file: Path) -> list[str]:
-    """`accelerate launch` with every choice explicit (a user's default accelerate config is not read)."""
+    """`accelerate launch` with every choice explicit (a user's default accelerate config is not
+    read); with the ray backend, the driver that hands the job to Ray Train."""
+    if settings.backend == "ray":
+        if settings.strategy != "ddp":
+            raise UserError(
+                f"distributed.strategy {settings.strategy} with the ray backend: not supported yet "
+                "(use ddp, or the local backend on one machine)"
+            )
+        return [sys.executable, "-m", "rlhf_core.distributed.ray_driver", str(job_file)]
     n = settings.num_processes
     threads = settings.threads_per_process or max(1, (os.cpu_count() or 1) // n)
     cmd = [
@@ -70,6 +87,7 @@ def _failure(work: Path, lines: list[str], returncode: int) -> str:
         int(p.stem.removeprefix("rank-")): p.read_text().strip()
         for p in (work / "errors").glob("rank-*.txt")
     }
+    failure = next((ln for ln in reversed(lines) if ln.startswith(FAILURE)), None)
     text = "\n".join(lines[-300:])
     # torchrun names the first failure it saw: "Root Cause ... rank : 1 (local_rank: 1)
     # exitcode : -9"; the other processes failed after it, at a collective it never reached
@@ -88,6 +106,8 @@ def _failure(work: Path, lines: list[str], returncode: int) -> str:
     if errors:
         r = min(errors)
         return f"rank {r} failed: {errors[r]}"
+    if failure:  # Ray's account, when no rank could write its own
+        return failure[len(FAILURE) :]
     return f"the launcher exited with code {returncode}"
 
 
@@ -99,17 +119,30 @@ def launch(
     *,
     on_line: Callable[[str], None],
     on_log: Callable[[int, dict], None],
+    on_samples: Callable[[int, list[dict]], None] | None = None,
 ) -> dict:
-    """Run the worker's `kind` on settings.num_processes processes; rank 0's result."""
+    """Run the worker's `kind` on settings.num_processes processes; rank 0's result. Rank 0's
+    metrics arrive through on_log, its sample tables (policy optimisation) through on_samples."""
     work.mkdir(parents=True, exist_ok=True)
     (work / "result.json").unlink(missing_ok=True)
     for stale in (work / "errors").glob("rank-*.txt"):
         stale.unlink()
     job_file = work / "job.json"
-    job_file.write_text(json.dumps({"kind": kind, "work": str(work), **job}))
+    job_file.write_text(
+        json.dumps(
+            {
+                "kind": kind,
+                "entry": ENTRIES[kind],
+                "work": str(work),
+                "distributed": settings.model_dump(mode="json"),
+                **job,
+            }
+        )
+    )
     env = os.environ | {
         "PYTHONUNBUFFERED": "1",
         "RLHF_DIST_TIMEOUT_S": str(settings.timeout_s),
+        "RAY_DEDUP_LOGS": "0",  # Ray would fold the workers' identical lines into one
     }
     if not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "true"
@@ -124,9 +157,14 @@ def launch(
     try:
         for raw in proc.stdout:
             line = raw.rstrip("\n")
-            if line.startswith(EVENT):
-                event = json.loads(line[len(EVENT) :])
-                on_log(event["step"], event["metrics"])
+            at = line.find(EVENT)  # Ray prefixes its workers' lines with their names
+            if at >= 0:
+                event = json.loads(line[at + len(EVENT) :])
+                if "samples" in event:
+                    if on_samples is not None:
+                        on_samples(event["step"], event["samples"])
+                else:
+                    on_log(event["step"], event["metrics"])
                 continue
             lines.append(line)
             on_line(line)

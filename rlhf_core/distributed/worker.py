@@ -1,24 +1,25 @@
-"""One process of a learner that `rlhf_core.distributed.launch` started through `accelerate launch`:
+"""One process of a learner that `rlhf_core.distributed.launch` started through `accelerate launch`
+(or that Ray Train started: ray_driver.py):
 
     python -m rlhf_core.distributed.worker JOB.json
 
-Every process builds the same trainer from the job and trains its share of each batch; rank 0
-alone reports metrics (as event lines on stdout), writes the model and `result.json`. A process
-that fails writes its error to `errors/rank-N.txt` for the launcher's one-line message.
+Every process runs the job's entry (launch.ENTRIES: the learner module's `distributed_job`),
+which builds the same trainer from the job and trains its share of each batch; rank 0 alone
+reports metrics (as event lines on stdout), writes the model and `result.json`. A process that
+fails writes its error to `errors/rank-N.txt` for the launcher's one-line message.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib
 import json
 import os
 import signal
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 from rlhf_core import distributed
-from rlhf_core.distributed.launch import EVENT
 from rlhf_core.errors import UserError
 
 PR_SET_PDEATHSIG = 1
@@ -35,46 +36,14 @@ def _die_with_parent() -> None:
         sys.exit(1)
 
 
-def _report(step: int, metrics: dict) -> None:
-    print(EVENT + json.dumps({"step": step, "metrics": metrics}), flush=True)
-
-
-def run_sft(job: dict, dist) -> dict | None:
-    from rlhf_core.config import ModelConfig, SFTConfig
-    from rlhf_core.models.loading import save_model
-    from rlhf_core.sft import build_sft_trainer, sft_counts
-
-    trainer, stats = build_sft_trainer(
-        job["base_model"],
-        job["train"],
-        job["val"],
-        ModelConfig.model_validate(job["model"]),
-        SFTConfig.model_validate(job["sft"]),
-        job["seed"],
-        checkpoint_dir=Path(job["checkpoint_dir"]),
-        on_log=_report if dist.is_main else None,
-        progress=False,
-    )
-    counts = sft_counts(trainer, stats)
-    result = trainer.train()
-    if not dist.is_main:
-        return None
-    save_model(trainer.model, trainer.tokenizer, Path(job["model_out"]))
-    return {"result": asdict(result), "counts": counts, "world_size": dist.world}
-
-
-KINDS = {"sft": run_sft}
-
-
-def main(job_file: str) -> None:
-    _die_with_parent()
-    job = json.loads(Path(job_file).read_text())
+def run_job(job: dict, rank: int) -> None:
+    """This process's part of the job; rank 0 writes result.json once every process is done."""
     work = Path(job["work"])
-    rank = int(os.environ.get("RANK", "0"))
     print(f"worker rank {rank} pid {os.getpid()}", flush=True)
     try:
         dist = distributed.current()
-        out = KINDS[job["kind"]](job, dist)
+        module, name = job["entry"].split(":")  # named, not imported: see launch.ENTRIES
+        out = getattr(importlib.import_module(module), name)(job, dist)
         dist.barrier()  # rank 0's files are whole before any process reports success
         if out is not None:
             tmp = work / "result.json.tmp"
@@ -87,6 +56,11 @@ def main(job_file: str) -> None:
             message.splitlines()[0] if message else type(exc).__name__
         )
         raise
+
+
+def main(job_file: str) -> None:
+    _die_with_parent()
+    run_job(json.loads(Path(job_file).read_text()), int(os.environ.get("RANK", "0")))
 
 
 if __name__ == "__main__":

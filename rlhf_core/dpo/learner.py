@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from rlhf_core import distributed
 from rlhf_core.config import DPOConfig
 from rlhf_core.dpo.core import dpo_loss, sequence_logps
 from rlhf_core.models.chat import ChatFormat
@@ -123,6 +124,7 @@ def reference_logps(
 
 class DPOTrainer(TrainLoop):
     desc, unit, best_metric, higher_is_better = "dpo", "pairs", "eval_loss", False
+    distributed_ready = True
 
     def __init__(
         self,
@@ -162,10 +164,10 @@ class DPOTrainer(TrainLoop):
             self.ref_train.flatten().tolist(),
         )
 
-    def _loss(self, examples: Sequence[PairExample], ref: torch.Tensor):
+    def _loss(self, examples: Sequence[PairExample], ref: torch.Tensor, model=None):
         batch = {k: v.to(self.device) for k, v in collate_pairs(examples, self.pad_id).items()}
         with self.amp():
-            logps, n = pair_logps(self.model, batch)
+            logps, n = pair_logps(model or self.model, batch)
         ref = ref.to(self.device)
         p = torch.tensor([e.p_chosen for e in examples], device=self.device)
         out = dpo_loss(
@@ -182,7 +184,9 @@ class DPOTrainer(TrainLoop):
         return out, logps.detach()
 
     def micro_step(self, indices: Sequence[int], step_units: int) -> float:
-        out, logps = self._loss([self.train_set[i] for i in indices], self.ref_train[list(indices)])
+        out, logps = self._loss(
+            [self.train_set[i] for i in indices], self.ref_train[list(indices)], self.forward_model
+        )
         loss_sum = out.losses.sum()
         (loss_sum / step_units).backward()
         w = self._window
@@ -200,6 +204,9 @@ class DPOTrainer(TrainLoop):
 
     def window_metrics(self) -> dict[str, float]:
         w, self._window = self._window, {}
+        if self.dist.world > 1:  # every process's pairs
+            parts = self.dist.gather(w)
+            w = {k: sum(p.get(k, 0.0) for p in parts) for k in sorted(set().union(*parts))}
         n = w.pop("pairs", 0.0)
         return {k: v / n for k, v in w.items()} if n else {}
 
@@ -276,6 +283,8 @@ def build_dpo_trainer(
 
     reference_files: list[Path] = []
 
+    dist = distributed.current()
+
     def refs(examples: list[PairExample]) -> torch.Tensor:
         key = stable_hash(
             [
@@ -288,10 +297,17 @@ def build_dpo_trainer(
         file = reference_cache / f"{key}.safetensors" if reference_cache else None
         if file is not None:
             reference_files.append(file)
-        if file is not None and file.exists():
+        if dist.broadcast(file is not None and file.exists()):  # one answer for every process
             return load_file(file)["logps"]
-        logps = reference_logps(policy, examples, pad, cfg.batch_size, amp)
-        if file is not None:
+        # N processes: each computes pairs rank, rank + N, ...; every one receives all of them
+        mine = list(range(dist.rank, len(examples), dist.world))
+        parts = dist.gather(
+            reference_logps(policy, [examples[i] for i in mine], pad, cfg.batch_size, amp)
+        )
+        logps = torch.zeros((len(examples), 2), dtype=torch.float32)
+        for rank, part in enumerate(parts):
+            logps[rank :: dist.world] = part
+        if file is not None and dist.is_main:
             file.parent.mkdir(parents=True, exist_ok=True)
             tmp = file.with_suffix(".partial")
             save_file({"logps": logps.contiguous()}, tmp)
@@ -314,3 +330,38 @@ def build_dpo_trainer(
     trainer.fmt, trainer.tokenizer = fmt, loaded.tokenizer
     trainer.reference_files = reference_files  # [train, val] in the cache, when there is one
     return trainer, stats
+
+
+def distributed_job(job: dict, dist) -> dict | None:
+    """DPO as one of the processes of a distributed learner; rank 0 writes the tuned policy."""
+    from dataclasses import asdict
+
+    from rlhf_core import distributed
+    from rlhf_core.config import DPOConfig, ModelConfig
+    from rlhf_core.dpo.learner import build_dpo_trainer
+    from rlhf_core.models.loading import save_model
+
+    trainer, stats = build_dpo_trainer(
+        job["policy_dir"],
+        job["train"],
+        job["val"],
+        ModelConfig.model_validate(job["model"]),
+        DPOConfig.model_validate(job["dpo"]),
+        job["seed"],
+        checkpoint_dir=Path(job["checkpoint_dir"]),
+        on_log=distributed.report_metrics if dist.is_main else None,
+        progress=False,
+        reference_cache=Path(job["reference_cache"]),
+    )
+    result = trainer.train()
+    if not dist.is_main:
+        return None
+    save_model(trainer.model, trainer.tokenizer, Path(job["model_out"]))
+    return {
+        "result": asdict(result),
+        "world_size": dist.world,
+        "train_pairs": len(trainer.train_set),
+        "val_pairs": len(trainer.val_set),
+        "truncated_pairs": stats.truncated,
+        "reference_files": [str(f) for f in trainer.reference_files],
+    }

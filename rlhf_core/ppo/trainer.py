@@ -8,6 +8,13 @@ Optionally a judge checks the policy and the best check is kept.
 
 Every iteration is a pure function of (weights, optimiser states, KL controller, RNG states,
 iteration index): a checkpoint holds exactly those, so a killed run resumes to the same result.
+
+On N processes (rlhf_core.distributed) the result is one process's with the same global batch:
+rollout chunks of generation_batch_size answers are drawn with their own seeds (seed, iteration,
+chunk), chunk c by process c mod N, and every process receives all of them, so advantages,
+whitening, KL statistics and the KL controller see the whole batch; each mini-batch's
+micro-batches are split the same way, DDP sums their gradients; one process judges (online DPO's
+pairs, the held-out checks) and tells the others.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from rlhf_core import distributed
 from rlhf_core.config import KLPenaltyConfig, PolicyGradientConfig, stable_hash
 from rlhf_core.dpo.core import dpo_loss
 from rlhf_core.errors import UserError
@@ -83,6 +91,7 @@ class PPOResult:
     selected_iteration: int | None = None  # the judged check whose weights the policy holds
     stopped_early: bool = False
     resume_note: str | None = None  # why a checkpoint found was not resumed
+    world_size: int = 1  # the processes that trained
 
 
 LogFn = Callable[[int, dict], None]
@@ -182,7 +191,6 @@ class PPOTrainer:
         self.merged = MergedSampler(policy) if s.merged_sampling and is_lora(policy) else None
         if self.merged is not None and s.fuse_activations:
             fuse_activations(self.merged.model)
-        self.sample_gen = torch.Generator(device=self.device).manual_seed(seed)
         self.compiled = (
             CompiledDecoding(self.sampler(), s.max_prompt_tokens + s.max_new_tokens)
             if s.compile_generation
@@ -194,6 +202,9 @@ class PPOTrainer:
         self.on_samples = on_samples
         self.monitor = monitor
         self.progress = progress
+        self.dist = distributed.current()
+        # the update's forward: DDP's wrapper when several processes learn together
+        self.forward_model = self.dist.wrap(_TrainForward(self))
         self.iteration = 0
         self.history: list[dict] = []
         self.best: dict | None = None  # {"iteration", "val_win_rate"} of the best judged check
@@ -288,11 +299,18 @@ class PPOTrainer:
         as_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=self.device)  # noqa: E731
         return as_tensor(raw), as_tensor(std)
 
+    def chunk_generator(self, start: int) -> torch.Generator:
+        """The sampling noise of the rollout chunk that starts at answer `start` of this iteration:
+        the same whichever process draws it."""
+        seed = np.random.SeedSequence([self.seed, self.iteration, start]).generate_state(1)[0]
+        return torch.Generator(device=self.device).manual_seed(int(seed))
+
     @torch.no_grad()
     def rollout(self, prompt_idx: list[int]) -> dict:
-        s = self.s
+        s, d = self.s, self.dist
         chunks, sampler = [], self.sampler()
-        for start in range(0, len(prompt_idx), s.generation_batch_size):
+        starts = range(0, len(prompt_idx), s.generation_batch_size)
+        for start in starts[d.rank :: d.world]:
             idx = prompt_idx[start : start + s.generation_batch_size]
             queries, qmask = left_pad([self.prompt_ids[i] for i in idx], self.pad_id, self.device)
             with self.amp():
@@ -306,7 +324,7 @@ class PPOTrainer:
                     repetition_penalty=s.repetition_penalty,
                     eos_id=self.eos_id,
                     pad_id=self.pad_id,
-                    generator=self.sample_gen,
+                    generator=self.chunk_generator(start),
                     compiled=self.compiled,
                 )
                 ref_logprobs = (
@@ -345,6 +363,13 @@ class PPOTrainer:
                     "disagreement": disagreement,
                 }
             )
+        if d.world > 1:  # every process gets every chunk, in the order one process draws them
+            moved = [{k: _to(v, "cpu") for k, v in c.items()} for c in chunks]
+            by_rank = d.gather(moved)
+            chunks = [
+                {k: _to(v, self.device) for k, v in by_rank[i % d.world][i // d.world].items()}
+                for i in range(len(starts))
+            ]
         return _concat_rollouts(chunks, self.pad_id)
 
     # -- one iteration ------------------------------------------------------------------------
@@ -372,7 +397,11 @@ class PPOTrainer:
         preferences = None
         if s.advantage == "online_dpo":  # the judge's P(first answer > second) of each pair
             texts = [t.strip() for t in self._decode(batch)]
-            p = self.preference([self.prompts[i] for i in idx[::2]], texts[::2], texts[1::2])
+            p = self.dist.broadcast(  # one process asks the judge (and writes its cache)
+                self.preference([self.prompts[i] for i in idx[::2]], texts[::2], texts[1::2])
+                if self.dist.is_main
+                else None
+            )
             preferences = torch.as_tensor(p, dtype=torch.float32, device=self.device)
         advantages, returns, non_score = self._advantages(scores, kl, mask, r["values"])
         mean_kl = float(kl.sum(1).mean())
@@ -542,7 +571,7 @@ class PPOTrainer:
         ref_logprobs,
         preferences=None,
     ) -> dict:
-        s = self.s
+        s, d = self.s, self.dist
         targets = {
             "old_logprobs": old_logprobs,
             "old_values": old_values,
@@ -562,19 +591,30 @@ class PPOTrainer:
                 if self.value_opt:
                     self.value_opt.zero_grad(set_to_none=True)
                 mini_tokens = batch.mask[mini.to(self.device)].sum().clamp(min=1)
-                for mc_start in range(0, len(mini), s.micro_batch_size):
-                    idx = mini[mc_start : mc_start + s.micro_batch_size].to(self.device)
+                micro = [
+                    mini[i : i + s.micro_batch_size]
+                    for i in range(0, len(mini), s.micro_batch_size)
+                ]
+                mine = micro[d.rank :: d.world]
+                # DDP averages over the processes: each backpropagates world x its share; one
+                # without a micro-batch still joins the step, with a zero gradient
+                scale = float(d.world) if mine else 0.0
+                for j, part in enumerate(mine or micro[:1]):
+                    idx = part.to(self.device)
                     mb = batch.select(idx)
-                    with self.amp():
-                        logprobs, token_entropy, values = self._forward_train(mb)
-                    m = mb.mask
-                    step_loss, logged = self._micro_loss(
-                        idx, len(mini), mini_tokens, logprobs, values, m, targets
-                    )
-                    entropy = masked_mean(token_entropy, m)
-                    if s.entropy_coef > 0:
-                        step_loss = step_loss - s.entropy_coef * entropy * len(idx) / len(mini)
-                    step_loss.backward()
+                    with d.no_sync(self.forward_model, sync=j == max(len(mine), 1) - 1):
+                        with self.amp():
+                            logprobs, token_entropy, values = self.forward_model(mb)
+                        m = mb.mask
+                        step_loss, logged = self._micro_loss(
+                            idx, len(mini), mini_tokens, logprobs, values, m, targets
+                        )
+                        entropy = masked_mean(token_entropy, m)
+                        if s.entropy_coef > 0:
+                            step_loss = step_loss - s.entropy_coef * entropy * len(idx) / len(mini)
+                        (step_loss * scale if d.world > 1 else step_loss).backward()
+                    if not mine:
+                        continue
                     for k, v in {
                         "value_loss": torch.zeros(()),
                         **logged,
@@ -590,6 +630,11 @@ class PPOTrainer:
                 self.policy_opt.step()
                 if self.value_opt:
                     self.value_opt.step()
+        if d.world > 1:  # the means over every process's micro-batches
+            parts = d.gather((sums, n))
+            keys = set().union(*(p for p, _ in parts))
+            sums = {k: sum(p.get(k, 0.0) for p, _ in parts) for k in sorted(keys)}
+            n = sum(count for _, count in parts)
         return {
             **{k: v / max(1, n) for k, v in sums.items()},
             "grad_norm": float(np.mean(grad_norms)),
@@ -607,7 +652,12 @@ class PPOTrainer:
         )
         if finite and not too_far:
             return
-        last = self._keep_good_checkpoints(self.iteration if where == "rollout" else None)
+        # every process sees the same numbers and stops; one sets the bad checkpoints aside
+        last = self.dist.broadcast(
+            self._keep_good_checkpoints(self.iteration if where == "rollout" else None)
+            if self.dist.is_main
+            else None
+        )
         keep = (
             f" (last good checkpoint: {last})"
             if last
@@ -656,6 +706,12 @@ class PPOTrainer:
         if not self.checkpoint_dir:
             return None
         name = f"iter-{self.iteration:06d}"
+        if self.dist.is_main:  # the processes hold the same weights and states
+            self._write_checkpoint(name)
+        self.dist.barrier()
+        return self.checkpoint_dir / name
+
+    def _write_checkpoint(self, name: str) -> None:
         with checkpoint_folder(self.checkpoint_dir, name, "iter-", self.s.keep_checkpoints) as tmp:
             save_file(untie(cpu_copy(self.policy)), tmp / "policy.safetensors")
             if self.value is not None:
@@ -666,7 +722,6 @@ class PPOTrainer:
                 {
                     "policy_opt": self.policy_opt.state_dict(),
                     "value_opt": self.value_opt.state_dict() if self.value_opt else None,
-                    "sample_gen": self.sample_gen.get_state(),
                     "shuffle_gen": self.shuffle_gen.get_state(),
                 },
                 tmp / "trainer.pt",
@@ -685,7 +740,6 @@ class PPOTrainer:
                     }
                 )
             )
-        return self.checkpoint_dir / name
 
     def latest_checkpoint(self) -> Path | None:
         return latest_checkpoint(self.checkpoint_dir, "iter-")
@@ -698,7 +752,6 @@ class PPOTrainer:
         self.policy_opt.load_state_dict(blob["policy_opt"])
         if self.value_opt:
             self.value_opt.load_state_dict(blob["value_opt"])
-        self.sample_gen.set_state(blob["sample_gen"])
         self.shuffle_gen.set_state(blob["shuffle_gen"])
         state = json.loads((path / "state.json").read_text())
         self.iteration, self.history = state["iteration"], state["history"]
@@ -717,13 +770,18 @@ class PPOTrainer:
         }
 
     def check(self) -> dict:
-        """One judged check (monitor.py); remembers the weights when the win rate is the best yet."""
-        metrics = self.monitor(
-            self.policy,
-            self.tokenizer,
-            self.reference_model,
-            self.sampler(),
-            self.reference_sampler,
+        """One judged check (monitor.py); remembers the weights when the win rate is the best yet.
+        One process judges; the others, holding the same weights, take its numbers."""
+        metrics = self.dist.broadcast(
+            self.monitor(
+                self.policy,
+                self.tokenizer,
+                self.reference_model,
+                self.sampler(),
+                self.reference_sampler,
+            )
+            if self.dist.is_main
+            else None
         )
         rate = metrics["val_win_rate"]
         if self.best is None or rate > self.best["val_win_rate"]:
@@ -762,7 +820,9 @@ class PPOTrainer:
 
         resumed_from, note = None, None
         if resume and (ckpt := self.latest_checkpoint()):
-            note = set_aside_if_foreign(ckpt, self.fingerprint)
+            note = self.dist.broadcast(  # one process decides, the others follow
+                set_aside_if_foreign(ckpt, self.fingerprint) if self.dist.is_main else None
+            )
             if note is None:
                 self.load_checkpoint(ckpt)
                 resumed_from = self.iteration
@@ -772,7 +832,7 @@ class PPOTrainer:
             initial=self.iteration,
             desc=type(s).__name__.removesuffix("Config").lower(),
             unit="it",
-            disable=None if self.progress else True,
+            disable=None if self.progress and self.dist.is_main else True,
             dynamic_ncols=True,
         )
         t0, start_iter = time.perf_counter(), self.iteration
@@ -809,7 +869,29 @@ class PPOTrainer:
             selected_iteration=selected,
             stopped_early=stopped,
             resume_note=note,
+            world_size=self.dist.world,
         )
+
+
+class _TrainForward(torch.nn.Module):
+    """The update's forward (PPOTrainer._forward_train) as one module holding every trained
+    weight (policy, and a value model or head), for DDP to wrap."""
+
+    def __init__(self, trainer: PPOTrainer):
+        super().__init__()
+        self.policy = trainer.policy
+        self.value = trainer.value if trainer.value_params else None
+        self.run = trainer._forward_train
+
+    def forward(self, mb: Batch):
+        return self.run(mb)
+
+
+def _to(value, device):
+    """A rollout chunk's entry (a tensor, or a Batch of tensors) on `device`."""
+    if isinstance(value, Batch):
+        return Batch(*(_to(t, device) for t in vars(value).values()))
+    return value.to(device)
 
 
 def _concat_rollouts(chunks: list[dict], pad_id: int) -> dict:

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
+from rlhf_core import distributed
 from rlhf_core.config import RewardConfig
 from rlhf_core.metrics import accuracy
 from rlhf_core.reward.losses import bradley_terry_loss
@@ -53,6 +54,24 @@ def head_inputs(rm: RewardModel, items: Sequence[Encoded], batch_size: int = 32)
                 out[idx] = x.cpu()
     finally:
         hook.remove()
+    return out
+
+
+def shared_head_inputs(
+    rm: RewardModel, items: Sequence[Encoded], batch_size: int = 32
+) -> torch.Tensor:
+    """head_inputs of all items, each process of a distributed learner reading items rank, rank + N,
+    ... and all of them receiving the whole (the backbone's pass is the probe's cost)."""
+    dist = distributed.current()
+    if dist.world == 1:
+        return head_inputs(rm, items, batch_size)
+    mine = [items[i] for i in range(dist.rank, len(items), dist.world)]
+    parts = dist.gather(head_inputs(rm, mine, batch_size) if mine else None)
+    width = next(p.shape[1] for p in parts if p is not None)
+    out = torch.empty(len(items), width)
+    for rank, part in enumerate(parts):
+        if part is not None:
+            out[rank :: dist.world] = part
     return out
 
 
@@ -107,7 +126,7 @@ def fit_head(
     """Fit rm's head to its frozen backbone's features on the train PairSet (val: PairSet or None);
     on_log(i, metrics) for each L2 strength tried."""
     t0 = time.perf_counter()
-    feats = lambda items: head_inputs(rm, items, cfg.eval_batch_size)  # noqa: E731
+    feats = lambda items: shared_head_inputs(rm, items, cfg.eval_batch_size)  # noqa: E731
     xc, xr = feats(train.chosen), feats(train.rejected)
     d = (xc - xr).double()
     scale = float(d.pow(2).sum(1).mean().sqrt()) or 1.0

@@ -3,7 +3,7 @@ model in one forward pass, the loss is Bradley-Terry (hard or soft), the best va
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from rlhf_core.config import ModelConfig, RewardConfig
+from rlhf_core.config import DistributedConfig, ModelConfig, RewardConfig
 from rlhf_core.errors import UserError
 from rlhf_core.metrics import accuracy
 from rlhf_core.reward.ensemble import EnsembleRewardModel, bootstrap_indices
@@ -67,8 +67,22 @@ def encode_pairs(
     )
 
 
+class RewardForward(torch.nn.Module):
+    """RewardModel.forward as one module, so DDP sees the whole reward computation: with mean
+    pooling it calls the backbone and the head itself, never the model's own forward."""
+
+    def __init__(self, rm: RewardModel):
+        super().__init__()
+        self.model = rm.model  # the same parameters, registered here for DDP
+        self.score = rm.forward
+
+    def forward(self, items: Sequence[Encoded]) -> torch.Tensor:
+        return self.score(items)
+
+
 class RewardTrainer(TrainLoop):
     desc, unit, best_metric, higher_is_better = "reward", "pairs", "eval_accuracy", True
+    distributed_ready = True
 
     def __init__(
         self,
@@ -84,8 +98,8 @@ class RewardTrainer(TrainLoop):
         if not len(train):
             raise ValueError("no labelled training pairs")
         lengths = [max(len(c), len(r)) for c, r in zip(train.chosen, train.rejected)]
-        super().__init__(rm.model, lengths, settings, seed, checkpoint_dir, on_log, progress)
         self.rm, self.train_set = rm, train
+        super().__init__(rm.model, lengths, settings, seed, checkpoint_dir, on_log, progress)
         self.val_set = _head(val, settings.max_eval_pairs) if val is not None and len(val) else None
 
     def units(self, indices: Sequence[int]) -> int:
@@ -100,13 +114,16 @@ class RewardTrainer(TrainLoop):
             t.weight,
         )
 
+    def forward_module(self, model: torch.nn.Module) -> torch.nn.Module:
+        return RewardForward(self.rm)
+
     def _tensor(self, values: np.ndarray, indices: Sequence[int]) -> torch.Tensor:
         return torch.as_tensor(values[list(indices)], dtype=torch.float32, device=self.device)
 
     def micro_step(self, indices: Sequence[int], step_units: int) -> float:
         t, s = self.train_set, self.s
         with self.amp():
-            rewards = self.rm.forward(
+            rewards = self.forward_model(
                 [t.chosen[i] for i in indices] + [t.rejected[i] for i in indices]
             )
         r_c, r_r = rewards[: len(indices)], rewards[len(indices) :]
@@ -218,9 +235,100 @@ def train_reward(
     seed: int = 0,
     on_log: LogFn | None = None,
     progress: bool = True,
+    distributed: DistributedConfig | None = None,
+    on_line: Callable[[str], None] = print,
 ) -> tuple[RewardModel | EnsembleRewardModel, list[LoopResult]]:
     """Build, train (resuming from checkpoint_dir) and measure the normalisation statistics of the
-    reward model, or of each member of an ensemble (reward.ensemble); the caller saves."""
+    reward model, or of each member of an ensemble (reward.ensemble); the caller saves. With
+    distributed.num_processes > 1 the training runs on that many processes (their output goes
+    to on_line), and the statistics are measured here."""
+    if distributed is not None and distributed.num_processes > 1:
+        members, results = _train_members_on_processes(
+            train_df,
+            val_df,
+            cfg,
+            model,
+            backbone,
+            checkpoint_dir,
+            seed,
+            distributed,
+            on_log,
+            on_line,
+        )
+    else:
+        members, results = train_members(
+            train_df,
+            val_df,
+            cfg,
+            model,
+            backbone,
+            checkpoint_dir=checkpoint_dir,
+            seed=seed,
+            on_log=on_log,
+            progress=progress,
+        )
+    return with_normalisation(members, train_df, cfg, model, policy_dir, seed), results
+
+
+def _train_members_on_processes(
+    train_df, val_df, cfg, model, backbone, checkpoint_dir, seed, distributed, on_log, on_line
+) -> tuple[list[RewardModel], list[LoopResult]]:
+    """train_members on distributed.num_processes processes (rlhf_core.distributed.worker)."""
+    from rlhf_core.distributed.launch import launch
+    from rlhf_core.reward.model import load_reward_model
+
+    if checkpoint_dir is None:
+        raise ValueError("training on several processes needs a checkpoint_dir to work in")
+    work = Path(checkpoint_dir) / "learner"
+    work.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, frame in (("train", train_df), ("val", val_df)):
+        if frame is not None:
+            files[name] = str(work / f"{name}.parquet")
+            frame.to_parquet(files[name])
+    out = launch(
+        "reward",
+        {
+            "train": files["train"],
+            "val": files.get("val"),
+            "reward": cfg.model_dump(mode="json"),
+            "model": model.model_dump(mode="json"),
+            "backbone": backbone,
+            "seed": seed,
+            "checkpoint_dir": str(checkpoint_dir),
+            "model_out": str(work / "model"),
+        },
+        work,
+        distributed,
+        on_line=on_line,
+        on_log=on_log or (lambda step, metrics: None),
+    )
+    members = [
+        load_reward_model(
+            str(work / "model" / f"member-{i}"),
+            device=cfg.device,
+            dtype=cfg.dtype,
+            trust_remote_code=model.trust_remote_code,
+        )
+        for i in range(len(out["results"]))
+    ]
+    return members, [LoopResult(**r) for r in out["results"]]
+
+
+def train_members(
+    train_df: pd.DataFrame,
+    val_df: pd.DataFrame | None,
+    cfg: RewardConfig,
+    model: ModelConfig,
+    backbone: str,
+    *,
+    checkpoint_dir: Path | None = None,
+    seed: int = 0,
+    on_log: LogFn | None = None,
+    progress: bool = True,
+) -> tuple[list[RewardModel], list[LoopResult]]:
+    """The trained reward model, or each member of an ensemble, without normalisation statistics:
+    the part of training that runs on distributed.num_processes processes."""
     train_df = labelled_pairs(train_df)
     val_df = labelled_pairs(val_df) if val_df is not None else None
     if train_df.empty:
@@ -279,6 +387,20 @@ def train_reward(
         )
         members.append(rm)
         results.append(result)
+    return members, results
+
+
+def with_normalisation(
+    members: list[RewardModel],
+    train_df: pd.DataFrame,
+    cfg: RewardConfig,
+    model: ModelConfig,
+    policy_dir: str | None,
+    seed: int,
+) -> RewardModel | EnsembleRewardModel:
+    """The trained members with the normalisation statistics PPO needs (reference_samples says on
+    what they are measured), as one model or an ensemble."""
+    train_df = labelled_pairs(train_df)
     generated = (
         train_df[train_df["source"] == "generated"] if "source" in train_df else train_df.head(0)
     )
@@ -296,10 +418,38 @@ def train_reward(
     )
     for rm in members:
         rm.normalisation = normalisation_stats(rm, prompts, responses, source)
-    if k == 1:
-        return members[0], results
-    return EnsembleRewardModel(members), results
+    return members[0] if len(members) == 1 else EnsembleRewardModel(members)
 
 
 def _prefixed(on_log: LogFn, prefix: str) -> LogFn:
     return lambda step, metrics: on_log(step, {prefix + k: v for k, v in metrics.items()})
+
+
+def distributed_job(job: dict, dist) -> dict | None:
+    """The reward model's training (each member of an ensemble in turn) as one of the processes of a
+    distributed learner; rank 0 writes member-i folders, and the stage measures the normalisation
+    statistics in its own process."""
+    from dataclasses import asdict
+
+    import pandas as pd
+
+    from rlhf_core import distributed
+    from rlhf_core.config import ModelConfig, RewardConfig
+    from rlhf_core.reward.trainer import train_members
+
+    members, results = train_members(
+        pd.read_parquet(job["train"]),
+        pd.read_parquet(job["val"]) if job["val"] else None,
+        RewardConfig.model_validate(job["reward"]),
+        ModelConfig.model_validate(job["model"]),
+        job["backbone"],
+        checkpoint_dir=Path(job["checkpoint_dir"]),
+        seed=job["seed"],
+        on_log=distributed.report_metrics if dist.is_main else None,
+        progress=False,
+    )
+    if not dist.is_main:
+        return None
+    for i, rm in enumerate(members):
+        rm.save(Path(job["model_out"]) / f"member-{i}")
+    return {"results": [asdict(r) for r in results], "world_size": dist.world}
