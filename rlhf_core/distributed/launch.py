@@ -69,7 +69,8 @@ def launch_command(settings: DistributedConfig, job_file: Path) -> list[str]:
             "DeepSpeed on GPUs only); use ddp on CPU"
         )
     if settings.strategy == "ddp":
-        cmd.append("--multi_gpu")  # torchrun's launcher; on CPU with ACCELERATE_USE_CPU: gloo
+        if n > 1:  # torchrun's launcher; on CPU with ACCELERATE_USE_CPU: gloo. One process: as is
+            cmd.append("--multi_gpu")
     elif settings.strategy == "fsdp":
         cmd.append("--use_fsdp")
         if settings.engine_config:
