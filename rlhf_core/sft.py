@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -284,12 +284,8 @@ def build_sft_trainer(
 def distributed_job(job: dict, dist) -> dict | None:
     """SFT as one of the processes of a distributed learner (rlhf_core.distributed.worker runs it);
     rank 0 writes the model and returns the result."""
-    from dataclasses import asdict
-
     from rlhf_core import distributed
-    from rlhf_core.config import ModelConfig, SFTConfig
     from rlhf_core.models.loading import save_model
-    from rlhf_core.sft import build_sft_trainer, sft_counts
 
     trainer, stats = build_sft_trainer(
         job["base_model"],

@@ -69,10 +69,11 @@ def dpo(
             on_line=logger.info,
             on_log=metrics_logger("dpo step", SHOWN),
         )
-        result, reference_files = LoopResult(**done["result"]), done["reference_files"]
+        result = LoopResult(**done["result"])
         mlflow.log_params(
             params | {k: done[k] for k in ("train_pairs", "val_pairs", "truncated_pairs")}
         )
+        _log_reference_files(done["reference_files"])
     else:
         trainer, stats = build_dpo_trainer(
             reference.model_dir,
@@ -85,7 +86,6 @@ def dpo(
             reference_cache=reference_cache,
         )
         trainer.on_log = metrics_logger("dpo step", SHOWN, trainer.total_steps)
-        reference_files = trainer.reference_files
         mlflow.log_params(
             params
             | {
@@ -94,9 +94,7 @@ def dpo(
                 "truncated_pairs": stats.truncated,
             }
         )
-    for file in reference_files:
-        mlflow.log_artifact(str(file), "reference_logps")
-    if distributed.num_processes == 1:
+        _log_reference_files(trainer.reference_files)
         result = trainer.train()
     mlflow.log_param("world_size", result.world_size)  # as the learner reported it
     if result.resume_note:
@@ -144,3 +142,9 @@ def dpo(
         metrics=metrics,
         summary_files=[str(out / "history.json")],
     )
+
+
+def _log_reference_files(files) -> None:
+    """The cached reference log-probabilities this run used (train, val)."""
+    for file in files:
+        mlflow.log_artifact(str(file), "reference_logps")

@@ -119,11 +119,10 @@ def optimise(
                 "seed": seed,
                 "checkpoint_dir": str(checkpoints),
                 "model_out": str(learner / "model"),
-                **{
-                    k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v
-                    for k, v in shared.items()
-                    if v is not None
-                },
+                "judge": judge.model_dump(mode="json"),
+                "evaluate": evaluate.model_dump(mode="json"),
+                "val_prompts": shared["val_prompts"],
+                "preference_judge": preference_judge and preference_judge.model_dump(mode="json"),
                 "label_cache": str(shared["label_cache"]),
             },
             learner,

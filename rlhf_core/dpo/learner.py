@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -334,11 +334,7 @@ def build_dpo_trainer(
 
 def distributed_job(job: dict, dist) -> dict | None:
     """DPO as one of the processes of a distributed learner; rank 0 writes the tuned policy."""
-    from dataclasses import asdict
-
-    from rlhf_core import distributed
     from rlhf_core.config import DPOConfig, ModelConfig
-    from rlhf_core.dpo.learner import build_dpo_trainer
     from rlhf_core.models.loading import save_model
 
     trainer, stats = build_dpo_trainer(

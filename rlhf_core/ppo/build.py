@@ -4,6 +4,7 @@ value models from folders and config."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 from rlhf_core.config import EvaluateConfig, JudgeConfig, ModelConfig, PolicyGradientConfig
@@ -135,12 +136,9 @@ def judged_preference(judge_cfg: JudgeConfig, label_cache: Path | None) -> Prefe
 def distributed_job(job: dict, dist) -> dict | None:
     """An on-policy method (PPO, RLOO, GRPO, online DPO: job["section"] names its settings) as one
     of the processes of a distributed learner; rank 0 writes the tuned policy."""
-    from dataclasses import asdict
-
     from rlhf_core import distributed
     from rlhf_core.config import EvaluateConfig, JudgeConfig, ModelConfig, PipelineConfig
     from rlhf_core.models.loading import save_model
-    from rlhf_core.ppo.build import build_ppo_trainer
 
     section = PipelineConfig.model_fields[job["section"]].annotation
     optional = lambda key, cls: cls.model_validate(job[key]) if job.get(key) else None  # noqa: E731

@@ -4,7 +4,7 @@ model in one forward pass, the loss is Bradley-Terry (hard or soft), the best va
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -429,13 +429,7 @@ def distributed_job(job: dict, dist) -> dict | None:
     """The reward model's training (each member of an ensemble in turn) as one of the processes of a
     distributed learner; rank 0 writes member-i folders, and the stage measures the normalisation
     statistics in its own process."""
-    from dataclasses import asdict
-
-    import pandas as pd
-
     from rlhf_core import distributed
-    from rlhf_core.config import ModelConfig, RewardConfig
-    from rlhf_core.reward.trainer import train_members
 
     members, results = train_members(
         pd.read_parquet(job["train"]),
