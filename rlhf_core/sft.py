@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -285,7 +285,6 @@ def distributed_job(job: dict, dist) -> dict | None:
     """SFT as one of the processes of a distributed learner (rlhf_core.distributed.worker runs it);
     rank 0 writes the model and returns the result."""
     from rlhf_core import distributed
-    from rlhf_core.models.loading import save_model
 
     trainer, stats = build_sft_trainer(
         job["base_model"],
@@ -295,12 +294,10 @@ def distributed_job(job: dict, dist) -> dict | None:
         SFTConfig.model_validate(job["sft"]),
         job["seed"],
         checkpoint_dir=Path(job["checkpoint_dir"]),
-        on_log=distributed.report_metrics if dist.is_main else None,
-        progress=False,
+        **distributed.worker_hooks(dist),
     )
     counts = sft_counts(trainer, stats)
     result = trainer.train()
-    if not dist.is_main:
-        return None
-    save_model(trainer.model, trainer.tokenizer, Path(job["model_out"]))
-    return {"result": asdict(result), "counts": counts, "world_size": dist.world}
+    return distributed.saved_result(
+        dist, trainer.model, trainer.tokenizer, job["model_out"], result, counts=counts
+    )

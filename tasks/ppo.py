@@ -21,7 +21,7 @@ from rlhf_core.config import (
 from rlhf_core.distributed.launch import launch
 from rlhf_core.models.loading import save_model
 from rlhf_core.plots import curves_plot, gold_proxy_plot
-from rlhf_core.ppo.build import build_ppo_trainer
+from rlhf_core.ppo.build import build_ppo_trainer, described
 from rlhf_core.ppo.trainer import PPOResult
 from rlhf_core.storage import atomic_dir
 from tasks.labels import JUDGE_CODE, LABEL_CACHE
@@ -132,7 +132,8 @@ def optimise(
             on_samples=log_samples,
         )
         result = PPOResult(**done["result"])
-        mlflow.log_params({k: done[k] for k in DESCRIBED if k not in params})
+        built = {k: v for k, v in done.items() if k not in ("result", "world_size")}
+        mlflow.log_params({k: v for k, v in built.items() if k not in params})
     else:
         trainer = build_ppo_trainer(
             policy_dir,
@@ -146,12 +147,8 @@ def optimise(
             on_samples=log_samples,
             **shared,
         )
-        described = {
-            "value_model": type(trainer.value).__name__ if trainer.value is not None else "none",
-            "reward_reads_policy_tokens": trainer.rm_reads_policy_tokens,
-            "monitor_prompts": len(trainer.monitor.ev.prompts) if trainer.monitor else 0,
-        }
-        mlflow.log_params({k: v for k, v in described.items() if k not in params})
+        # a setting of the same name is what MLflow shows
+        mlflow.log_params({k: v for k, v in described(trainer).items() if k not in params})
         result = trainer.train()
     mlflow.log_param("world_size", result.world_size)  # as the learner reported it
     if result.resume_note:
@@ -215,10 +212,6 @@ def optimise(
         summary_files=[str(out / "history.json")],
         method=method,
     )
-
-
-# what the learner built, beside the settings (a setting of the same name is what MLflow shows)
-DESCRIBED = ("value_model", "reward_reads_policy_tokens", "monitor_prompts")
 
 
 def _method_stage(method: str):

@@ -49,6 +49,14 @@ def self_instruct() -> Path:
     return _need(SELF_INSTRUCT)
 
 
+@pytest.fixture(autouse=True)
+def _own_mlflow_store(monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI to the whole process, and a config
+    without a tracking URI reads it: without this, a test's runs (and its registry) would land
+    in the store of the last flow an earlier test ran."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One ephemeral Prefect API (temporary database) for the whole session keeps flow tests fast."""

@@ -36,6 +36,25 @@ def report_samples(step: int, rows: list[dict]) -> None:
     print(EVENT + json.dumps({"step": step, "samples": rows}), flush=True)
 
 
+def worker_hooks(dist) -> dict:
+    """What a trainer in a worker process takes: rank 0 alone reports, no progress bars."""
+    return {"on_log": report_metrics if dist.is_main else None, "progress": False}
+
+
+def saved_result(dist, model, tokenizer, out_dir: str, result, **extra) -> dict | None:
+    """The end of a worker's job: rank 0 writes the trained model and returns what the launcher
+    hands back to the stage; the other processes return None."""
+    if not dist.is_main:
+        return None
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from rlhf_core.models.loading import save_model
+
+    save_model(model, tokenizer, Path(out_dir))
+    return {"result": asdict(result), "world_size": dist.world, **extra}
+
+
 class Single:
     """The learner is this process."""
 

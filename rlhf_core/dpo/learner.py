@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -334,8 +334,7 @@ def build_dpo_trainer(
 
 def distributed_job(job: dict, dist) -> dict | None:
     """DPO as one of the processes of a distributed learner; rank 0 writes the tuned policy."""
-    from rlhf_core.config import DPOConfig, ModelConfig
-    from rlhf_core.models.loading import save_model
+    from rlhf_core.config import ModelConfig
 
     trainer, stats = build_dpo_trainer(
         job["policy_dir"],
@@ -345,19 +344,18 @@ def distributed_job(job: dict, dist) -> dict | None:
         DPOConfig.model_validate(job["dpo"]),
         job["seed"],
         checkpoint_dir=Path(job["checkpoint_dir"]),
-        on_log=distributed.report_metrics if dist.is_main else None,
-        progress=False,
         reference_cache=Path(job["reference_cache"]),
+        **distributed.worker_hooks(dist),
     )
     result = trainer.train()
-    if not dist.is_main:
-        return None
-    save_model(trainer.model, trainer.tokenizer, Path(job["model_out"]))
-    return {
-        "result": asdict(result),
-        "world_size": dist.world,
-        "train_pairs": len(trainer.train_set),
-        "val_pairs": len(trainer.val_set),
-        "truncated_pairs": stats.truncated,
-        "reference_files": [str(f) for f in trainer.reference_files],
-    }
+    return distributed.saved_result(
+        dist,
+        trainer.model,
+        trainer.tokenizer,
+        job["model_out"],
+        result,
+        train_pairs=len(trainer.train_set),
+        val_pairs=len(trainer.val_set),
+        truncated_pairs=stats.truncated,
+        reference_files=[str(f) for f in trainer.reference_files],
+    )

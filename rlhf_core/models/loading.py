@@ -22,9 +22,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"model.device={device!r} but no CUDA device is available")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda" and 0 < local < torch.cuda.device_count():
+        return torch.device(f"cuda:{local}")  # one GPU per process of a distributed learner
     return torch.device(device)
 
 

@@ -4,7 +4,6 @@ value models from folders and config."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 from rlhf_core.config import EvaluateConfig, JudgeConfig, ModelConfig, PolicyGradientConfig
@@ -137,8 +136,7 @@ def distributed_job(job: dict, dist) -> dict | None:
     """An on-policy method (PPO, RLOO, GRPO, online DPO: job["section"] names its settings) as one
     of the processes of a distributed learner; rank 0 writes the tuned policy."""
     from rlhf_core import distributed
-    from rlhf_core.config import EvaluateConfig, JudgeConfig, ModelConfig, PipelineConfig
-    from rlhf_core.models.loading import save_model
+    from rlhf_core.config import PipelineConfig
 
     section = PipelineConfig.model_fields[job["section"]].annotation
     optional = lambda key, cls: cls.model_validate(job[key]) if job.get(key) else None  # noqa: E731
@@ -150,22 +148,23 @@ def distributed_job(job: dict, dist) -> dict | None:
         ModelConfig.model_validate(job["model"]),
         job["seed"],
         checkpoint_dir=Path(job["checkpoint_dir"]),
-        on_log=distributed.report_metrics if dist.is_main else None,
         on_samples=distributed.report_samples if dist.is_main else None,
         judge=optional("judge", JudgeConfig),
         evaluate=optional("evaluate", EvaluateConfig),
         val_prompts=job["val_prompts"],
         preference_judge=optional("preference_judge", JudgeConfig),
         label_cache=Path(job["label_cache"]) if job.get("label_cache") else None,
-        progress=False,
+        **distributed.worker_hooks(dist),
     )
     result = trainer.train()
-    if not dist.is_main:
-        return None
-    save_model(trainer.policy, trainer.tokenizer, Path(job["model_out"]))
+    return distributed.saved_result(
+        dist, trainer.policy, trainer.tokenizer, job["model_out"], result, **described(trainer)
+    )
+
+
+def described(trainer: PPOTrainer) -> dict:
+    """What the learner built beside its settings (logged with the stage's parameters)."""
     return {
-        "result": asdict(result),
-        "world_size": dist.world,
         "value_model": type(trainer.value).__name__ if trainer.value is not None else "none",
         "reward_reads_policy_tokens": trainer.rm_reads_policy_tokens,
         "monitor_prompts": len(trainer.monitor.ev.prompts) if trainer.monitor else 0,
