@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -74,6 +75,14 @@ def main() -> None:
         probe(args.probe)
         return
 
+    root = Path(tempfile.mkdtemp(prefix="scaling-"))
+    try:
+        run(args, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run(args, root: Path) -> None:
     import pandas as pd
 
     from rlhf_core.config import DistributedConfig, ModelConfig, SFTConfig
@@ -82,7 +91,6 @@ def main() -> None:
     from rlhf_core.models.scratch import build_scratch_model
     from rlhf_core.sft import build_sft_trainer
 
-    root = Path(tempfile.mkdtemp(prefix="scaling-"))
     rows = pd.DataFrame(generate_demo_pairs(args.steps * args.batch_size + 64, seed=0))
     rows = rows[["prompt", "chosen", "rejected"]].assign(label_source="human", p_chosen=1.0)
     train, val = root / "train.parquet", root / "val.parquet"

@@ -93,13 +93,17 @@ def s3_env(s3_server, monkeypatch):
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real Ray cluster on 127.0.0.1 with two CPUs for Ray Train's workers."""
+    import shutil
+
     from rlhf_core.services import RayHead
 
-    head = RayHead(Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp")), num_cpus=2).start()
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's sockets live under it
+    head = RayHead(temp, num_cpus=2).start()
     try:
         yield head.address
     finally:
         head.stop()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
