@@ -36,6 +36,21 @@ def report_samples(step: int, rows: list[dict]) -> None:
     print(EVENT + json.dumps({"step": step, "samples": rows}), flush=True)
 
 
+def sharded_rows(dist, items: Sequence, compute) -> torch.Tensor:
+    """compute(items) -> one row per item, split over the processes: each computes items rank,
+    rank + N, ... and every process receives all the rows, in the items' order."""
+    if dist.world == 1:
+        return compute(list(items))
+    mine = list(items[dist.rank :: dist.world])
+    parts = dist.gather(compute(mine) if mine else None)
+    first = next(p for p in parts if p is not None)
+    out = torch.empty((len(items), *first.shape[1:]), dtype=first.dtype)
+    for rank, part in enumerate(parts):
+        if part is not None:
+            out[rank :: dist.world] = part
+    return out
+
+
 def worker_hooks(dist) -> dict:
     """What a trainer in a worker process takes: rank 0 alone reports, no progress bars."""
     return {"on_log": report_metrics if dist.is_main else None, "progress": False}

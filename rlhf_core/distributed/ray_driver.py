@@ -52,13 +52,13 @@ def main(job_file: str) -> None:
     settings = DistributedConfig.model_validate(job["distributed"])
     work = Path(job["work"])
     gpu = settings.gpus_per_process > 0
+    threads = settings.threads_per_process or 1
     env = {
         "RLHF_DIST_TIMEOUT_S": str(settings.timeout_s),
         "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": str(threads),
         **({} if gpu else {"ACCELERATE_USE_CPU": "true"}),
     }
-    threads = settings.threads_per_process or 1
-    env |= {"OMP_NUM_THREADS": str(threads)}
     ray.init(
         address=settings.ray_address or os.environ.get("RAY_ADDRESS") or "auto",
         runtime_env={"env_vars": env},

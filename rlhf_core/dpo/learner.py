@@ -299,14 +299,9 @@ def build_dpo_trainer(
             reference_files.append(file)
         if dist.broadcast(file is not None and file.exists()):  # one answer for every process
             return load_file(file)["logps"]
-        # N processes: each computes pairs rank, rank + N, ...; every one receives all of them
-        mine = list(range(dist.rank, len(examples), dist.world))
-        parts = dist.gather(
-            reference_logps(policy, [examples[i] for i in mine], pad, cfg.batch_size, amp)
+        logps = distributed.sharded_rows(  # N processes: each computes its share of the pairs
+            dist, examples, lambda part: reference_logps(policy, part, pad, cfg.batch_size, amp)
         )
-        logps = torch.zeros((len(examples), 2), dtype=torch.float32)
-        for rank, part in enumerate(parts):
-            logps[rank :: dist.world] = part
         if file is not None and dist.is_main:
             file.parent.mkdir(parents=True, exist_ok=True)
             tmp = file.with_suffix(".partial")

@@ -62,17 +62,9 @@ def shared_head_inputs(
 ) -> torch.Tensor:
     """head_inputs of all items, each process of a distributed learner reading items rank, rank + N,
     ... and all of them receiving the whole (the backbone's pass is the probe's cost)."""
-    dist = distributed.current()
-    if dist.world == 1:
-        return head_inputs(rm, items, batch_size)
-    mine = [items[i] for i in range(dist.rank, len(items), dist.world)]
-    parts = dist.gather(head_inputs(rm, mine, batch_size) if mine else None)
-    width = next(p.shape[1] for p in parts if p is not None)
-    out = torch.empty(len(items), width)
-    for rank, part in enumerate(parts):
-        if part is not None:
-            out[rank :: dist.world] = part
-    return out
+    return distributed.sharded_rows(
+        distributed.current(), items, lambda part: head_inputs(rm, part, batch_size)
+    )
 
 
 def _read_position(e: Encoded, pad: int | None) -> int:
