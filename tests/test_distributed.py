@@ -186,6 +186,32 @@ POLICY = dict(
 COMPARED = ("score", "kl", "policy_loss", "value_loss", "entropy", "grad_norm", "beta")
 
 
+def policy_job(method, cfg, policy_dir, reward_dir, prompts, tmp_path, tag: str) -> dict:
+    return {
+        "section": method,
+        "settings": cfg.model_dump(mode="json"),
+        "policy_dir": str(policy_dir),
+        "reward_dir": str(reward_dir),
+        "prompts": prompts,
+        "model": ModelConfig().model_dump(mode="json"),
+        "seed": 0,
+        "val_prompts": [],
+        "checkpoint_dir": str(tmp_path / f"ckpt-{tag}"),
+        "model_out": str(tmp_path / f"model-{tag}"),
+    }
+
+
+def worker_pids(pids: dict[int, int]):
+    """An on_line callback that records each rank's pid from the worker's first line."""
+
+    def on_line(line: str) -> None:
+        if line.startswith("worker rank "):
+            _, _, rank, _, pid = line.split()
+            pids[int(rank)] = int(pid)
+
+    return on_line
+
+
 @pytest.mark.parametrize(
     "method, extra",
     [
@@ -218,18 +244,7 @@ def test_policy_optimisation_on_two_processes_matches_one(tiny_gpt2, tmp_path, m
     samples: list[int] = []
     out = launch(
         "policy",
-        {
-            "section": method,
-            "settings": cfg.model_dump(mode="json"),
-            "policy_dir": str(tiny_gpt2),
-            "reward_dir": str(reward),
-            "prompts": prompts,
-            "model": ModelConfig().model_dump(mode="json"),
-            "seed": 0,
-            "val_prompts": [],
-            "checkpoint_dir": str(tmp_path / "ckpt"),
-            "model_out": str(tmp_path / "model-two"),
-        },
+        policy_job(method, cfg, tiny_gpt2, reward, prompts, tmp_path, "two"),
         tmp_path / "learner",
         DistributedConfig(num_processes=2),
         on_line=lambda line: None,
@@ -259,11 +274,7 @@ def _alive(pid: int) -> bool:
 def test_a_killed_rank_fails_with_one_line_leaves_nothing_and_resumes(tiny_gpt2, splits, tmp_path):
     job = sft_job(tiny_gpt2, splits, tmp_path, "kill", max_steps=24)
     pids: dict[int, int] = {}
-
-    def on_line(line: str) -> None:
-        if line.startswith("worker rank "):
-            _, _, rank, _, pid = line.split()
-            pids[int(rank)] = int(pid)
+    on_line = worker_pids(pids)
 
     def on_log(step: int, metrics: dict) -> None:
         if step == 12:  # checkpoints at 5 and 10 exist
@@ -294,6 +305,61 @@ def test_a_killed_rank_fails_with_one_line_leaves_nothing_and_resumes(tiny_gpt2,
         on_log=lambda step, m: None,
     )
     assert out["result"]["resumed_from_step"] == 10 and out["result"]["steps"] == 24
+
+
+def test_a_killed_policy_learner_resumes_to_the_uninterrupted_result(tiny_gpt2, tmp_path):
+    """GRPO on two processes, rank 0 killed after iteration 3 (checkpoint at 2): the stage fails
+    with one line, and the rerun resumes from iteration 2 to the weights of one uninterrupted
+    process (each rollout chunk's noise is seeded by its iteration, so a resumed run draws the
+    same samples)."""
+    from rlhf_core.config import GRPOConfig
+    from rlhf_core.ppo.build import build_ppo_trainer
+    from tests.helpers import demo_rows, untrained_reward_dir
+
+    cfg = GRPOConfig(**POLICY, samples_per_prompt=4)
+    reward = untrained_reward_dir(tmp_path, str(tiny_gpt2))
+    prompts = [r["prompt"] for r in demo_rows()[:40]]
+    trainer = build_ppo_trainer(
+        str(tiny_gpt2), str(reward), prompts, cfg, ModelConfig(), progress=False
+    )
+    trainer.train()
+
+    job = policy_job("grpo", cfg, tiny_gpt2, reward, prompts, tmp_path, "kill")
+    pids: dict[int, int] = {}
+
+    def on_log(iteration: int, metrics: dict) -> None:
+        if iteration == 3 and pids:
+            os.kill(pids[0], signal.SIGKILL)
+
+    with pytest.raises(UserError) as failure:
+        launch(
+            "policy",
+            job,
+            tmp_path / "learner",
+            DistributedConfig(num_processes=2),
+            on_line=worker_pids(pids),
+            on_log=on_log,
+        )
+    assert str(failure.value) == "policy: rank 0 failed: killed by signal 9", failure.value
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in pids.values()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in pids.values() if _alive(p)], "a worker outlived the launch"
+    assert not (tmp_path / "model-kill").exists()
+
+    out = launch(
+        "policy",
+        job,
+        tmp_path / "learner",
+        DistributedConfig(num_processes=2),
+        on_line=lambda line: None,
+        on_log=lambda it, m: None,
+    )
+    assert out["result"]["resumed_from"] == 2 and out["result"]["iterations"] == 4
+    written = load_file(tmp_path / "model-kill" / "model.safetensors")
+    for name, tensor in trainer.policy.merge_and_unload().state_dict().items():
+        if name in written:
+            torch.testing.assert_close(written[name], tensor, atol=1e-4, rtol=0, msg=name)
 
 
 def test_sharded_engines_are_refused_on_cpu_with_one_line(tmp_path):
