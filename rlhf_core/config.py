@@ -243,8 +243,8 @@ class LoopConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient clipping norm."""
     mixed_precision: MixedPrecision = "auto"
-    """auto: bf16 autocast where the hardware has bf16 units (a GPU with bf16, a CPU with AMX);
-    bf16: always; no: fp32."""
+    """auto: bf16 autocast where the hardware has bf16 units (a GPU with bf16, a CPU with AMX or
+    AVX512-BF16); bf16: always; no: fp32."""
     log_every: int = Field(10, ge=1)
     """Steps between logged training metrics."""
     eval_every: int = Field(50, ge=1)
@@ -377,8 +377,8 @@ class GenerateConfig(Section):
     batch_size: int = Field(64, ge=1)
     """Sampled answers per generation batch."""
     mixed_precision: MixedPrecision = "auto"
-    """auto: bf16 autocast where the hardware has bf16 units (a GPU with bf16, a CPU with AMX);
-    bf16: always; no: fp32."""
+    """auto: bf16 autocast where the hardware has bf16 units (a GPU with bf16, a CPU with AMX or
+    AVX512-BF16); bf16: always; no: fp32."""
 
 
 class LabelsConfig(Section):
@@ -540,8 +540,8 @@ class PolicyGradientConfig(Section):
     missing_eos_penalty: float | None = Field(None, ge=0)
     """Subtract this from the score of responses that do not end with EOS; null: none."""
     mixed_precision: MixedPrecision = "auto"
-    """auto: bf16 autocast where the hardware has bf16 units (a GPU with bf16, a CPU with AMX);
-    bf16: always; no: fp32."""
+    """auto: bf16 autocast where the hardware has bf16 units (a GPU with bf16, a CPU with AMX or
+    AVX512-BF16); bf16: always; no: fp32."""
     fuse_activations: bool = True
     """GPT-2's seven-op tanh-GELU as PyTorch's one fused kernel (same function, faster)."""
     compile_generation: bool = False
@@ -776,8 +776,8 @@ class EvaluateConfig(Section):
     """auto: cuda when present, else cpu."""
     mixed_precision: MixedPrecision = "auto"
     """Sampling, KL and perplexity passes, also of the PPO stage's judged checks: auto: bf16
-    autocast where the hardware has bf16 units (a GPU with bf16, a CPU with AMX); bf16: always;
-    no: fp32."""
+    autocast where the hardware has bf16 units (a GPU with bf16, a CPU with AMX or AVX512-BF16);
+    bf16: always; no: fp32."""
     safety: SafetyConfig = Field(default_factory=SafetyConfig)
     """The safety check on harmful prompts."""
     judge: JudgeConfig | None = None

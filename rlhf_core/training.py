@@ -61,14 +61,15 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 
 def has_bf16_units(device: torch.device) -> bool:
-    """A GPU with bf16, or a CPU with AMX tiles (oneDNN runs bf16 matmuls on them: a SmolLM2-135M
-    forward pass 2.8x faster than fp32 on a 2-core Sapphire Rapids VM). CPUs without them emulate
-    bf16 and gain little or lose."""
+    """A GPU with bf16, or a CPU with AMX tiles or AVX512-BF16 dot products (oneDNN runs bf16
+    matmuls on them). SmolLM2-135M against fp32 on 2 cores: a forward pass 2.8x faster on a
+    Sapphire Rapids VM (AMX); on an AMD EPYC (Zen 4, AVX512-BF16) a forward pass 1.9x, a forward
+    and backward 1.5x, sampling 1.4x. CPUs without either emulate bf16 and gain little or lose."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-        return bool(amx and amx())
+        checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
     return False
 
 
