@@ -1,7 +1,8 @@
 """Reward-model quality on real human preferences: the HH-RLHF harmless sample in ../shared/data.
 
 Measures what `rlhf reward train --data <the sample>` does with the pipeline's config (default:
-configs/default.yaml; `--set reward.key=value` changes it): for each split seed, the sample is split
+none, the settings' own defaults, as that command; `--set reward.key=value` changes them; `--config
+configs/default.yaml` measures the demo's reward model): for each split seed, the sample is split
 by prompt 80/10/10 with the pipeline's splitter, `train_reward` trains on the train split (the
 validation split picks the checkpoint or the probe's L2), and the test split is scored. Prints
 each split's test accuracy, their mean, and the "shorter reply wins" baseline; logs each split to
@@ -37,7 +38,7 @@ from rlhf_core.reward.trainer import train_reward  # noqa: E402
 def main() -> None:
     ap = common.make_parser(__doc__)
     ap.add_argument(
-        "--config", default=None, help="pipeline config (default: configs/default.yaml)"
+        "--config", default=None, help="pipeline config (default: none, the settings' defaults)"
     )
     ap.add_argument("--set", dest="sets", action="append", default=[], help="section.key=value")
     ap.add_argument("--split-seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -47,7 +48,7 @@ def main() -> None:
     add_common_args(ap, threads=True)
     args = ap.parse_args()
     common.set_threads(args)
-    cfg = load_config(args.config, args.sets)
+    cfg = load_config(args.config, args.sets, fallback=None)
     frame, _ = read_valid_pairs(str(SHARED_DATA / HH_FILE), cfg.data)
     splits = [split_one(frame, cfg, seed, args) for seed in args.split_seeds]
     accs = [s["test_accuracy"] for s in splits]

@@ -43,6 +43,13 @@ err = Console(stderr=True, soft_wrap=True)  # a one-line message stays one line 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config (default: configs/default.yaml).")
 ]
+# the reward commands train on the user's data: the settings' own defaults, not the demo's choices
+DataConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", "-c", help="YAML config (default: none, the defaults of docs/config.md)."
+    ),
+]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a config key: section.key=value (repeatable)."),
@@ -293,7 +300,7 @@ def reward_train(
         str | None,
         typer.Option(
             "--base",
-            help="Backbone: 'minilm' (packaged encoder), a local HF folder, or a "
+            help="Backbone: 'smollm2' or 'minilm' (packaged), a local HF folder, or a "
             "hub id (default: reward.backbone).",
         ),
     ] = None,
@@ -307,11 +314,11 @@ def reward_train(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the held-out metrics as one JSON object.")
     ] = False,
-    config: ConfigOpt = None,
+    config: DataConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Train a Bradley-Terry reward model on one preference source (split by prompt; reward.* keys apply)."""
-    cfg = load_config(config, set_ or [])
+    cfg = load_config(config, set_ or [], fallback=None)
     from rlhf_core.data.dataset import read_valid_pairs, split_by_prompt
     from rlhf_core.reward.evaluate import evaluate_reward_model
     from rlhf_core.reward.trainer import train_reward
@@ -395,11 +402,11 @@ def reward_eval(
     plots: Annotated[
         Path | None, typer.Option("--plots", help="Write the calibration and histogram PNGs here.")
     ] = None,
-    config: ConfigOpt = None,
+    config: DataConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Pairwise accuracy, AUC, ECE, length bias of a reward model on every valid pair of a source."""
-    cfg = load_config(config, set_ or [])
+    cfg = load_config(config, set_ or [], fallback=None)
     from rlhf_core.data.dataset import read_valid_pairs
     from rlhf_core.reward.evaluate import evaluate_reward_model, write_plots
     from rlhf_core.reward.model import load_reward_model

@@ -421,20 +421,23 @@ class EnsembleSection(Section):
 
 
 class RewardConfig(LoopConfig):
-    """Bradley-Terry reward model on the (AI-)labelled training pairs."""
+    """Bradley-Terry reward model on the (AI-)labelled training pairs. The defaults are the model
+    that ranked best on real human preferences (HH-RLHF: docs/benchmarks.md), a head on the frozen
+    packaged SmolLM2-135M-Instruct; the demo fine-tunes MiniLM instead (configs/default.yaml)."""
 
-    backbone: str = Field("minilm", json_schema_extra={"input_file": True})
-    """minilm: the packaged all-MiniLM-L6-v2 (own tokenizer); policy: the SFT policy's backbone
-    (shares its tokenizer); or any local HF folder / hub id."""
+    backbone: str = Field("smollm2", json_schema_extra={"input_file": True})
+    """smollm2: the packaged SmolLM2-135M-Instruct (own tokenizer); minilm: the packaged
+    all-MiniLM-L6-v2 encoder; policy: the SFT policy's backbone (shares its tokenizer); or any
+    local HF folder / hub id."""
     backbone_layers: int | None = Field(None, ge=1)
     """Keep only the backbone's first N transformer blocks: every reward pass costs N/total (on
     HH-RLHF, SmolLM2's full depth ranked best: docs/benchmarks.md); null: all."""
     max_length: int = Field(128, ge=8)
     """Tokens per (prompt, response); longer ones are truncated."""
-    pooling: Literal["model", "mean"] = "model"
+    pooling: Literal["model", "mean"] = "mean"
     """What the scalar head reads. model: the backbone's own choice (a causal LM's last token, an
     encoder's pooled [CLS]); mean: the mean of the last hidden states over the response's tokens."""
-    freeze_backbone: bool = False
+    freeze_backbone: bool = True
     """Train the head alone: the frozen backbone's features are computed once and the head is fit
     to them by L-BFGS (a linear probe; the L2 strength from head_l2 with the lowest validation
     loss). Minutes even on a 135M LM; epochs, lr, schedule and lora do not apply."""
@@ -1087,10 +1090,25 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    fallback: Path | None = DEFAULT_CONFIG_PATH,
 ) -> PipelineConfig:
-    """Load a YAML config (default: configs/default.yaml) and apply `--set` overrides."""
-    path = Path(path) if path else DEFAULT_CONFIG_PATH
+    """Load a YAML config and apply `--set` overrides. Without a path: `fallback`, the demo's
+    configs/default.yaml, or with fallback None the settings' own defaults (the commands that work
+    on the user's data, such as `rlhf reward train`, start from those)."""
+    path = Path(path) if path else fallback
+    data = {} if path is None else _read_yaml(path)
+    data = apply_overrides(data, overrides or [])
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        where = f"{path or 'the defaults'}" + (" (with --set overrides)" if overrides else "")
+        raise UserError(_format_validation_error(err, where)) from None
+
+
+def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
@@ -1101,12 +1119,7 @@ def load_config(
         raise UserError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: top level must be a mapping of sections")
-    data = apply_overrides(data, overrides or [])
-    try:
-        return PipelineConfig.model_validate(data)
-    except ValidationError as err:
-        where = f"{path}" + (" (with --set overrides)" if overrides else "")
-        raise UserError(_format_validation_error(err, where)) from None
+    return data
 
 
 # -- the config reference (docs/config.md is generated from the sections above) -----------------

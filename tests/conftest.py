@@ -128,7 +128,7 @@ def demo_policy_and_reward(tiny_gpt2, tmp_path_factory):
     from rlhf_core.models.loading import load_causal_lm, save_model
     from rlhf_core.reward.trainer import train_reward
     from rlhf_core.sft import SFTTrainer, encode_examples
-    from tests.helpers import demo_frame, demo_rows
+    from tests.helpers import FINE_TUNED, demo_frame, demo_rows
 
     root = tmp_path_factory.mktemp("ppo-learn")
     lm = load_causal_lm(str(tiny_gpt2), device="cpu", eval_mode=False)
@@ -145,6 +145,7 @@ def demo_policy_and_reward(tiny_gpt2, tmp_path_factory):
     ).train(resume=False)
     save_model(lm.model, lm.tokenizer, root / "sft")
     cfg = RewardConfig(
+        **FINE_TUNED,
         max_steps=40,
         batch_size=16,
         lr=1e-4,

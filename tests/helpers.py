@@ -83,6 +83,10 @@ def demo_frame(start: int, stop: int):
     )
 
 
+# the reward model fine-tuned (the demo's choice; the defaults fit a head on frozen SmolLM2)
+FINE_TUNED = {"backbone": "minilm", "pooling": "model", "freeze_backbone": False}
+
+
 def reward_job(
     model_dir: str, checkpoint_dir: str, out_file: str, max_steps: int = 30, seed: int = 0
 ) -> None:
@@ -95,6 +99,7 @@ def reward_job(
 
     rm = build_reward_model(model_dir, max_length=96, device="cpu", seed=seed)
     settings = RewardConfig(
+        **FINE_TUNED,
         max_steps=max_steps,
         batch_size=8,
         lr=1e-3,

@@ -59,6 +59,16 @@ def test_missing_file():
         load_config("does/not/exist.yaml")
 
 
+def test_without_a_file_the_demo_or_the_settings_own_defaults():
+    """`rlhf run` falls back to the demo's YAML; the commands on the user's data (fallback None)
+    to the settings' defaults, which the demo overrides where its own data called for it."""
+    demo, own = load_config(), load_config(fallback=None, overrides=["reward.max_steps=7"])
+    assert demo.reward.backbone == "minilm" and not demo.reward.freeze_backbone
+    assert own.reward == PipelineConfig().reward.model_copy(update={"max_steps": 7})
+    with pytest.raises(UserError, match=r"^the defaults \(with --set overrides\)"):
+        load_config(fallback=None, overrides=["reward.pooling=sum"])
+
+
 def test_overrides_parse_yaml_values_and_validate():
     cfg = load_config(
         overrides=[

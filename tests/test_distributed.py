@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from rlhf_core.config import DistributedConfig, ModelConfig, RewardConfig, SFTConfig
 from rlhf_core.distributed.launch import launch, launch_command
 from rlhf_core.errors import UserError
-from tests.helpers import demo_frame
+from tests.helpers import FINE_TUNED, demo_frame
 
 pytestmark = pytest.mark.slow
 
@@ -131,7 +131,7 @@ def train_reward_on(n: int, cfg: RewardConfig, backbone, tmp_path, lines: list |
 # mean pooling calls the backbone and the head itself, outside the model's own forward
 @pytest.mark.parametrize("pooling", ["model", "mean"])
 def test_the_reward_model_on_two_processes_trains_like_one(tiny_gpt2, tmp_path, pooling):
-    cfg = RewardConfig(max_steps=20, pooling=pooling, **REWARD)
+    cfg = RewardConfig(max_steps=20, pooling=pooling, freeze_backbone=False, **REWARD)
     one, one_results, one_log = train_reward_on(1, cfg, tiny_gpt2, tmp_path)
     lines: list[str] = []
     two, two_results, two_log = train_reward_on(2, cfg, tiny_gpt2, tmp_path, lines)
@@ -444,7 +444,12 @@ def test_sft_and_reward_on_a_local_ray_cluster(prefect_harness, ray_cluster, tmp
             ),
             "labels": LabelsConfig(enabled=False),
             "reward": RewardConfig(
-                max_steps=6, eval_every=6, checkpoint_every=6, norm_prompts=4, max_length=96
+                **FINE_TUNED,
+                max_steps=6,
+                eval_every=6,
+                checkpoint_every=6,
+                norm_prompts=4,
+                max_length=96,
             ),
         }
     )

@@ -18,6 +18,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from tests.helpers import FINE_TUNED
+
 pytestmark = pytest.mark.slow
 RLHF = str(Path(sys.executable).parent / "rlhf")
 
@@ -29,6 +31,7 @@ TINY = {
     "sft": {"max_steps": 40, "batch_size": 8, "eval_every": 20, "checkpoint_every": 5},
     "labels": {"max_pairs": 64},
     "reward": {
+        **FINE_TUNED,
         "max_steps": 40,
         "batch_size": 8,
         "lr": 1e-4,

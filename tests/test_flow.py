@@ -8,6 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from rlhf_core.config import GRPOConfig, OnlineDPOConfig, PipelineConfig, RLOOConfig
+from tests.helpers import FINE_TUNED
 
 pytestmark = pytest.mark.slow
 
@@ -27,6 +28,7 @@ def make_cfg(tmp_path: Path, until: str = "split", **data) -> PipelineConfig:
             },
             "tracking": {"experiment_name": "flow-tests"},
             "data": {"demo": {"n_prompts": 400, "n_heldout": 20}, **data},
+            "reward": FINE_TUNED,
         }
     )
 
@@ -380,6 +382,7 @@ def whole_pipeline_cfg(tmp_path: Path) -> PipelineConfig:
             "labels": cfg.labels.model_copy(update={"max_pairs": 160}),
             "reward": cfg.reward.model_validate(
                 {
+                    **FINE_TUNED,
                     "max_steps": 16,
                     "batch_size": 8,
                     "lr": 1e-4,

@@ -22,7 +22,7 @@ from rlhf_core.reward.evaluate import (
 from rlhf_core.reward.losses import bradley_terry_loss
 from rlhf_core.reward.model import build_reward_model, head_of, load_reward_model
 from rlhf_core.reward.trainer import RewardTrainer, encode_pairs, train_reward
-from tests.helpers import assert_kill_and_resume_is_exact, demo_frame, demo_rows
+from tests.helpers import FINE_TUNED, assert_kill_and_resume_is_exact, demo_frame, demo_rows
 
 
 def sig(x: float) -> float:
@@ -153,6 +153,7 @@ def test_head_initialisation(tiny_gpt2):
 def test_training_raises_validation_accuracy_on_demo_data():
     rm = build_reward_model("minilm", max_length=128, device="cpu", seed=0)
     settings = RewardConfig(
+        **FINE_TUNED,
         max_steps=30,
         batch_size=8,
         lr=1e-4,
@@ -186,7 +187,12 @@ def test_encoder_reward_model_scores_text_from_a_policy_with_another_tokenizer(t
     """The policy (BPE, 2k vocab) and the reward model (WordPiece, 30k vocab) share no vocabulary:
     normalisation statistics come from decoded policy samples, and the saved model scores text."""
     cfg = RewardConfig(
-        max_steps=4, batch_size=8, norm_prompts=6, norm_max_new_tokens=12, device="cpu"
+        **FINE_TUNED,
+        max_steps=4,
+        batch_size=8,
+        norm_prompts=6,
+        norm_max_new_tokens=12,
+        device="cpu",
     )
     rm, _ = train_reward(
         demo_frame(0, 64),
@@ -234,6 +240,7 @@ def test_long_pairs_keep_the_end_of_the_prompt(tiny_gpt2):
 
 def test_lora_reward_model_saves_a_plain_model(tiny_gpt2, tmp_path):
     cfg = RewardConfig(  # fp32: bf16 kernels round by memory layout, which merging changes
+        **FINE_TUNED,
         max_steps=3,
         batch_size=8,
         device="cpu",
@@ -269,7 +276,7 @@ def test_any_hf_sequence_classifier_loads_as_a_reward_model(tiny_gpt2, tmp_path)
 # -- CLI --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("head_only", [True, False])
 def test_cli_reward_train_and_eval(tiny_gpt2, tmp_path, head_only):
-    """`rlhf reward train`: fine-tuning (the defaults) and a probe on the frozen backbone."""
+    """`rlhf reward train`: a probe on the frozen backbone (the defaults) and fine-tuning."""
     data = tmp_path / "prefs.jsonl"
     data.write_text(
         "".join(
@@ -301,11 +308,13 @@ def test_cli_reward_train_and_eval(tiny_gpt2, tmp_path, head_only):
             "--set",
             f"run.work_dir={tmp_path / 'work'}",
         ]
-        + (["--set", "reward.freeze_backbone=true"] if head_only else []),
+        + ([] if head_only else ["--set", "reward.freeze_backbone=false"]),
     )
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert (out / "reward_model.json").exists() and (out / "model.safetensors").exists()
+    meta = json.loads((out / "reward_model.json").read_text())
+    assert meta["pooling"] == "mean"  # the settings' default, not the demo config's "model"
     if head_only:  # a probe counts L-BFGS iterations, not optimiser steps
         assert summary["steps"] >= 1 and summary["best_val_accuracy"] is not None
     else:
@@ -370,6 +379,7 @@ def test_reward_ensemble_trains_saves_loads_and_scores_as_its_aggregate(tiny_gpt
     from rlhf_core.reward.ensemble import EnsembleRewardModel, is_ensemble
 
     cfg = RewardConfig(
+        **FINE_TUNED,
         max_steps=4,
         batch_size=8,
         norm_prompts=6,
@@ -554,7 +564,7 @@ def test_training_is_the_same_whatever_ran_before(tmp_path):
     """MiniLM has dropout: training seeds the global generator itself, so a run does not depend
     on which stages happened to run (or come from the cache) before it in the process."""
     cfg = RewardConfig(
-        max_steps=3, batch_size=8, device="cpu", norm_prompts=4, mixed_precision="no"
+        **FINE_TUNED, max_steps=3, batch_size=8, device="cpu", norm_prompts=4, mixed_precision="no"
     )
     train = demo_frame(0, 32)
     torch.manual_seed(123)
@@ -568,7 +578,13 @@ def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path):
     """Resume checks what it resumes: other data start fresh (the old checkpoints set aside, not
     deleted) with a note; the same data and settings resume."""
     cfg = RewardConfig(
-        max_steps=4, batch_size=8, device="cpu", norm_prompts=4, checkpoint_every=2, eval_every=2
+        **FINE_TUNED,
+        max_steps=4,
+        batch_size=8,
+        device="cpu",
+        norm_prompts=4,
+        checkpoint_every=2,
+        eval_every=2,
     )
     ckpt = tmp_path / "rm.checkpoints"
     _fine_tune_head(cfg, demo_frame(0, 32), ckpt)
@@ -598,7 +614,13 @@ def test_cli_resumes_its_own_checkpoint_and_says_so(tiny_gpt2, tmp_path):
     checkpoints = tmp_path / "rm.checkpoints"
     base = [str(Path(sys.executable).parent / "rlhf"), "reward", "train", "--data", str(data)]
     base += ["--base", str(tiny_gpt2), "--out", str(out), "--set", f"run.work_dir={tmp_path}"]
-    for setting in ("max_steps=60", "batch_size=8", "checkpoint_every=5", "device=cpu"):
+    for setting in (
+        "freeze_backbone=false",
+        "max_steps=60",
+        "batch_size=8",
+        "checkpoint_every=5",
+        "device=cpu",
+    ):
         base += ["--set", f"reward.{setting}"]
 
     def killed_after_a_checkpoint(args: list[str]) -> set[int]:

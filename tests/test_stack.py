@@ -14,6 +14,7 @@ import yaml
 from rlhf_core.data.demo import generate_demo_pairs
 from rlhf_core.services import free_ports
 from rlhf_core.stack import Started, _http_ok, basic_auth, is_ours, load_credentials
+from tests.helpers import FINE_TUNED
 
 pytestmark = pytest.mark.slow
 RLHF = str(Path(sys.executable).parent / "rlhf")
@@ -31,6 +32,7 @@ TINY_PIPELINE = {
     },
     "labels": {"max_pairs": 80},
     "reward": {
+        **FINE_TUNED,
         "max_steps": 8,
         "batch_size": 8,
         "lr": 1e-4,
