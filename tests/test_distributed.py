@@ -28,6 +28,7 @@ SETTINGS = dict(
     checkpoint_every=5,
     log_every=1,
     early_stopping_patience=None,
+    mixed_precision="no",  # fp32: bf16 kernels round by batch layout, which the split changes
 )
 
 
@@ -95,6 +96,7 @@ def test_two_processes_train_like_one(tiny_gpt2, splits, tmp_path):
 
 
 REWARD = dict(
+    mixed_precision="no",  # fp32, as SFT's
     batch_size=8,
     grad_accum=2,
     lr=2e-4,  # at 1e-3 this tiny model's training is chaotic: float noise grows to 1e-2 by step 20
@@ -201,17 +203,6 @@ def policy_job(method, cfg, policy_dir, reward_dir, prompts, tmp_path, tag: str)
     }
 
 
-def worker_pids(pids: dict[int, int]):
-    """An on_line callback that records each rank's pid from the worker's first line."""
-
-    def on_line(line: str) -> None:
-        if line.startswith("worker rank "):
-            _, _, rank, _, pid = line.split()
-            pids[int(rank)] = int(pid)
-
-    return on_line
-
-
 @pytest.mark.parametrize(
     "method, extra",
     [
@@ -257,10 +248,57 @@ def test_policy_optimisation_on_two_processes_matches_one(tiny_gpt2, tmp_path, m
         for key in COMPARED:
             if key in one[it]:
                 assert two[it][key] == pytest.approx(one[it][key], rel=1e-3, abs=1e-5), (it, key)
-    written = load_file(tmp_path / "model-two" / "model.safetensors")
+    assert_same_policy(tmp_path / "model-two", trainer)
+
+
+def assert_same_policy(model_dir: Path, trainer) -> None:
+    """The learner's written policy holds the in-process trainer's merged weights."""
+    written = load_file(model_dir / "model.safetensors")
     for name, tensor in trainer.policy.merge_and_unload().state_dict().items():
         if name in written:
             torch.testing.assert_close(written[name], tensor, atol=1e-4, rtol=0, msg=name)
+
+
+def relaunch(entry: str, job: dict, tmp_path: Path) -> dict:
+    """The same learner job again, on two processes, quietly (a rerun after a kill)."""
+    return launch(
+        entry,
+        job,
+        tmp_path / "learner",
+        DistributedConfig(num_processes=2),
+        on_line=lambda line: None,
+        on_log=lambda step, m: None,
+    )
+
+
+def killed_launch(entry: str, job: dict, tmp_path: Path, rank: int, at: int) -> str:
+    """The learner job on two processes, `rank` killed with SIGKILL once rank 0 has logged step
+    (or iteration) `at`: the launch's one-line error, after checking no worker outlived it."""
+    pids: dict[int, int] = {}
+
+    def on_line(line: str) -> None:
+        if line.startswith("worker rank "):
+            _, _, r, _, pid = line.split()
+            pids[int(r)] = int(pid)
+
+    def on_log(step: int, metrics: dict) -> None:
+        if step == at:
+            os.kill(pids[rank], signal.SIGKILL)
+
+    with pytest.raises(UserError) as failure:
+        launch(
+            entry,
+            job,
+            tmp_path / "learner",
+            DistributedConfig(num_processes=2),
+            on_line=on_line,
+            on_log=on_log,
+        )
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in pids.values()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in pids.values() if _alive(p)], "a worker outlived the launch"
+    return str(failure.value)
 
 
 def _alive(pid: int) -> bool:
@@ -273,37 +311,10 @@ def _alive(pid: int) -> bool:
 
 def test_a_killed_rank_fails_with_one_line_leaves_nothing_and_resumes(tiny_gpt2, splits, tmp_path):
     job = sft_job(tiny_gpt2, splits, tmp_path, "kill", max_steps=24)
-    pids: dict[int, int] = {}
-    on_line = worker_pids(pids)
-
-    def on_log(step: int, metrics: dict) -> None:
-        if step == 12:  # checkpoints at 5 and 10 exist
-            os.kill(pids[1], signal.SIGKILL)
-
-    with pytest.raises(UserError) as failure:
-        launch(
-            "sft",
-            job,
-            tmp_path / "learner",
-            DistributedConfig(num_processes=2),
-            on_line=on_line,
-            on_log=on_log,
-        )
-    message = str(failure.value)
+    message = killed_launch("sft", job, tmp_path, rank=1, at=12)  # checkpoints at 5 and 10 exist
     assert message == "sft: rank 1 failed: killed by signal 9", message
-    deadline = time.monotonic() + 30
-    while any(_alive(p) for p in pids.values()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not [p for p in pids.values() if _alive(p)], "a worker outlived the launch"
 
-    out = launch(
-        "sft",
-        job,
-        tmp_path / "learner",
-        DistributedConfig(num_processes=2),
-        on_line=lambda line: None,
-        on_log=lambda step, m: None,
-    )
+    out = relaunch("sft", job, tmp_path)
     assert out["result"]["resumed_from_step"] == 10 and out["result"]["steps"] == 24
 
 
@@ -325,41 +336,13 @@ def test_a_killed_policy_learner_resumes_to_the_uninterrupted_result(tiny_gpt2, 
     trainer.train()
 
     job = policy_job("grpo", cfg, tiny_gpt2, reward, prompts, tmp_path, "kill")
-    pids: dict[int, int] = {}
-
-    def on_log(iteration: int, metrics: dict) -> None:
-        if iteration == 3 and pids:
-            os.kill(pids[0], signal.SIGKILL)
-
-    with pytest.raises(UserError) as failure:
-        launch(
-            "policy",
-            job,
-            tmp_path / "learner",
-            DistributedConfig(num_processes=2),
-            on_line=worker_pids(pids),
-            on_log=on_log,
-        )
-    assert str(failure.value) == "policy: rank 0 failed: killed by signal 9", failure.value
-    deadline = time.monotonic() + 30
-    while any(_alive(p) for p in pids.values()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not [p for p in pids.values() if _alive(p)], "a worker outlived the launch"
+    message = killed_launch("policy", job, tmp_path, rank=0, at=3)
+    assert message == "policy: rank 0 failed: killed by signal 9", message
     assert not (tmp_path / "model-kill").exists()
 
-    out = launch(
-        "policy",
-        job,
-        tmp_path / "learner",
-        DistributedConfig(num_processes=2),
-        on_line=lambda line: None,
-        on_log=lambda it, m: None,
-    )
+    out = relaunch("policy", job, tmp_path)
     assert out["result"]["resumed_from"] == 2 and out["result"]["iterations"] == 4
-    written = load_file(tmp_path / "model-kill" / "model.safetensors")
-    for name, tensor in trainer.policy.merge_and_unload().state_dict().items():
-        if name in written:
-            torch.testing.assert_close(written[name], tensor, atol=1e-4, rtol=0, msg=name)
+    assert_same_policy(tmp_path / "model-kill", trainer)
 
 
 def test_sharded_engines_are_refused_on_cpu_with_one_line(tmp_path):
