@@ -638,6 +638,9 @@ class RLOOConfig(KLPenaltyConfig):
 
     samples_per_prompt: int = Field(4, ge=2)
     """Answers per prompt: each answer's baseline is the others' mean reward."""
+    ppo_epochs: int = Field(1, ge=1)
+    """Passes over each iteration's episodes. One, as in RLOO's paper and TRL: with the whole batch
+    as one mini-batch that is one optimiser step per rollout, whose old log-probs are its own."""
 
 
 class DPOObjective(Section):
@@ -679,6 +682,10 @@ class GRPOConfig(PolicyGradientConfig):
 
     samples_per_prompt: int = Field(4, ge=2)
     """Answers per prompt (the group)."""
+    ppo_epochs: int = Field(1, ge=1)
+    """Passes over each iteration's episodes. One, as DeepSeekMath's mu and TRL's num_iterations:
+    with the whole batch as one mini-batch that is one optimiser step per rollout, whose old
+    log-probs are its own (no extra forward pass)."""
     beta: float = Field(0.04, ge=0)
     """Coefficient of the k3 KL(policy || reference) term in the loss (DeepSeekMath's 0.04)."""
     scale_rewards: Literal["group", "batch", "none"] = "group"

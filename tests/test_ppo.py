@@ -366,6 +366,7 @@ def test_every_update_starts_at_ratio_one(tiny_gpt2, tmp_path, precision):
         str(tiny_gpt2), str(reward), PROMPTS[:20], cfg, ModelConfig(), progress=False
     )
     assert trainer.autocast == (torch.bfloat16 if precision == "bf16" else None)
+    trainer.one_step = False  # the rollout's old log-probs themselves, not the update's own
     history = trainer.train().history
     for h in history:  # one mini-batch, one epoch: the only update is at the rollout's own weights
         assert (
@@ -381,6 +382,47 @@ def test_every_update_starts_at_ratio_one(tiny_gpt2, tmp_path, precision):
         progress=False,
     ).autocast
     assert auto == (torch.bfloat16 if has_bf16_units(torch.device("cpu")) else None)
+
+
+@pytest.mark.parametrize("method", ["rloo", "grpo"])
+def test_one_step_per_rollout_takes_the_old_log_probs_from_the_update(tiny_gpt2, tmp_path, method):
+    """One epoch of one mini-batch (RLOO's and GRPO's default): the only optimiser step is at the
+    sampling weights, so the update's own detached log-probs are the old ones, whatever the rollout
+    passed, and the gradient is the one computed with old log-probs from an exact forward pass."""
+    reward = untrained_reward_dir(tmp_path, str(tiny_gpt2))
+    settings = {"iterations": 1, "batch_size": 8, "mini_batch_size": 8, "micro_batch_size": 4}
+    cfg = (RLOOConfig if method == "rloo" else GRPOConfig)(
+        **settings, max_new_tokens=8, mixed_precision="no", device="cpu"
+    )
+    assert cfg.ppo_epochs == 1
+    grads, ratios = [], []
+    for one_step in (True, False):
+        trainer = build_ppo_trainer(
+            str(tiny_gpt2), str(reward), PROMPTS[:20], cfg, ModelConfig(), progress=False
+        )
+        assert trainer.one_step
+        trainer.one_step = one_step
+        trainer.policy_opt.step = lambda: None  # keep the weights: compare the gradients only
+        update = trainer.update
+
+        def with_old_logprobs(batch, old, *args, trainer=trainer, update=update, one_step=one_step):
+            if one_step:  # ignored
+                old = torch.full_like(old, -3.0)
+            else:  # exact: the update's own micro-batches, at the same weights
+                with torch.no_grad():
+                    old = torch.cat(
+                        [
+                            trainer._forward_train(batch.select(torch.arange(i, i + 4)))[0]
+                            for i in (0, 4)
+                        ]
+                    )
+            return update(batch, old, *args)
+
+        trainer.update = with_old_logprobs
+        ratios.append(trainer.step()["ratio"])
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.policy_params]))
+    assert ratios[0] == 1.0
+    assert torch.allclose(grads[0], grads[1], atol=1e-7, rtol=1e-5)
 
 
 def test_the_best_judged_check_is_kept_and_patience_stops_training(tiny_gpt2, tmp_path):

@@ -152,6 +152,9 @@ class PPOTrainer:
             raise ValueError("no reference model and the policy has no adapter to disable")
         self.device = next(policy.parameters()).device
         self.autocast = autocast_dtype(s.mixed_precision, self.device)
+        # one optimiser step per rollout: the update starts from the sampling weights, so the old
+        # log-probs are the update's own (detached; ratio exactly 1) and need no pass of their own
+        self.one_step = s.ppo_epochs == 1 and s.mini_batch_size == s.batch_size
         self.fmt = ChatFormat(tokenizer, use_chat_template=use_chat_template)
         self.prompts = list(prompts)
         self.prompt_ids = [self.fmt.encode(p)[0][-s.max_prompt_tokens :] for p in self.prompts]
@@ -334,7 +337,11 @@ class PPOTrainer:
                     * batch.mask
                 )
                 policy_out = None
-                if self.shared_value or self.autocast:
+                # PPO and RLOO penalise the KL in the reward, so the policy's log-probs must come
+                # from the same kind of pass as the reference's; GRPO's and online DPO's rollout KL
+                # is only logged, and with one step their old log-probs come from the update
+                exact = isinstance(s, KLPenaltyConfig) or not self.one_step
+                if self.shared_value or (self.autocast and exact):
                     logits, policy_out = response_logits(
                         self.policy, batch, output_hidden_states=self.shared_value
                     )
@@ -605,6 +612,11 @@ class PPOTrainer:
                     with d.no_sync(self.forward_model, sync=j == max(len(mine), 1) - 1):
                         with self.amp():
                             logprobs, token_entropy, values = self.forward_model(mb)
+                        if self.one_step:
+                            old = targets["old_logprobs"]
+                            targets["old_logprobs"] = old.index_copy(
+                                0, idx, logprobs.detach().to(old.dtype)
+                            )
                         m = mb.mask
                         step_loss, logged = self._micro_loss(
                             idx, len(mini), mini_tokens, logprobs, values, m, targets
