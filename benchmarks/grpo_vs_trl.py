@@ -136,7 +136,7 @@ common.env_defaults(
 import torch  # noqa: E402
 
 import rlhf_core.ppo.trainer as ours_mod  # noqa: E402
-from rlhf_core.config import GRPOConfig, ModelConfig, RLOOConfig  # noqa: E402
+from rlhf_core.config import GRPOConfig, ModelConfig, RewardConfig, RLOOConfig  # noqa: E402
 from rlhf_core.data.demo import generate_demo_pairs  # noqa: E402
 from rlhf_core.models.chat import ChatFormat  # noqa: E402
 from rlhf_core.models.fused import fuse_activations  # noqa: E402
@@ -927,7 +927,11 @@ def build_models(args, tmp: str) -> dict:
             )
         )
     rm = build_reward_model(
-        model_dir, max_length=REWARD_MAX_LENGTH, device="cpu", seed=args.seed + 1
+        model_dir,
+        RewardConfig(
+            max_length=REWARD_MAX_LENGTH, pooling="model", mixed_precision="no", device="cpu"
+        ),
+        seed=args.seed + 1,
     )
     reward_dir = str(rm.save(Path(tmp) / "reward"))
     probe = load_causal_lm(model_dir, dtype="fp32", device="cpu")

@@ -4,7 +4,7 @@
                                        [--threads 1] [--json]
 
 Same for both trainers:
-  * model: one reward model (build_reward_model(backbone, max_length, seed), default the packaged pretrained
+  * model: one reward model (build_reward_model(backbone, our_settings(args), seed), default the packaged pretrained
     all-MiniLM-L6-v2 encoder with our initial scalar head) built once; each trainer gets a deep copy of it (same
     backbone weights, same head), fp32, CPU;
   * data: the HH-RLHF harmless sample (read_valid_pairs, the pipeline's ingest + validation) or the project's demo
@@ -92,8 +92,15 @@ from rlhf_core.training import length_bucketed_batches  # noqa: E402
 # -- shared setup ---------------------------------------------------------------------------------
 def our_settings(args) -> RewardConfig:
     # log_every=1: per-step loss and a per-step timestamp through on_log (TRL logs every step too); no evaluation,
-    # no checkpoints; mixed_precision="no": fp32 (on CPU "auto" is fp32 as well, but say it).
+    # no checkpoints; mixed_precision="no": fp32, as TRL's side; the whole model trained, pooled as the
+    # classifier pools (TRL's RewardTrainer does both).
     return RewardConfig(
+        backbone=args.backbone,
+        max_length=args.max_length,
+        freeze_backbone=False,
+        pooling="model",
+        dtype="fp32",
+        device="cpu",
         max_steps=args.steps,
         batch_size=args.batch_size,
         grad_accum=1,
@@ -426,9 +433,7 @@ def main() -> None:
     versions = lib_versions()
 
     frame, data_source = load_frame(args)
-    template = build_reward_model(
-        args.backbone, max_length=args.max_length, dtype="fp32", device="cpu", seed=args.seed
-    )
+    template = build_reward_model(args.backbone, our_settings(args), seed=args.seed)
     n_params = sum(p.numel() for p in template.model.parameters())
     t_enc = time.perf_counter()
     pairs = encode_pairs(template, frame, our_settings(args))

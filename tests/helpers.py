@@ -87,6 +87,14 @@ def demo_frame(start: int, stop: int):
 FINE_TUNED = {"backbone": "minilm", "pooling": "model", "freeze_backbone": False}
 
 
+def reward_settings(**overrides):
+    """RewardConfig for a reward model the tests build directly: fine-tuned, last-token pooling,
+    fp32 on the CPU, unless overridden."""
+    from rlhf_core.config import RewardConfig
+
+    return RewardConfig(**{**FINE_TUNED, "mixed_precision": "no", "device": "cpu", **overrides})
+
+
 def reward_job(
     model_dir: str, checkpoint_dir: str, out_file: str, max_steps: int = 30, seed: int = 0
 ) -> None:
@@ -97,7 +105,7 @@ def reward_job(
     from rlhf_core.reward.model import build_reward_model
     from rlhf_core.reward.trainer import RewardTrainer, encode_pairs
 
-    rm = build_reward_model(model_dir, max_length=96, device="cpu", seed=seed)
+    rm = build_reward_model(model_dir, reward_settings(max_length=96), seed=seed)
     settings = RewardConfig(
         **FINE_TUNED,
         max_steps=max_steps,
@@ -126,7 +134,7 @@ def untrained_reward_dir(root: Path, backbone: str) -> Path:
 
     out = root / "reward-untrained"
     if not (out / "config.json").exists():
-        rm = build_reward_model(backbone, max_length=128, device="cpu", seed=0)
+        rm = build_reward_model(backbone, reward_settings(max_length=128), seed=0)
         rm.normalisation = {"mean": 0.0, "std": 1.0, "n": 0, "source": "test"}
         rm.save(out)
     return out

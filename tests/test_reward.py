@@ -22,7 +22,13 @@ from rlhf_core.reward.evaluate import (
 from rlhf_core.reward.losses import bradley_terry_loss
 from rlhf_core.reward.model import build_reward_model, head_of, load_reward_model
 from rlhf_core.reward.trainer import RewardTrainer, encode_pairs, train_reward
-from tests.helpers import FINE_TUNED, assert_kill_and_resume_is_exact, demo_frame, demo_rows
+from tests.helpers import (
+    FINE_TUNED,
+    assert_kill_and_resume_is_exact,
+    demo_frame,
+    demo_rows,
+    reward_settings,
+)
 
 
 def sig(x: float) -> float:
@@ -118,7 +124,7 @@ def test_reward_head_stays_fp32_under_bf16_autocast(tiny_gpt2, tmp_path):
     and as PPO's value head copied from it) keeps fp32."""
     from rlhf_core.ppo.value import value_from_reward_model
 
-    rm = build_reward_model(str(tiny_gpt2), device="cpu", seed=0)
+    rm = build_reward_model(str(tiny_gpt2), reward_settings(), seed=0)
     rm.normalisation = {"mean": 0.0, "std": 1.0, "n": 0, "source": "test"}
     rm.save(tmp_path / "rm")
     for model in (rm, load_reward_model(str(tmp_path / "rm"), device="cpu")):
@@ -136,13 +142,13 @@ def test_reward_head_stays_fp32_under_bf16_autocast(tiny_gpt2, tmp_path):
 
 
 def test_head_initialisation(tiny_gpt2):
-    rm = build_reward_model(str(tiny_gpt2), device="cpu", seed=3)
+    rm = build_reward_model(str(tiny_gpt2), reward_settings(), seed=3)
     head = head_of(rm.model)
     d = head.in_features
     assert rm.kind == "causal" and head.out_features == 1
     assert float(head.weight.detach().std()) == pytest.approx(1 / math.sqrt(d + 1), rel=0.35)
     assert head.bias is None or float(head.bias.abs().max()) == 0.0
-    enc = build_reward_model("minilm", device="cpu", seed=3)
+    enc = build_reward_model("minilm", reward_settings(), seed=3)
     h = head_of(enc.model)
     assert enc.kind == "encoder" and float(h.bias.abs().max()) == 0.0
     assert float(h.weight.detach().std()) == pytest.approx(
@@ -151,7 +157,7 @@ def test_head_initialisation(tiny_gpt2):
 
 
 def test_training_raises_validation_accuracy_on_demo_data():
-    rm = build_reward_model("minilm", max_length=128, device="cpu", seed=0)
+    rm = build_reward_model("minilm", reward_settings(max_length=128), seed=0)
     settings = RewardConfig(
         **FINE_TUNED,
         max_steps=30,
@@ -228,7 +234,7 @@ def test_encoder_reward_model_scores_text_from_a_policy_with_another_tokenizer(t
 
 def test_long_pairs_keep_the_end_of_the_prompt(tiny_gpt2):
     for backbone in ("minilm", str(tiny_gpt2)):
-        rm = build_reward_model(backbone, max_length=32, device="cpu")
+        rm = build_reward_model(backbone, reward_settings(max_length=32))
         prompt = "filler " * 200 + "what is the capital of france?"
         enc = rm.encode([prompt], ["paris is the capital. " * 40])[0]
         assert len(enc) <= 32
@@ -450,7 +456,7 @@ def test_probe_weights_known_answers():
 
 def test_mean_pooling_reads_only_the_response(tiny_gpt2, tmp_path):
     for backbone in ("minilm", str(tiny_gpt2)):
-        rm = build_reward_model(backbone, max_length=64, device="cpu", pooling="mean")
+        rm = build_reward_model(backbone, reward_settings(max_length=64, pooling="mean"))
         a, b = rm.encode(["say hi", "a different and longer prompt: say hi"], ["hello there"] * 2)
         response = rm.tokenizer.decode(a.input_ids[a.response_start :]).strip().lower()
         assert a.response_start > 0 and response.startswith("hello"), response
@@ -470,7 +476,7 @@ def test_frozen_backbone_probe_learns_demo_preferences_and_keeps_the_backbone():
     """The head alone, fit by L-BFGS on frozen MiniLM features, separates the demo's pairs; the
     backbone's weights are untouched and the L2 strength with the lowest validation loss is kept."""
     cfg = RewardConfig(freeze_backbone=True, pooling="mean", head_l2=[1e-4, 1e-2], device="cpu")
-    before = build_reward_model("minilm", device="cpu", seed=0, pooling="mean")
+    before = build_reward_model("minilm", reward_settings(pooling="mean"), seed=0)
     backbone = {k: v.clone() for k, v in before.model.bert.state_dict().items()}
     logged = []
     rm, results = train_reward(
@@ -501,7 +507,7 @@ def test_probe_features_are_what_the_model_reads(tiny_gpt2, pooling, precision):
 
     for backbone, eos_pads in (("minilm", False), (str(tiny_gpt2), False), (str(tiny_gpt2), True)):
         rm = build_reward_model(
-            backbone, max_length=48, device="cpu", pooling=pooling, mixed_precision=precision
+            backbone, reward_settings(max_length=48, pooling=pooling, mixed_precision=precision)
         )
         if eos_pads:  # tokenizers whose pad token is EOS: the classifier reads the token before it
             rm.tokenizer.pad_token = rm.tokenizer.eos_token
@@ -520,7 +526,7 @@ def test_reward_model_scores_under_its_own_precision(tmp_path):
     df = demo_frame(0, 16)
     scores = {}
     for precision in ("no", "bf16"):
-        rm = build_reward_model("minilm", max_length=64, device="cpu", mixed_precision=precision)
+        rm = build_reward_model("minilm", reward_settings(max_length=64, mixed_precision=precision))
         scores[precision] = rm.score(df["prompt"], df["chosen"])
         loaded = load_reward_model(str(rm.save(tmp_path / precision)), device="cpu")
         assert loaded.mixed_precision == precision
@@ -532,8 +538,8 @@ def test_reward_model_scores_under_its_own_precision(tmp_path):
 def test_backbone_layers_keeps_the_first_blocks(tmp_path):
     """reward.backbone_layers: the first N blocks with their pretrained weights; saved and loaded
     as that smaller model; more layers than the backbone has is a one-line error."""
-    full = build_reward_model("minilm", device="cpu")
-    rm = build_reward_model("minilm", device="cpu", num_layers=2)
+    full = build_reward_model("minilm", reward_settings())
+    rm = build_reward_model("minilm", reward_settings(backbone_layers=2))
     assert rm.model.config.num_hidden_layers == 2 and len(rm.model.bert.encoder.layer) == 2
     for k, v in rm.model.bert.encoder.layer.state_dict().items():
         assert torch.equal(v, full.model.bert.encoder.layer[:2].state_dict()[k]), k
@@ -544,7 +550,7 @@ def test_backbone_layers_keeps_the_first_blocks(tmp_path):
         loaded.score(df["prompt"], df["chosen"]), rm.score(df["prompt"], df["chosen"]), atol=1e-5
     )
     with pytest.raises(UserError, match="has 6 layers; cannot keep 7"):
-        build_reward_model("minilm", device="cpu", num_layers=7)
+        build_reward_model("minilm", reward_settings(backbone_layers=7))
 
 
 def _fine_tune_head(cfg: RewardConfig, train, checkpoint_dir=None):

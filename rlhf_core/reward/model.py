@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlhf_core.config import LoraSection
+from rlhf_core.config import ModelConfig, RewardConfig
 from rlhf_core.errors import UserError
 from rlhf_core.models.chat import ChatFormat
 from rlhf_core.models.loading import (
@@ -260,52 +260,48 @@ def resolve_backbone(name: str) -> str:
 
 def build_reward_model(
     backbone: str,
+    settings: RewardConfig,
+    model: ModelConfig | None = None,
     *,
-    max_length: int = 256,
-    dtype: str = "fp32",
-    device: str = "auto",
-    use_chat_template: bool = True,
-    trust_remote_code: bool = False,
     seed: int = 0,
-    lora: LoraSection | None = None,
-    pooling: str = "model",
-    mixed_precision: str = "no",
-    num_layers: int | None = None,
 ) -> RewardModel:
-    """A backbone (local folder, hub id, or 'minilm') with a freshly initialised scalar head;
-    num_layers keeps the backbone's first transformer blocks only (RewardConfig.backbone_layers)."""
+    """A backbone (local folder, hub id, or 'minilm') with a freshly initialised scalar head, built
+    as the settings say (max_length, dtype, device, pooling, mixed_precision, backbone_layers: the
+    backbone's first transformer blocks only; lora unless freeze_backbone); model: the chat template
+    and trust_remote_code."""
+    s, model = settings, model or ModelConfig()
+    max_length, num_layers = s.max_length, s.backbone_layers
+    lora = None if s.freeze_backbone else s.lora
     path = resolve_backbone(backbone)
     loaded = load_sequence_classifier(
         path,
-        dtype=dtype,
-        device=device,
-        trust_remote_code=trust_remote_code,
+        dtype=s.dtype,
+        device=s.device,
+        trust_remote_code=model.trust_remote_code,
         num_layers=num_layers,
     )
-    model = loaded.model
-    init_head(model, seed)
-    fp32_head(head_of(model))
-    kind = backbone_kind(model)
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(
-        model.config, "n_positions", None
+    net = loaded.model
+    init_head(net, seed)
+    fp32_head(head_of(net))
+    kind = backbone_kind(net)
+    limit = getattr(net.config, "max_position_embeddings", None) or getattr(
+        net.config, "n_positions", None
     )
     if limit and max_length > limit:
         raise UserError(
             f"reward max_length {max_length} exceeds what {backbone} supports ({limit} positions)"
         )
     if lora is not None and lora.enabled:
-        model = add_lora(
-            model, lora, task_type="SEQ_CLS"
-        )  # peft keeps the head trainable (modules_to_save)
+        net = add_lora(net, lora, task_type="SEQ_CLS")  # peft keeps the head trainable
     return RewardModel(
-        model,
+        net,
         loaded.tokenizer,
         kind,
         max_length,
-        use_chat_template,
+        model.use_chat_template,
         info={"backbone": backbone, "backbone_path": path},
-        pooling=pooling,
-        mixed_precision=mixed_precision,
+        pooling=s.pooling,
+        mixed_precision=s.mixed_precision,
     )
 
 

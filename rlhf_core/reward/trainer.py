@@ -344,19 +344,7 @@ def train_members(
             else train_df
         )
         member_seed = seed + 1000 * i  # member 0 of an ensemble is the single model
-        rm = build_reward_model(
-            backbone,
-            max_length=cfg.max_length,
-            dtype=cfg.dtype,
-            device=cfg.device,
-            use_chat_template=model.use_chat_template,
-            trust_remote_code=model.trust_remote_code,
-            seed=member_seed,
-            lora=None if cfg.freeze_backbone else cfg.lora,
-            pooling=cfg.pooling,
-            mixed_precision=cfg.mixed_precision,
-            num_layers=cfg.backbone_layers,
-        )
+        rm = build_reward_model(backbone, cfg, model, seed=member_seed)
         val = encode_pairs(rm, val_df, cfg) if val_df is not None and len(val_df) else None
         member_log = on_log if k == 1 or on_log is None else _prefixed(on_log, f"member{i}_")
         pairs = encode_pairs(rm, rows, cfg)
