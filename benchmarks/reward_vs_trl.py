@@ -433,10 +433,11 @@ def main() -> None:
     versions = lib_versions()
 
     frame, data_source = load_frame(args)
-    template = build_reward_model(args.backbone, our_settings(args), seed=args.seed)
+    settings = our_settings(args)
+    template = build_reward_model(args.backbone, settings, seed=args.seed)
     n_params = sum(p.numel() for p in template.model.parameters())
     t_enc = time.perf_counter()
-    pairs = encode_pairs(template, frame, our_settings(args))
+    pairs = encode_pairs(template, frame, settings)
     encode_s = time.perf_counter() - t_enc
     n = min(len(pairs), args.n_pairs or len(pairs))
     n -= (

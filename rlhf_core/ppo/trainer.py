@@ -155,6 +155,12 @@ class PPOTrainer:
         # one optimiser step per rollout: the update starts from the sampling weights, so the old
         # log-probs are the update's own (detached; ratio exactly 1) and need no pass of their own
         self.one_step = s.ppo_epochs == 1 and s.mini_batch_size == s.batch_size
+        # the rollout's full forward pass of the policy: the shared value head reads its states;
+        # under bf16, PPO's and RLOO's KL penalty (and any later epoch's ratio) needs log-probs
+        # from the same kind of pass as the reference's, while GRPO's and online DPO's rollout KL
+        # is only logged and one step takes its old log-probs from the update
+        exact = isinstance(s, KLPenaltyConfig) or not self.one_step
+        self.rollout_forward = self.shared_value or bool(self.autocast and exact)
         self.fmt = ChatFormat(tokenizer, use_chat_template=use_chat_template)
         self.prompts = list(prompts)
         self.prompt_ids = [self.fmt.encode(p)[0][-s.max_prompt_tokens :] for p in self.prompts]
@@ -337,11 +343,7 @@ class PPOTrainer:
                     * batch.mask
                 )
                 policy_out = None
-                # PPO and RLOO penalise the KL in the reward, so the policy's log-probs must come
-                # from the same kind of pass as the reference's; GRPO's and online DPO's rollout KL
-                # is only logged, and with one step their old log-probs come from the update
-                exact = isinstance(s, KLPenaltyConfig) or not self.one_step
-                if self.shared_value or (self.autocast and exact):
+                if self.rollout_forward:
                     logits, policy_out = response_logits(
                         self.policy, batch, output_hidden_states=self.shared_value
                     )

@@ -270,15 +270,13 @@ def build_reward_model(
     backbone's first transformer blocks only; lora unless freeze_backbone); model: the chat template
     and trust_remote_code."""
     s, model = settings, model or ModelConfig()
-    max_length, num_layers = s.max_length, s.backbone_layers
-    lora = None if s.freeze_backbone else s.lora
     path = resolve_backbone(backbone)
     loaded = load_sequence_classifier(
         path,
         dtype=s.dtype,
         device=s.device,
         trust_remote_code=model.trust_remote_code,
-        num_layers=num_layers,
+        num_layers=s.backbone_layers,
     )
     net = loaded.model
     init_head(net, seed)
@@ -287,17 +285,17 @@ def build_reward_model(
     limit = getattr(net.config, "max_position_embeddings", None) or getattr(
         net.config, "n_positions", None
     )
-    if limit and max_length > limit:
+    if limit and s.max_length > limit:
         raise UserError(
-            f"reward max_length {max_length} exceeds what {backbone} supports ({limit} positions)"
+            f"reward max_length {s.max_length} exceeds what {backbone} supports ({limit} positions)"
         )
-    if lora is not None and lora.enabled:
-        net = add_lora(net, lora, task_type="SEQ_CLS")  # peft keeps the head trainable
+    if s.lora.enabled and not s.freeze_backbone:
+        net = add_lora(net, s.lora, task_type="SEQ_CLS")  # peft keeps the head trainable
     return RewardModel(
         net,
         loaded.tokenizer,
         kind,
-        max_length,
+        s.max_length,
         model.use_chat_template,
         info={"backbone": backbone, "backbone_path": path},
         pooling=s.pooling,
